@@ -1,0 +1,137 @@
+"""Torch backend: the fake-quant reference, and real int8 GEMMs for W8A8-style linears.
+
+The reference is the quantized graph itself (``ditq::quant_linear`` runs in float on the
+integer grid). ``lower_int8`` replaces eligible linears by an :class:`Int8Linear` module that
+multiplies integer codes with integer accumulation:
+
+    y = s_a s_w * (sum_k (q_x - z_a) q_w) + b,     q_x = clamp(round(x / s_a) + z_a, qmin, qmax)
+
+Eligible: symmetric weights (``z_w = 0``) per channel or per tensor with at most 8 bits, and
+a static per-tensor activation quantizer with at most 8 bits. Kernels:
+
+* CUDA: ``torch._int_mm`` (int8 x int8 -> int32).
+* CPU: FBGEMM's u8 x s8 GEMM with fp32 output. Our signed activation codes map to its
+  unsigned ones by ``q + 128`` (zero point ``z_a + 128``). We measured (``bench/int8_gemm.py``)
+  that ``torch._int_mm`` has no fast CPU kernel in torch 2.13 (about 30x slower than fp32 at
+  DiT-XL sizes), while FBGEMM is about 1.8x faster than fp32. On CPUs without VNNI, FBGEMM
+  sums pairs of u8 x s8 products in saturating int16, so full-range 8-bit operands can
+  overflow; W7A8 fits.
+
+Because of that, every layer is probed before it is lowered: the kernel runs on activations
+spread over the whole activation grid and is compared with exact integer arithmetic; the layer is lowered only if they
+agree to within half an output step ``s_a * max(s_w)`` of the exact integer result. Otherwise it keeps the
+reference op and the reason is reported.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx
+
+import ditq_compiler.ops  # noqa: F401  (registers the ditq:: ops)
+from ditq_compiler.pipeline import fetch_attr
+
+PROBE_TOLERANCE_STEPS = 0.5
+
+
+class Int8Linear(torch.nn.Module):
+    """A linear with int8 weight codes and a static per-tensor int8 activation quantizer."""
+
+    def __init__(self, w_codes: Tensor, w_scale: Tensor, bias: Tensor | None, a_scale: Tensor,
+                 a_zero_point: Tensor, a_bits: int):
+        super().__init__()
+        self.out_features, self.in_features = w_codes.shape
+        self.a_scale = float(a_scale)
+        self.a_zero_point = int(a_zero_point)
+        self.qmin, self.qmax = -(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1
+        w_scale = w_scale.expand(self.out_features) if w_scale.dim() == 0 else w_scale
+        self.register_buffer("w_codes_t", w_codes.t().contiguous())               # (K, N) for _int_mm
+        self.register_buffer("w_scale", w_scale.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.register_buffer("w_colsum", w_codes.int().sum(1))                     # for the zero point
+        weight = torch._make_per_channel_quantized_tensor(
+            w_codes.to(torch.int8), w_scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
+        self._packed = torch.ops.quantized.linear_prepack(weight, self.bias)
+
+    def _clamp(self, x: Tensor) -> Tensor:
+        """Clamp to the representable range so the kernel's own rounding stays on our grid."""
+        lo = (self.qmin - self.a_zero_point) * self.a_scale
+        hi = (self.qmax - self.a_zero_point) * self.a_scale
+        return x.clamp(lo, hi)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._clamp(x.float())
+        if x.is_cuda:
+            return self._forward_int_mm(x)
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x.contiguous(), self.a_scale, self.a_zero_point + 128, self._packed)
+
+    def _forward_int_mm(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        codes = (torch.round(x.reshape(-1, self.in_features) / self.a_scale) + self.a_zero_point).to(torch.int8)
+        acc = torch._int_mm(codes, self.w_codes_t) - self.a_zero_point * self.w_colsum
+        y = acc.float() * (self.a_scale * self.w_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+def _ineligible(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    x, w_codes, w_scale, w_zp, bias, a_scale, a_zp, a_bits, a_per_token = node.args
+    if a_bits == 0 or a_per_token:
+        return "activations not static per-tensor"
+    if fetch_attr(gm, w_scale.target).dim() > 1:
+        return "per-group weights"
+    if bool(fetch_attr(gm, w_zp.target).ne(0).any()):
+        return "asymmetric weights"
+    return None
+
+
+def _probe(module: Int8Linear, generator: torch.Generator) -> float:
+    """Largest kernel error, in output steps, against the exact integer result (float64).
+
+    The activations are codes spread uniformly over the whole grid: the worst case for
+    saturation. Exact arithmetic is off by at most fp32 rounding of the output (far below
+    half a step); a saturating kernel is off by thousands of steps.
+    """
+    codes = torch.randint(module.qmin, module.qmax + 1, (64, module.in_features), generator=generator)
+    x = (codes - module.a_zero_point).float() * module.a_scale
+    integer = (codes - module.a_zero_point).double() @ module.w_codes_t.double()
+    exact = integer * module.a_scale * module.w_scale.double()
+    if module.bias is not None:
+        exact = exact + module.bias.double()
+    step = module.a_scale * float(module.w_scale.max())
+    return float((module(x).double() - exact).abs().max()) / step
+
+
+def lower_int8(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Replace eligible ``ditq::quant_linear`` nodes by int8 kernels; report each layer's kernel."""
+    kernels: dict[str, str] = {}
+    generator = torch.Generator().manual_seed(0)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.ditq.quant_linear.default:
+            continue
+        source = node.meta["ditq_source_node"]
+        reason = _ineligible(node, gm)
+        if reason:
+            kernels[source] = f"reference ({reason})"
+            continue
+        values = [fetch_attr(gm, a.target).detach() if isinstance(a, fx.Node) and a.op == "get_attr" else a
+                  for a in node.args]
+        _, w_codes, w_scale, _, bias, a_scale, a_zp, a_bits, _ = values
+        module = Int8Linear(w_codes, w_scale, bias, a_scale, a_zp, a_bits)
+        error = _probe(module, generator)
+        if error > PROBE_TOLERANCE_STEPS:
+            kernels[source] = f"reference (int8 kernel off by {error:.3g} steps on this CPU)"
+            continue
+        name = f"ditq_int8_{node.name}"
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (node.args[0],))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        kernels[source] = "int8 (cuda _int_mm)" if w_codes.is_cuda else "int8 (fbgemm)"
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm, kernels

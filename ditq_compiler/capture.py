@@ -1,0 +1,195 @@
+"""Capture a denoiser as an FX graph with ``torch.export``.
+
+The user's model is deep-copied and the copy put in eval mode, so ``compile`` never
+touches the module it was given. Every call is normalised to keyword arguments bound
+to ``forward``'s signature, so the graph has one placeholder per named input and the
+timestep stays a graph input (time-aware quantizers read it at run time). A Python
+number passed as the timestep is turned into a tensor of the batch size first;
+otherwise ``torch.export`` would bake it into the graph as a constant.
+
+The batch dimension of every tensor input is exported as ``Dim.AUTO``: dynamic where
+the model allows it, so calibration and inference may use other batch sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.export import Dim
+
+TIMESTEP_NAMES = ("timestep", "timesteps", "t", "time", "sigma", "sigmas")
+SAMPLE_NAMES = ("hidden_states", "sample", "x", "latents", "latent", "img")
+
+
+class CaptureError(RuntimeError):
+    """The model could not be exported to a graph."""
+
+
+@dataclass
+class CapturedModel:
+    """The exported graph and what is needed to call it like the original model."""
+
+    graph_module: fx.GraphModule
+    signature: inspect.Signature
+    input_names: tuple[str, ...]      # forward parameters given at export, in signature order
+    sample_input: str                 # placeholder of the noisy sample / latent
+    timestep_input: str | None        # placeholder of the timestep, if the model takes one
+    model_class: str
+
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Map a call of the original model onto the exported inputs, by name."""
+        return bind_inputs(self.signature, args, kwargs, self.timestep_input,
+                           expected=self.input_names, model_class=self.model_class)
+
+
+def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict, timestep_name: str | None,
+                expected: tuple[str, ...] | None = None, model_class: str = "model") -> dict[str, Any]:
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{model_class}: the call does not match forward{signature}: {e}") from None
+    inputs = dict(bound.arguments)
+    for name, param in signature.parameters.items():       # **kwargs parameters are flattened
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in inputs:
+            inputs.update(inputs.pop(name))
+    if timestep_name and not isinstance(inputs.get(timestep_name), torch.Tensor) \
+            and isinstance(inputs.get(timestep_name), (int, float)):
+        batch = _batch_size(inputs)
+        inputs[timestep_name] = torch.full((batch,), inputs[timestep_name],
+                                           dtype=torch.float32 if isinstance(inputs[timestep_name], float)
+                                           else torch.long)
+    if expected is not None and tuple(inputs) != expected:
+        missing = [n for n in expected if n not in inputs]
+        extra = [n for n in inputs if n not in expected]
+        raise TypeError(f"{model_class} was compiled for inputs {list(expected)}; this call "
+                        f"{'lacks ' + str(missing) if missing else ''}"
+                        f"{' and ' if missing and extra else ''}{'adds ' + str(extra) if extra else ''}")
+    return inputs
+
+
+def _batch_size(inputs: dict[str, Any]) -> int:
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return 1
+
+
+def _find_input(names, candidates: tuple[str, ...]) -> str | None:
+    return next((n for n in names if n in candidates), None)
+
+
+def auto_example_inputs(model: torch.nn.Module, batch_size: int = 2) -> dict[str, Any]:
+    """Example inputs for the diffusers denoisers this project knows, built from their config."""
+    cls = type(model).__name__
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise CaptureError(f"{cls}: no example inputs given and the model has no diffusers config to "
+                           "build them from. Pass example_inputs=(args, kwargs) or calibration data.")
+    gen = torch.Generator().manual_seed(0)
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+    hw = (size, size) if isinstance(size, int) else size
+    sample = torch.randn(batch_size, cfg.in_channels, *hw, generator=gen)
+    timestep = torch.linspace(1, 999, batch_size).round().long()
+    if cls == "DiTTransformer2DModel":
+        return dict(hidden_states=sample, timestep=timestep,
+                    class_labels=torch.arange(batch_size) % max(cfg.num_embeds_ada_norm or 1, 1))
+    if cls == "PixArtTransformer2DModel":
+        caption = torch.randn(batch_size, 4, cfg.caption_channels, generator=gen)
+        return dict(hidden_states=sample, encoder_hidden_states=caption, timestep=timestep,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    if cls == "UNet2DModel":
+        kwargs = dict(sample=sample, timestep=timestep)
+        if cfg.num_class_embeds is not None or cfg.class_embed_type is not None:
+            kwargs["class_labels"] = torch.arange(batch_size) % max(cfg.num_class_embeds or 1, 1)
+        return kwargs
+    if cls == "UNet2DConditionModel":
+        context = torch.randn(batch_size, 4, cfg.cross_attention_dim, generator=gen)
+        return dict(sample=sample, timestep=timestep, encoder_hidden_states=context)
+    raise CaptureError(f"{cls}: no example inputs given and this model class has no automatic ones "
+                       "(DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DModel, UNet2DConditionModel). "
+                       "Pass example_inputs=(args, kwargs) or calibration data.")
+
+
+def _source_line(error: BaseException) -> str | None:
+    """The first user (non-torch) source location torch mentions, or the innermost user frame."""
+    torch_dir = inspect.getfile(torch).rsplit("/", 1)[0]
+    for path, line in re.findall(r'File "([^"]+)", line (\d+)', str(error)):
+        if not path.startswith(torch_dir):
+            return f"{path}:{line}"
+    location = None
+    tb = error.__traceback__
+    while tb is not None:
+        path = tb.tb_frame.f_code.co_filename
+        if not path.startswith(torch_dir) and not path.endswith("capture.py"):
+            location = f"{path}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return location
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple[tuple, dict] | dict | None = None) -> CapturedModel:
+    """Export a deep copy of ``model`` with ``torch.export`` and return the unlifted graph."""
+    cls = type(model).__name__
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"compile() takes a torch.nn.Module, got {cls}")
+    signature = inspect.signature(model.forward)
+    if example_inputs is None:
+        args, kwargs = (), auto_example_inputs(model)
+    elif isinstance(example_inputs, dict):
+        args, kwargs = (), example_inputs
+    else:
+        args, kwargs = example_inputs
+    names = [n for n, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    timestep_name = _find_input(names, TIMESTEP_NAMES)
+    inputs = bind_inputs(signature, tuple(args), dict(kwargs), timestep_name, model_class=cls)
+    sample_name = _find_input(inputs, SAMPLE_NAMES) or next(
+        (n for n, v in inputs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+    if sample_name is None:
+        raise CaptureError(f"{cls}: none of the inputs {list(inputs)} is a floating-point sample tensor")
+
+    copy_ = copy.deepcopy(model).eval()
+    dynamic = {name: _batch_dims(value) for name, value in inputs.items()}
+    try:
+        program = torch.export.export(copy_, (), inputs, dynamic_shapes=dynamic)
+    except Exception as e:  # torch raises many types here; all mean "does not export"
+        where = _source_line(e)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaptureError(
+            f"torch.export could not capture {cls}: {type(e).__name__}: {first}\n"
+            f"  at: {where or 'unknown source line'}\n"
+            "  hint: data-dependent Python control flow (if/while on tensor values, .item(), "
+            "tolist()) cannot be captured; rewrite it with torch.where / torch.cond, or pass "
+            "example inputs that take the branch you deploy."
+        ) from e
+    gm = program.module()
+    placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    return CapturedModel(
+        graph_module=gm,
+        signature=signature,
+        input_names=tuple(inputs),
+        sample_input=sample_name if sample_name in placeholders else _placeholder_for(gm, sample_name),
+        timestep_input=(timestep_name if timestep_name in placeholders else _placeholder_for(gm, timestep_name))
+        if timestep_name in inputs else None,
+        model_class=cls,
+    )
+
+
+def _batch_dims(value: Any):
+    if isinstance(value, torch.Tensor):
+        return {0: Dim.AUTO} if value.dim() > 0 else None
+    if isinstance(value, dict):
+        return {k: _batch_dims(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_batch_dims(v) for v in value)
+    return None
+
+
+def _placeholder_for(gm: fx.GraphModule, name: str | None) -> str | None:
+    if name is None:
+        return None
+    return next((n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith(name)), None)

@@ -1,0 +1,300 @@
+"""Graph analysis: give every linear and conv a role, mark activation sites and time dependence.
+
+Roles are inferred from the structure of the exported ATen graph (viewed as a networkx
+DiGraph), not from module names, so passes select targets the same way on DiT, PixArt,
+UNet2D and UNet2DCondition graphs. Rules, applied in this order to each weighted node
+(``aten.linear`` / ``aten.conv2d``):
+
+1. ``patch_embed``: its input is the sample input, through view-like ops only, and it
+   patchifies (a conv with stride == kernel > 1, or a linear on the raw sample tokens).
+2. ``qkv`` / ``attn_out``: its output reaches a q, k or v operand of attention (SDPA, or
+   the decomposed ``matmul -> softmax -> matmul``) through view-like ops and q/k norms;
+   ``attn_out`` takes the attention output through view-like ops.
+3. ``embed`` / ``adaln``: its input does not depend on the sample (it sees only timestep,
+   class or caption information). If its output feeds another weighted layer it is an
+   embedder (``embed``); otherwise, if it reaches an elementwise op on the sample path, it
+   modulates that path (``adaln``: adaLN shift/scale/gate, or a U-Net's time-embedding
+   projection added to the feature map).
+4. ``fc2``: its input comes from a GELU (or a GEGLU product ``h * gelu(g)``) through
+   view-like ops; that GELU / product is the ``post_gelu`` activation site, and the linear
+   that feeds the GELU is ``fc1``.
+5. ``final``: the graph output is reachable from it without passing another weighted layer.
+6. otherwise ``conv`` for convolutions and ``linear`` for linears.
+
+Activation sites: ``post_gelu`` (the node feeding an fc2) and ``post_softmax`` (a softmax
+feeding the attention-times-value matmul, where attention is decomposed). A node is
+timestep-dependent if it is a descendant of the timestep input.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch import fx
+
+ROLES = ("qkv", "attn_out", "fc1", "fc2", "adaln", "embed", "patch_embed", "final", "conv", "linear")
+SITES = ("post_gelu", "post_softmax")
+
+VIEW_OPS = {
+    "view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "expand",
+    "unsqueeze", "squeeze", "flatten", "getitem", "split", "split_with_sizes", "chunk", "slice",
+    "select", "t", "alias", "detach", "_to_copy", "to", "dropout", "type_as", "unflatten",
+}
+NORM_OPS = {"layer_norm", "native_layer_norm", "rms_norm", "group_norm"}
+ELEMENTWISE_OPS = {"mul", "add", "sub", "div", "addcmul"}
+MATMUL_OPS = {"matmul", "bmm", "baddbmm", "mm", "einsum"}
+
+
+def op_name(node: fx.Node) -> str:
+    """'linear' for aten.linear.default, 'getitem' for operator.getitem, '' for non-calls."""
+    if node.op != "call_function":
+        return ""
+    target = node.target
+    if target is operator.getitem:
+        return "getitem"
+    packet = getattr(target, "_overloadpacket", None)
+    name = packet.__name__ if packet is not None else getattr(target, "__name__", str(target))
+    return name.split(".")[-1]
+
+
+def is_weighted(node: fx.Node) -> bool:
+    return op_name(node) in ("linear", "conv2d")
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return node.name
+    return list(stack.values())[-1][0] or node.name
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    node: str            # fx node name in the captured graph
+    name: str            # module path, '#2' appended when a module is called twice
+    op: str              # 'linear' | 'conv2d'
+    role: str
+    timestep_dependent: bool
+
+
+@dataclass
+class GraphAnalysis:
+    graph: nx.DiGraph
+    layers: dict[str, LayerInfo]                     # by node name, graph order
+    sites: dict[str, str] = field(default_factory=dict)  # node name -> 'post_gelu' | 'post_softmax'
+    timestep_dependent: set[str] = field(default_factory=set)
+    sample_dependent: set[str] = field(default_factory=set)
+
+    def by_role(self, role: str) -> list[LayerInfo]:
+        return [info for info in self.layers.values() if info.role == role]
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node.name, node=node)
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name)
+    return g
+
+
+def data_descendants(graph: fx.Graph, source: str) -> set[str]:
+    """Nodes whose tensor values depend on ``source``; reading a shape (``sym_size``) is no dependence."""
+    found = {source}
+    for node in graph.nodes:
+        if node.name in found or _is_shape_value(node):
+            continue
+        if any(inp.name in found and not _is_shape_value(inp) for inp in node.all_input_nodes):
+            found.add(node.name)
+    return found
+
+
+def _is_shape_value(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, (int, torch.SymInt)) or op_name(node) in ("sym_size", "size")
+
+
+def _first_tensor_arg(node: fx.Node) -> fx.Node | None:
+    return next((a for a in node.args if isinstance(a, fx.Node)), None)
+
+
+def _trace_back(node: fx.Node, passthrough: set[str]) -> fx.Node:
+    """Walk producers through ops in ``passthrough`` (following the first tensor argument)."""
+    while op_name(node) in passthrough:
+        prev = _first_tensor_arg(node)
+        if prev is None:
+            break
+        node = prev
+    return node
+
+
+def _reach_forward(node: fx.Node, passthrough: set[str]) -> list[fx.Node]:
+    """Consumers reached from ``node`` through ops in ``passthrough``."""
+    out, stack, seen = [], list(node.users), set()
+    while stack:
+        user = stack.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if op_name(user) in passthrough:
+            stack.extend(user.users)
+        else:
+            out.append(user)
+    return out
+
+
+def _attention_operands(graph: fx.Graph) -> tuple[list[fx.Node], list[fx.Node], dict[str, str]]:
+    """(q/k/v operand nodes, attention output nodes, post-softmax sites) of all attentions."""
+    operands, outputs, sites = [], [], {}
+    for node in graph.nodes:
+        name = op_name(node)
+        if name in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+            operands.extend(a for a in node.args[:3] if isinstance(a, fx.Node))
+            outputs.append(node)
+        elif name in ("softmax", "_softmax"):
+            scores = _trace_back(_first_tensor_arg(node), VIEW_OPS | {"mul", "div", "add"})
+            consumers = [u for u in _reach_forward(node, VIEW_OPS) if op_name(u) in MATMUL_OPS]
+            if op_name(scores) not in MATMUL_OPS or not consumers:
+                continue
+            sites[node.name] = "post_softmax"
+            operands.extend(a for a in scores.args[:2] if isinstance(a, fx.Node))
+            for av in consumers:
+                operands.extend(a for a in av.args[:2] if isinstance(a, fx.Node) and a is not node
+                                and _trace_back(a, VIEW_OPS) is not node)
+                outputs.append(av)
+    return operands, outputs, sites
+
+
+def _gelu_site(node: fx.Node) -> fx.Node | None:
+    """The GELU (or GEGLU product) feeding ``node`` through view-like ops, if any."""
+    src = _trace_back(node, VIEW_OPS)
+    if op_name(src) == "gelu":
+        return src
+    if op_name(src) == "mul":
+        factors = [_trace_back(a, VIEW_OPS) for a in src.args if isinstance(a, fx.Node)]
+        if any(op_name(f) == "gelu" for f in factors):
+            return src
+    return None
+
+
+def _fc1_of(site: fx.Node) -> list[fx.Node]:
+    gelus = [site] if op_name(site) == "gelu" else [
+        _trace_back(a, VIEW_OPS) for a in site.args if isinstance(a, fx.Node)]
+    found = []
+    for g in gelus:
+        inp = g if op_name(g) != "gelu" else _first_tensor_arg(g)
+        src = _trace_back(inp, VIEW_OPS)
+        if is_weighted(src) and src not in found:
+            found.append(src)
+    return found
+
+
+def _conditioning_role(node: fx.Node, sample_dep: set[str]) -> str:
+    """'embed' if the output feeds another weighted layer, 'adaln' if it modulates the sample path."""
+    feeds_layer = modulates = False
+    stack, seen = list(node.users), set()
+    while stack:
+        user = stack.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if is_weighted(user):
+            feeds_layer = True
+        elif user.name in sample_dep:
+            modulates |= op_name(user) in ELEMENTWISE_OPS
+        else:
+            stack.extend(user.users)
+    return "adaln" if modulates and not feeds_layer else "embed"
+
+
+def _is_patchify(node: fx.Node) -> bool:
+    if op_name(node) == "linear":
+        return True
+    weight = node.args[1]
+    kernel = tuple(weight.meta["val"].shape[2:]) if "val" in weight.meta else None
+    stride = tuple(node.args[3]) if len(node.args) > 3 else (1, 1)
+    return kernel is not None and kernel == stride and max(kernel) > 1
+
+
+def analyse(gm: fx.GraphModule, sample_input: str, timestep_input: str | None = None) -> GraphAnalysis:
+    """Assign roles to every linear/conv of ``gm`` and mark activation sites (see module doc)."""
+    graph = gm.graph
+    g = to_networkx(graph)
+    nodes = {n.name: n for n in graph.nodes}
+    if sample_input not in nodes:
+        raise ValueError(f"sample input '{sample_input}' is not a placeholder of the graph")
+    sample_dep = data_descendants(graph, sample_input)
+    time_dep = data_descendants(graph, timestep_input) if timestep_input in nodes else set()
+
+    weighted = [n for n in graph.nodes if is_weighted(n)]
+    roles: dict[str, str] = {}
+    sites: dict[str, str] = {}
+
+    # 1. patch embedding
+    for n in weighted:
+        if _trace_back(n.args[0], VIEW_OPS).name == sample_input and _is_patchify(n):
+            roles[n.name] = "patch_embed"
+
+    # 2. attention projections
+    operands, attn_outputs, softmax_sites = _attention_operands(graph)
+    sites.update(softmax_sites)
+    for operand in operands:
+        src = _trace_back(operand, VIEW_OPS | NORM_OPS | {"mul", "div"})
+        if is_weighted(src):
+            roles.setdefault(src.name, "qkv")
+    for out in attn_outputs:
+        for user in _reach_forward(out, VIEW_OPS):
+            if is_weighted(user) and user.args[0] is not None:
+                roles.setdefault(user.name, "attn_out")
+
+    # 3. conditioning layers: input independent of the sample
+    for n in weighted:
+        if n.name in roles or n.args[0].name in sample_dep:
+            continue
+        roles[n.name] = _conditioning_role(n, sample_dep)
+
+    # 4. MLPs
+    for n in weighted:
+        if n.name in roles:
+            continue
+        site = _gelu_site(n.args[0])
+        if site is not None:
+            roles[n.name] = "fc2"
+            sites[site.name] = "post_gelu"
+            for fc1 in _fc1_of(site):
+                roles.setdefault(fc1.name, "fc1")
+
+    # 5. final layer: the output is reachable without crossing another weighted layer
+    output = next(n for n in graph.nodes if n.op == "output")
+    stack, seen = list(output.all_input_nodes), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_weighted(n):
+            if n.name in sample_dep:
+                roles.setdefault(n.name, "final")
+            continue
+        stack.extend(n.all_input_nodes)
+
+    # 6. the rest
+    layers: dict[str, LayerInfo] = {}
+    calls: dict[str, int] = {}
+    for n in weighted:
+        role = roles.get(n.name) or ("conv" if op_name(n) == "conv2d" else "linear")
+        path = module_path(n)
+        calls[path] = calls.get(path, 0) + 1
+        name = path if calls[path] == 1 else f"{path}#{calls[path]}"
+        layers[n.name] = LayerInfo(node=n.name, name=name, op=op_name(n), role=role,
+                                   timestep_dependent=n.name in time_dep)
+        n.meta["ditq_role"] = role
+    for name, site in sites.items():
+        nodes[name].meta["ditq_site"] = site
+    for name in time_dep:
+        nodes[name].meta["ditq_timestep_dependent"] = True
+    return GraphAnalysis(graph=g, layers=layers, sites=sites, timestep_dependent=time_dep,
+                         sample_dependent=sample_dep)

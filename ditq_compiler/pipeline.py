@@ -1,0 +1,65 @@
+"""Pass infrastructure: run graph passes in order, verify the graph between them in debug mode.
+
+A pass is a callable ``GraphModule -> PassResult`` (``torch.fx.passes.infra.pass_base``).
+When one raises, the error names it and the passes that ran before it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+Pass = Callable[[fx.GraphModule], PassResult]
+
+
+class PassError(RuntimeError):
+    """A pass raised, or left an invalid graph behind."""
+
+
+def pass_name(p: Pass) -> str:
+    return getattr(p, "__name__", type(p).__name__)
+
+
+def verify_graph(gm: fx.GraphModule) -> None:
+    """Lint the graph; every computing node has ``meta['val']``; every get_attr target exists."""
+    gm.graph.lint()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "val" not in node.meta:
+            raise ValueError(f"node '{node.name}' ({node.target}) has no meta['val']")
+        if node.op == "get_attr":
+            try:
+                fetch_attr(gm, node.target)
+            except AttributeError:
+                raise ValueError(f"get_attr node '{node.name}' points to missing attribute '{node.target}'") from None
+
+
+def fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class PassPipeline:
+    def __init__(self, passes: Sequence[Pass], debug: bool = False):
+        self.passes = list(passes)
+        self.debug = debug
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        done: list[str] = []
+        for p in self.passes:
+            name = pass_name(p)
+            try:
+                result = p(gm)
+                gm, modified = result.graph_module, modified or result.modified
+                if self.debug:
+                    verify_graph(gm)
+            except Exception as e:
+                after = f" (after: {', '.join(done)})" if done else " (the first pass)"
+                raise PassError(f"pass '{name}' failed{after}: {type(e).__name__}: {e}") from e
+            done.append(name)
+        gm.recompile()
+        return PassResult(gm, modified)

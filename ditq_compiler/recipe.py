@@ -1,0 +1,255 @@
+"""Recipes: validated, versioned, frozen quantization configuration.
+
+A recipe says which layers (by graph role) are quantized and how their weights and input
+activations are quantized, with overrides by role and by layer name (a regular expression
+matched against the whole module path). It round-trips through YAML and JSON; unknown keys
+and impossible combinations are errors that name the field path, e.g.
+``recipe.overrides[1].weights.bitz``.
+
+By default embedders, adaLN modulation, the patch embedding and the final layer stay in
+full precision, as in the DiT quantization papers; a recipe can list them in
+``quantize_roles`` or in an override to quantize them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from ditq_compiler.graph import ROLES, LayerInfo
+from ditq_compiler.quant import QuantSpec
+
+RECIPE_VERSION = 1
+DEFAULT_QUANTIZED_ROLES = ("qkv", "attn_out", "fc1", "fc2", "conv", "linear")
+
+
+class RecipeError(ValueError):
+    """A recipe is malformed; the message names the field path."""
+
+
+def _check_keys(data: Any, allowed: set[str], path: str) -> None:
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{path}: expected a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise RecipeError(f"{path}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _spec(data: Any, path: str, base: QuantSpec | None = None) -> QuantSpec:
+    fields = {f.name for f in dataclasses.fields(QuantSpec)}
+    _check_keys(data, fields, path)
+    merged = {**(base.to_dict() if base else {}), **data}
+    try:
+        spec = QuantSpec(**merged)
+    except ValueError as e:
+        field_name = re.match(r"QuantSpec\.(\w+)", str(e))
+        raise RecipeError(f"{path}.{field_name.group(1) if field_name else ''}: {e}") from None
+    return spec
+
+
+def _check_weight_spec(spec: QuantSpec, path: str) -> None:
+    if spec.granularity == "token":
+        raise RecipeError(f"{path}.granularity: weights cannot be quantized per token (tokens are activations)")
+    if spec.granularity == "channel" and spec.axis != 0:
+        raise RecipeError(f"{path}.axis: per-channel weights use the output channel, axis 0 (got {spec.axis})")
+
+
+def _check_activation_spec(spec: QuantSpec, path: str) -> None:
+    if spec.granularity in ("channel", "group"):
+        raise RecipeError(f"{path}.granularity: per-{spec.granularity} activation scales vary along the "
+                          "reduction dimension and cannot be factored out of the matmul; use 'tensor' or 'token'")
+
+
+def _check_roles(roles: Any, path: str) -> tuple[str, ...]:
+    if isinstance(roles, str) or not isinstance(roles, (list, tuple)):
+        raise RecipeError(f"{path}: expected a list of roles, got {roles!r}")
+    for i, role in enumerate(roles):
+        if role not in ROLES:
+            raise RecipeError(f"{path}[{i}]: unknown role {role!r} (roles: {', '.join(ROLES)})")
+    return tuple(roles)
+
+
+@dataclass(frozen=True)
+class Override:
+    """Changes for the layers that match ``role`` and/or ``name`` (both, when both are given)."""
+
+    role: str | None = None
+    name: str | None = None                                   # regex, full match on the layer name
+    quantize: bool | None = None
+    weights: tuple[tuple[str, Any], ...] | None = None        # partial QuantSpec fields
+    activations: tuple[tuple[str, Any], ...] | bool | None = None   # False: weight-only
+
+    def matches(self, layer: LayerInfo) -> bool:
+        return ((self.role is None or layer.role == self.role)
+                and (self.name is None or re.fullmatch(self.name, layer.name) is not None))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("role", "name", "quantize"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.weights is not None:
+            out["weights"] = dict(self.weights)
+        if self.activations is not None:
+            out["activations"] = self.activations if isinstance(self.activations, bool) else dict(self.activations)
+        return out
+
+
+def _override(data: Any, path: str, recipe_weights: QuantSpec, recipe_acts: QuantSpec | None) -> Override:
+    _check_keys(data, {"role", "name", "quantize", "weights", "activations"}, path)
+    if data.get("role") is None and data.get("name") is None:
+        raise RecipeError(f"{path}: an override needs a 'role' or a 'name' to select layers")
+    if data.get("role") is not None and data["role"] not in ROLES:
+        raise RecipeError(f"{path}.role: unknown role {data['role']!r} (roles: {', '.join(ROLES)})")
+    if data.get("name") is not None:
+        try:
+            re.compile(data["name"])
+        except re.error as e:
+            raise RecipeError(f"{path}.name: not a valid regular expression: {e}") from None
+    if data.get("quantize") is not None and not isinstance(data["quantize"], bool):
+        raise RecipeError(f"{path}.quantize: expected true or false, got {data['quantize']!r}")
+    weights = data.get("weights")
+    if weights is not None:
+        _check_weight_spec(_spec(weights, f"{path}.weights", recipe_weights), f"{path}.weights")
+        weights = tuple(sorted(weights.items()))
+    acts = data.get("activations")
+    if acts is True:
+        raise RecipeError(f"{path}.activations: use a mapping of fields, or false for weight-only")
+    if isinstance(acts, Mapping):
+        if recipe_acts is None and "bits" not in acts:
+            raise RecipeError(f"{path}.activations: the recipe quantizes no activations, so an override "
+                              "that enables them must give at least 'bits'")
+        _check_activation_spec(_spec(acts, f"{path}.activations", recipe_acts), f"{path}.activations")
+        acts = tuple(sorted(acts.items()))
+    return Override(role=data.get("role"), name=data.get("name"), quantize=data.get("quantize"),
+                    weights=weights, activations=acts)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What the recipe decided for one layer."""
+
+    weights: QuantSpec
+    activations: QuantSpec | None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    weights: QuantSpec = field(default_factory=lambda: QuantSpec(8, True, "channel"))
+    activations: QuantSpec | None = field(default_factory=lambda: QuantSpec(8, False, "tensor", axis=-1))
+    quantize_roles: tuple[str, ...] = DEFAULT_QUANTIZED_ROLES
+    overrides: tuple[Override, ...] = ()
+    version: int = RECIPE_VERSION
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: str = "recipe") -> Recipe:
+        _check_keys(data, {f.name for f in dataclasses.fields(cls)}, path)
+        version = data.get("version", RECIPE_VERSION)
+        if not isinstance(version, int) or version > RECIPE_VERSION or version < 1:
+            raise RecipeError(f"{path}.version: this ditq-compiler reads recipe versions 1..{RECIPE_VERSION}, "
+                              f"got {version!r}")
+        weights = _spec(data.get("weights", {}), f"{path}.weights", QuantSpec(8, True, "channel"))
+        _check_weight_spec(weights, f"{path}.weights")
+        acts_data = data.get("activations", {})
+        acts = None
+        if acts_data is not None and acts_data is not False:
+            acts = _spec(acts_data, f"{path}.activations", QuantSpec(8, False, "tensor", axis=-1))
+            _check_activation_spec(acts, f"{path}.activations")
+        roles = _check_roles(data.get("quantize_roles", DEFAULT_QUANTIZED_ROLES), f"{path}.quantize_roles")
+        raw_overrides = data.get("overrides") or []
+        if not isinstance(raw_overrides, list):
+            raise RecipeError(f"{path}.overrides: expected a list, got {type(raw_overrides).__name__}")
+        overrides = tuple(_override(o, f"{path}.overrides[{i}]", weights, acts)
+                          for i, o in enumerate(raw_overrides))
+        for key in ("name", "description"):
+            if key in data and not isinstance(data[key], str):
+                raise RecipeError(f"{path}.{key}: expected a string, got {data[key]!r}")
+        return cls(name=data.get("name", "custom"), description=data.get("description", ""),
+                   weights=weights, activations=acts, quantize_roles=roles, overrides=overrides,
+                   version=version)
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> Recipe:
+        """A preset name (see ``Recipe.presets()``) or a path to a .yaml/.yml/.json file."""
+        text = str(name_or_path)
+        path = Path(text)
+        if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+            if not path.is_file():
+                raise FileNotFoundError(f"recipe file {path} does not exist")
+            return cls.from_dict(_parse(path.read_text(), path.suffix), path=f"recipe({path.name})")
+        presets = cls.presets()
+        if text not in presets:
+            raise RecipeError(f"unknown recipe {text!r}: not a file and not a preset "
+                              f"(presets: {', '.join(presets)})")
+        data = _parse(_preset_dir().joinpath(f"{text}.yaml").read_text(), ".yaml")
+        return cls.from_dict(data, path=f"recipe({text})")
+
+    @staticmethod
+    def presets() -> dict[str, str]:
+        """Preset name -> one-line description."""
+        out = {}
+        for entry in sorted(_preset_dir().iterdir(), key=lambda p: p.name):
+            if entry.name.endswith(".yaml"):
+                out[entry.name[:-5]] = (yaml.safe_load(entry.read_text()) or {}).get("description", "")
+        return out
+
+    # ---- serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "name": self.name,
+            "description": self.description,
+            "weights": self.weights.to_dict(),
+            "activations": self.activations.to_dict() if self.activations else False,
+            "quantize_roles": list(self.quantize_roles),
+            "overrides": [o.to_dict() for o in self.overrides],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        data = self.to_dict()
+        text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        return path
+
+    # ---- decisions ---------------------------------------------------------------------
+    def plan(self, layer: LayerInfo) -> LayerPlan | None:
+        """The quantization of ``layer``, or None if it stays in full precision."""
+        quantize = layer.role in self.quantize_roles
+        weights, acts = self.weights, self.activations
+        for override in self.overrides:
+            if not override.matches(layer):
+                continue
+            if override.quantize is not None:
+                quantize = override.quantize
+            if override.weights is not None:
+                weights = dataclasses.replace(weights, **dict(override.weights))
+            if override.activations is False:
+                acts = None
+            elif override.activations is not None:
+                base = acts.to_dict() if acts else {}
+                acts = QuantSpec(**{**base, **dict(override.activations)})
+        return LayerPlan(weights, acts) if quantize else None
+
+
+def _parse(text: str, suffix: str) -> dict:
+    data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe: the file must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _preset_dir():
+    return resources.files("ditq_compiler.presets")

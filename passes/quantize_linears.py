@@ -1,0 +1,108 @@
+"""Replace annotated ``aten.linear`` / ``aten.conv2d`` nodes with quantized custom ops.
+
+For each node annotated by the recipe (``node.meta['ditq']``), the float weight ``W`` is
+replaced by integer codes and their quantization parameters,
+
+    q_w = clamp(round(W / s_w) + z_w, qmin, qmax),      (s_w, z_w) from the weight observer,
+
+and the node becomes ``ditq::quant_linear`` / ``ditq::quant_conv2d`` (``ditq_compiler.ops``)
+with the calibrated input-activation parameters ``(s_a, z_a)``. The rewrite preserves
+
+    op(x) = linear(x_hat, (q_w - z_w) s_w, b)
+
+which is the fake-quant reference every backend is checked against. Float weights that no
+other node uses are deleted from the module.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+import ditq_compiler.ops  # noqa: F401  (registers the ditq:: ops)
+from ditq_compiler.annotate import LayerAnnotation
+from ditq_compiler.pipeline import fetch_attr
+from ditq_compiler.quant import quantize, weight_qparams
+
+
+def _register(gm: fx.GraphModule, name: str, value: Tensor, anchor: fx.Node) -> fx.Node:
+    gm.register_buffer(name, value)
+    with gm.graph.inserting_before(anchor):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
+
+
+def _delete_unused_attrs(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            target = node.target
+            gm.graph.erase_node(node)
+            if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+                owner_path, _, attr = target.rpartition(".")
+                owner = gm.get_submodule(owner_path) if owner_path else gm
+                delattr(owner, attr)
+
+
+class QuantizeLinears:
+    """The pass; ``activation_qparams`` maps node name -> calibrated (scale, zero_point)."""
+
+    __name__ = "quantize_linears"
+
+    def __init__(self, activation_qparams: Mapping[str, tuple[Tensor, Tensor]]):
+        self.activation_qparams = activation_qparams
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for node in list(gm.graph.nodes):
+            annotation: LayerAnnotation | None = node.meta.get("ditq")
+            if annotation is None or node.op != "call_function" or node.target not in (
+                    torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
+                continue
+            self._rewrite(gm, node, annotation)
+            modified = True
+        if modified:
+            _delete_unused_attrs(gm)
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    def _rewrite(self, gm: fx.GraphModule, node: fx.Node, annotation: LayerAnnotation) -> None:
+        x, weight_node, bias_node = (list(node.args) + [None, None])[:3]
+        weight = fetch_attr(gm, weight_node.target).detach()
+        w_scale, w_zero_point = weight_qparams(weight, annotation.weights)
+        codes = quantize(weight, w_scale, w_zero_point, annotation.weights)
+        prefix = f"ditq_{node.name}"
+        args = [x,
+                _register(gm, f"{prefix}_w_codes", codes, node),
+                _register(gm, f"{prefix}_w_scale", w_scale, node),
+                _register(gm, f"{prefix}_w_zero_point", w_zero_point, node),
+                bias_node]
+        acts = annotation.activations
+        if acts is None:
+            args += [None, None, 0, False]
+        elif acts.granularity == "token":
+            args += [None, None, acts.bits, True]
+        else:
+            if node.name not in self.activation_qparams:
+                raise KeyError(f"layer '{annotation.name}' (node {node.name}) quantizes its input "
+                               "activation but has no calibrated activation parameters")
+            a_scale, a_zero_point = self.activation_qparams[node.name]
+            args += [_register(gm, f"{prefix}_a_scale", a_scale.reshape(()), node),
+                     _register(gm, f"{prefix}_a_zero_point", a_zero_point.reshape(()), node),
+                     acts.bits, False]
+        if node.target is torch.ops.aten.linear.default:
+            target = torch.ops.ditq.quant_linear.default
+        else:
+            target = torch.ops.ditq.quant_conv2d.default
+            stride, padding, dilation, groups = (list(node.args) + [None] * 7)[3:7]
+            args += [list(stride or [1, 1]), list(padding or [0, 0]), list(dilation or [1, 1]), groups or 1]
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(target, tuple(args))
+        new.meta.update(node.meta)
+        new.meta["ditq_source_node"] = node.name
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
