@@ -11,19 +11,28 @@ a static per-tensor activation quantizer with at most 8 bits. Kernels:
 
 * CUDA: ``torch._int_mm`` (int8 x int8 -> int32).
 * CPU: FBGEMM's u8 x s8 GEMM with fp32 output. Our signed activation codes map to its
-  unsigned ones by ``q + 128`` (zero point ``z_a + 128``). We measured (``bench/int8_gemm.py``)
-  that ``torch._int_mm`` has no fast CPU kernel in torch 2.13 (about 30x slower than fp32 at
-  DiT-XL sizes), while FBGEMM is about 1.8x faster than fp32. On CPUs without VNNI, FBGEMM
-  sums pairs of u8 x s8 products in saturating int16, so full-range 8-bit operands can
-  overflow; W7A8 fits.
+  unsigned ones by ``u = q + 128`` (zero point ``z_a + 128``). We measured
+  (``bench/int8_gemm.py``) that ``torch._int_mm`` has no fast CPU kernel in torch 2.13 (about
+  100x slower than fp32 at DiT-XL sizes), while FBGEMM is about 1.6x faster than fp32. torch has
+  deprecated the quantized-tensor API this entry point needs (it still works in 2.13).
 
-Because of that, every layer is probed before it is lowered: the kernel runs on activations
-spread over the whole activation grid and is compared with exact integer arithmetic; the layer is lowered only if they
-agree to within half an output step ``s_a * max(s_w)`` of the exact integer result. Otherwise it keeps the
-reference op and the reason is reported.
+FBGEMM is exact only where it cannot overflow. With AVX512-VNNI it accumulates u8 x s8 products
+straight into int32. Without it (AVX2), ``vpmaddubsw`` first adds two neighbouring products
+into a saturating int16, so a layer is lowered only if no pair can overflow for any input:
+
+    u_max * (|q_w|_(1) + |q_w|_(2)) <= 32767        per output row, the two largest weight codes
+
+(W8A8 breaks it; W7A8 and W4A8 satisfy it.) As a second guard the lowered kernel is probed
+against exact integer arithmetic on codes spread over the whole grid. A layer that fails
+either check keeps the reference op and the reason is reported.
+
+The kernel quantizes activations as ``round(x * (1 / s_a))`` where the reference divides, so at
+an exact rounding tie one activation code may differ by one step; everything else is exact.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor, fx
@@ -49,9 +58,11 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("w_scale", w_scale.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.register_buffer("w_colsum", w_codes.int().sum(1))                     # for the zero point
-        weight = torch._make_per_channel_quantized_tensor(
-            w_codes.to(torch.int8), w_scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
-        self._packed = torch.ops.quantized.linear_prepack(weight, self.bias)
+        with warnings.catch_warnings():  # torch deprecates quantized tensors (the FBGEMM entry point)
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            weight = torch._make_per_channel_quantized_tensor(
+                w_codes.to(torch.int8), w_scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
+            self._packed = torch.ops.quantized.linear_prepack(weight, self.bias)
 
     def _clamp(self, x: Tensor) -> Tensor:
         """Clamp to the representable range so the kernel's own rounding stays on our grid."""
@@ -74,6 +85,24 @@ class Int8Linear(torch.nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+
+INT16_MAX = 32767
+
+
+def cpu_has_vnni() -> bool:
+    """Whether FBGEMM can accumulate u8 x s8 in int32 directly (AVX512-VNNI)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "avx512_vnni" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def pair_sum_bound(w_codes: Tensor, a_qmax: int) -> int:
+    """Largest |u1 w1 + u2 w2| any input can produce, u = activation code + 128 in [0, a_qmax + 128]."""
+    top2 = w_codes.int().abs().topk(min(2, w_codes.shape[1]), dim=1).values.sum(1)
+    return int(top2.max()) * (a_qmax + 128)
 
 
 def _ineligible(node: fx.Node, gm: fx.GraphModule) -> str | None:
@@ -104,8 +133,12 @@ def _probe(module: Int8Linear, generator: torch.Generator) -> float:
     return float((module(x).double() - exact).abs().max()) / step
 
 
-def lower_int8(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
-    """Replace eligible ``ditq::quant_linear`` nodes by int8 kernels; report each layer's kernel."""
+def lower_int8(gm: fx.GraphModule, vnni: bool | None = None) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Replace eligible ``ditq::quant_linear`` nodes by int8 kernels; report each layer's kernel.
+
+    ``vnni``: whether the CPU has AVX512-VNNI (None: read it from the CPU).
+    """
+    vnni = cpu_has_vnni() if vnni is None else vnni
     kernels: dict[str, str] = {}
     generator = torch.Generator().manual_seed(0)
     for node in list(gm.graph.nodes):
@@ -120,6 +153,10 @@ def lower_int8(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
                   for a in node.args]
         _, w_codes, w_scale, _, bias, a_scale, a_zp, a_bits, _ = values
         module = Int8Linear(w_codes, w_scale, bias, a_scale, a_zp, a_bits)
+        bound = pair_sum_bound(w_codes, module.qmax)
+        if not (vnni or w_codes.is_cuda) and bound > INT16_MAX:
+            kernels[source] = f"reference (no VNNI: int16 pair sums reach {bound} > {INT16_MAX})"
+            continue
         error = _probe(module, generator)
         if error > PROBE_TOLERANCE_STEPS:
             kernels[source] = f"reference (int8 kernel off by {error:.3g} steps on this CPU)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -72,12 +73,12 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
     annotations = annotate(captured.graph_module, analysis, recipe)
     flat_batches = [_flat(captured.bind(args, kwargs)) for args, kwargs in batches]
     act_qparams = observe_activations(captured.graph_module, annotations, flat_batches, progress)
-    float_graph = copy.deepcopy(captured.graph_module)
+    float_graph = _copy_graph(captured.graph_module)
     quantized = PassPipeline([QuantizeLinears(act_qparams)], debug=debug)(captured.graph_module).graph_module
     reports = layer_reports(quantized, annotations)
     lowered, kernels = _lower(quantized, backend)
     layer_sqnr, output_sqnr = measure(float_graph, lowered, flat_batches) if flat_batches else ({}, None)
-    for report, source in zip(reports, annotations):
+    for report, source in zip(reports, annotations, strict=True):
         report.kernel = kernels.get(source, "reference")
         report.sqnr_db = layer_sqnr.get(source)
     return CompiledModel(lowered, captured, recipe, reports, output_sqnr, backend)
@@ -88,6 +89,12 @@ def _lower(gm: fx.GraphModule, backend: str) -> tuple[fx.GraphModule, dict[str, 
         return gm, {}
     from ditq_compiler.backends.torch import lower_int8
     return lower_int8(gm)
+
+
+def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
+        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(gm)
 
 
 def _flat(inputs: dict[str, Any]) -> list[Any]:

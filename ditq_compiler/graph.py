@@ -5,11 +5,11 @@ DiGraph), not from module names, so passes select targets the same way on DiT, P
 UNet2D and UNet2DCondition graphs. Rules, applied in this order to each weighted node
 (``aten.linear`` / ``aten.conv2d``):
 
-1. ``patch_embed``: its input is the sample input, through view-like ops only, and it
-   patchifies (a conv with stride == kernel > 1, or a linear on the raw sample tokens).
-2. ``qkv`` / ``attn_out``: its output reaches a q, k or v operand of attention (SDPA, or
+1. ``qkv`` / ``attn_out``: its output reaches a q, k or v operand of attention (SDPA, or
    the decomposed ``matmul -> softmax -> matmul``) through view-like ops and q/k norms;
    ``attn_out`` takes the attention output through view-like ops.
+2. ``patch_embed``: its input is the sample input, through view-like ops only, and it
+   patchifies (a conv with stride == kernel > 1, or a linear on the raw sample tokens).
 3. ``embed`` / ``adaln``: its input does not depend on the sample (it sees only timestep,
    class or caption information). If its output feeds another weighted layer it is an
    embedder (``embed``); otherwise, if it reaches an elementwise op on the sample path, it
@@ -233,12 +233,7 @@ def analyse(gm: fx.GraphModule, sample_input: str, timestep_input: str | None = 
     roles: dict[str, str] = {}
     sites: dict[str, str] = {}
 
-    # 1. patch embedding
-    for n in weighted:
-        if _trace_back(n.args[0], VIEW_OPS).name == sample_input and _is_patchify(n):
-            roles[n.name] = "patch_embed"
-
-    # 2. attention projections
+    # 1. attention projections
     operands, attn_outputs, softmax_sites = _attention_operands(graph)
     sites.update(softmax_sites)
     for operand in operands:
@@ -249,6 +244,11 @@ def analyse(gm: fx.GraphModule, sample_input: str, timestep_input: str | None = 
         for user in _reach_forward(out, VIEW_OPS):
             if is_weighted(user) and user.args[0] is not None:
                 roles.setdefault(user.name, "attn_out")
+
+    # 2. patch embedding (attention structure is the stronger evidence)
+    for n in weighted:
+        if _trace_back(n.args[0], VIEW_OPS).name == sample_input and _is_patchify(n):
+            roles.setdefault(n.name, "patch_embed")
 
     # 3. conditioning layers: input independent of the sample
     for n in weighted:

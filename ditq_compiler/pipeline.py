@@ -24,7 +24,10 @@ def pass_name(p: Pass) -> str:
 
 def verify_graph(gm: fx.GraphModule) -> None:
     """Lint the graph; every computing node has ``meta['val']``; every get_attr target exists."""
-    gm.graph.lint()
+    try:
+        gm.graph.lint()
+    except RuntimeError as e:
+        raise ValueError(f"graph lint failed: {e}") from None
     for node in gm.graph.nodes:
         if node.op == "call_function" and "val" not in node.meta:
             raise ValueError(f"node '{node.name}' ({node.target}) has no meta['val']")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx
+from torch.utils._pytree import tree_leaves
 
 from ditq_compiler.annotate import LayerAnnotation
 from ditq_compiler.pipeline import fetch_attr
@@ -79,7 +80,8 @@ class _MeasuringInterpreter(fx.Interpreter):
         return out
 
 
-def measure(fp_gm: fx.GraphModule, q_gm: fx.GraphModule, flat_batches: list[list[Any]]) -> tuple[dict[str, float], float]:
+def measure(fp_gm: fx.GraphModule, q_gm: fx.GraphModule,
+            flat_batches: list[list[Any]]) -> tuple[dict[str, float], float]:
     """Per-layer local SQNR (dB) by source node name, and the model output's SQNR."""
     layer_energy: dict[str, _Energy] = {}
     output_energy = _Energy()
@@ -87,7 +89,7 @@ def measure(fp_gm: fx.GraphModule, q_gm: fx.GraphModule, flat_batches: list[list
         for flat in flat_batches:
             fp_out = _MeasuringInterpreter(fp_gm, q_gm, layer_energy).run(*flat)
             q_out = fx.Interpreter(q_gm).run(*flat)
-            for ref, test in zip(torch.utils._pytree.tree_leaves(fp_out), torch.utils._pytree.tree_leaves(q_out)):
+            for ref, test in zip(tree_leaves(fp_out), tree_leaves(q_out), strict=True):
                 if isinstance(ref, Tensor) and ref.is_floating_point():
                     output_energy.add(ref, test)
     return {name: e.db for name, e in layer_energy.items()}, output_energy.db
@@ -111,7 +113,10 @@ def layer_reports(q_gm: fx.GraphModule, annotations: dict[str, LayerAnnotation])
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+from ditq_compiler.graph import LayerInfo
+from ditq_compiler.recipe import Recipe, RecipeError
+
+PRESETS = ["w8a8-minmax", "w8a8", "w4a8-minmax", "w4a8", "w6a6-minmax", "w6a6"]
+
+
+def layer(name="blocks.0.attn.to_q", role="qkv"):
+    return LayerInfo(node="n", name=name, op="linear", role=role, timestep_dependent=True)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_and_round_trip_through_yaml_and_json(name, tmp_path):
+    recipe = Recipe.load(name)
+    assert recipe.name == name
+    for suffix in (".yaml", ".json"):
+        path = recipe.save(tmp_path / f"r{suffix}")
+        assert Recipe.load(path) == recipe
+
+
+def test_minmax_presets_use_minmax_symmetric_per_channel_weights_and_per_tensor_activations():
+    for name in [p for p in PRESETS if p.endswith("-minmax")]:
+        r = Recipe.load(name)
+        assert (r.weights.observer, r.weights.symmetric, r.weights.granularity) == ("minmax", True, "channel")
+        assert (r.activations.observer, r.activations.granularity) == ("minmax", "tensor")
+
+
+def test_default_keeps_conditioning_patch_embed_and_final_in_full_precision():
+    recipe = Recipe.load("w8a8")
+    for role in ("embed", "adaln", "patch_embed", "final"):
+        assert recipe.plan(layer(role=role)) is None
+    assert recipe.plan(layer(role="fc2")).weights.bits == 8
+
+
+def test_overrides_by_role_and_by_name_regex():
+    recipe = Recipe.from_dict({
+        "weights": {"bits": 8},
+        "overrides": [
+            {"role": "fc2", "weights": {"bits": 4}},
+            {"name": r"blocks\.1\..*", "activations": False},
+            {"role": "final", "quantize": True},
+        ]})
+    assert recipe.plan(layer("blocks.0.ff", "fc2")).weights.bits == 4
+    assert recipe.plan(layer("blocks.0.ff", "fc2")).activations.bits == 8
+    assert recipe.plan(layer("blocks.1.attn.to_q", "qkv")).activations is None
+    assert recipe.plan(layer("blocks.0.attn.to_q", "qkv")).weights.bits == 8
+    assert recipe.plan(layer("proj_out", "final")) is not None
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_recipe_is_frozen():
+    with pytest.raises(AttributeError):
+        Recipe.load("w8a8").name = "x"
+
+
+@pytest.mark.parametrize("data, path", [
+    ({"weigths": {}}, "recipe.weigths"),
+    ({"weights": {"bitz": 4}}, "recipe.weights.bitz"),
+    ({"overrides": [{"role": "fc2"}, {"role": "qkv", "weights": {"nope": 1}}]}, "recipe.overrides[1].weights.nope"),
+    ({"weights": {"bits": 12}}, "recipe.weights.bits"),
+    ({"weights": {"granularity": "token"}}, "recipe.weights.granularity"),
+    ({"activations": {"granularity": "channel"}}, "recipe.activations.granularity"),
+    ({"weights": {"granularity": "group"}}, "recipe.weights.group_size"),
+    ({"quantize_roles": ["qkv", "mlp"]}, "recipe.quantize_roles[1]"),
+    ({"overrides": [{"weights": {"bits": 4}}]}, "recipe.overrides[0]"),
+    ({"overrides": [{"name": "blocks.(", "quantize": False}]}, "recipe.overrides[0].name"),
+    ({"overrides": [{"role": "fc9"}]}, "recipe.overrides[0].role"),
+    ({"version": 99}, "recipe.version"),
+    ({"activations": False, "overrides": [{"role": "fc2", "activations": {"symmetric": True}}]},
+     "recipe.overrides[0].activations"),
+])
+def test_bad_recipes_name_the_field(data, path):
+    with pytest.raises(RecipeError) as err:
+        Recipe.from_dict(data)
+    assert str(err.value).startswith(path), str(err.value)
+
+
+def test_unknown_key_in_a_file_names_the_file_and_key(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"name": "x", "activations": {"bits": 8, "oberver": "mse"}}))
+    with pytest.raises(RecipeError, match=r"recipe\(bad.json\)\.activations\.oberver"):
+        Recipe.load(path)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(RecipeError, match="w8a8-minmax"):
+        Recipe.load("w9a9")
