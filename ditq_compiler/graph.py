@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import networkx as nx
 import torch
@@ -131,19 +132,25 @@ def _trace_back(node: fx.Node, passthrough: set[str]) -> fx.Node:
     return node
 
 
+def _walk(start: Iterable[fx.Node], neighbours: Callable[[fx.Node], Iterable[fx.Node]],
+          stop: Callable[[fx.Node], bool]) -> list[fx.Node]:
+    """Every node reached depth-first from ``start``; nodes where ``stop`` holds are not expanded."""
+    reached, stack, seen = [], list(start), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        reached.append(node)
+        if not stop(node):
+            stack.extend(neighbours(node))
+    return reached
+
+
 def _reach_forward(node: fx.Node, passthrough: set[str]) -> list[fx.Node]:
     """Consumers reached from ``node`` through ops in ``passthrough``."""
-    out, stack, seen = [], list(node.users), set()
-    while stack:
-        user = stack.pop()
-        if user in seen:
-            continue
-        seen.add(user)
-        if op_name(user) in passthrough:
-            stack.extend(user.users)
-        else:
-            out.append(user)
-    return out
+    return [n for n in _walk(node.users, lambda n: n.users, lambda n: op_name(n) not in passthrough)
+            if op_name(n) not in passthrough]
 
 
 def _attention_operands(graph: fx.Graph) -> tuple[list[fx.Node], list[fx.Node], dict[str, str]]:
@@ -194,19 +201,9 @@ def _fc1_of(site: fx.Node) -> list[fx.Node]:
 
 def _conditioning_role(node: fx.Node, sample_dep: set[str]) -> str:
     """'embed' if the output feeds another weighted layer, 'adaln' if it modulates the sample path."""
-    feeds_layer = modulates = False
-    stack, seen = list(node.users), set()
-    while stack:
-        user = stack.pop()
-        if user in seen:
-            continue
-        seen.add(user)
-        if is_weighted(user):
-            feeds_layer = True
-        elif user.name in sample_dep:
-            modulates |= op_name(user) in ELEMENTWISE_OPS
-        else:
-            stack.extend(user.users)
+    reached = _walk(node.users, lambda n: n.users, lambda n: is_weighted(n) or n.name in sample_dep)
+    feeds_layer = any(is_weighted(n) for n in reached)
+    modulates = any(n.name in sample_dep and op_name(n) in ELEMENTWISE_OPS for n in reached)
     return "adaln" if modulates and not feeds_layer else "embed"
 
 
@@ -269,17 +266,9 @@ def analyse(gm: fx.GraphModule, sample_input: str, timestep_input: str | None = 
 
     # 5. final layer: the output is reachable without crossing another weighted layer
     output = next(n for n in graph.nodes if n.op == "output")
-    stack, seen = list(output.all_input_nodes), set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if is_weighted(n):
-            if n.name in sample_dep:
-                roles.setdefault(n.name, "final")
-            continue
-        stack.extend(n.all_input_nodes)
+    for n in _walk(output.all_input_nodes, lambda n: n.all_input_nodes, is_weighted):
+        if is_weighted(n) and n.name in sample_dep:
+            roles.setdefault(n.name, "final")
 
     # 6. the rest
     layers: dict[str, LayerInfo] = {}
