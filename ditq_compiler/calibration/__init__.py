@@ -6,5 +6,6 @@
 
 from ditq_compiler.calibration.batches import CalibrationError, as_batches
 from ditq_compiler.calibration.observe import observe_activations
+from ditq_compiler.calibration.sampler import CalibrationSet, from_sampler
 
-__all__ = ["CalibrationError", "as_batches", "observe_activations"]
+__all__ = ["CalibrationError", "CalibrationSet", "as_batches", "from_sampler", "observe_activations"]

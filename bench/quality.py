@@ -1,0 +1,133 @@
+"""Quality of quantized zoo models: FD-digits, class accuracy and noise-prediction SQNR per timestep.
+
+For one zoo model and a list of recipes: FP is sampled with two seeds (their FD difference is
+the noise floor of the measure); every recipe is compiled with a calibration set drawn from
+the FP sampler (``dq.calibration.from_sampler``, shared by all recipes) and sampled with seed 0.
+Per configuration: FD-digits of N class-conditional samples (classes 0..9 in turn) against the
+held-out digits, the classifier's accuracy on them, and the SQNR of the noise prediction
+against FP along the FP trajectory. Writes
+
+    bench/results/quality-<model>.json      all numbers and settings
+    bench/results/quality-<model>.md        the table the README quotes
+    bench/results/quality-<model>-sqnr.png  SQNR vs timestep, one line per recipe
+    bench/results/quality-<model>/<config>.png  a grid of samples per configuration
+
+    python bench/quality.py --model dit-digits [--samples 2000 --steps 100 --guidance 2.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import ditq_compiler as dq
+from ditq_compiler import quality, zoo
+from ditq_compiler.calibration import from_sampler
+from ditq_compiler.sampling import sample
+
+DEFAULT_RECIPES = ["w8a8-minmax", "w8a8", "w4a8-minmax", "w4a8", "w6a6-minmax", "w6a6"]
+
+
+def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: Path) -> dict:
+    labels = torch.arange(args.samples) % 10
+    start = time.perf_counter()
+    samples = sample(denoiser, scheduler, labels, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                     seed=seed, batch_size=args.batch_size, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    quality.save_grid(samples[:40], out_dir / f"{name}.png")
+    row = {"config": name, "seed": seed, "fd_digits": quality.fd_digits(samples),
+           "class_accuracy": quality.class_accuracy(samples, labels), "sample_seconds": round(seconds, 1)}
+    if denoiser is not fp_model:
+        steps, sqnr = quality.noise_sqnr_by_step(fp_model, denoiser, scheduler, labels[: args.sqnr_samples],
+                                                 num_inference_steps=args.steps, guidance_scale=args.guidance)
+        row.update(timesteps=steps, noise_sqnr_db=sqnr, noise_sqnr_median_db=statistics.median(sqnr))
+    return row
+
+
+def markdown(rows: list[dict], fp_gap: float, floor: float) -> str:
+    lines = ["| config | FD-digits | FD gap vs FP seed 0 | class accuracy | median noise SQNR dB |",
+             "|---|---|---|---|---|"]
+    fp_fd = rows[0]["fd_digits"]
+    for r in rows:
+        sqnr = f"{r['noise_sqnr_median_db']:.1f}" if "noise_sqnr_median_db" in r else "-"
+        lines.append(f"| {r['config']} | {r['fd_digits']:.2f} | {r['fd_digits'] - fp_fd:+.2f} | "
+                     f"{100 * r['class_accuracy']:.1f}% | {sqnr} |")
+    lines.append("")
+    lines.append(f"FP seed-to-seed FD difference (noise floor of the gap): {fp_gap:.2f}. "
+                 f"Real-vs-real FD floor (training digits vs held-out): {floor:.2f}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sqnr(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if "noise_sqnr_db" in r:
+            ax.plot(r["timesteps"], r["noise_sqnr_db"], label=r["config"])
+    ax.set_xlabel("timestep (1000 = pure noise)")
+    ax.set_ylabel("noise-prediction SQNR vs FP (dB)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="dit-digits", choices=["dit-digits", "unet-digits"])
+    parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
+    parser.add_argument("--samples", type=int, default=2000, help="samples per configuration (FD and accuracy)")
+    parser.add_argument("--steps", type=int, default=100, help="DDPM steps")
+    parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--sqnr-samples", type=int, default=50, help="trajectories for the per-step SQNR")
+    parser.add_argument("--calibration-trajectories", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+
+    model, scheduler = zoo.load(args.model), zoo.scheduler(args.model)
+    grids = args.out / f"quality-{args.model}"
+    calibration = from_sampler(model, scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                               num_trajectories=args.calibration_trajectories, seed=123, progress=not args.quiet)
+    rows = [measure("fp", model, model, scheduler, args, 0, grids),
+            measure("fp-seed1", model, model, scheduler, args, 1, grids)]
+    print(f"fp: FD {rows[0]['fd_digits']:.2f} / {rows[1]['fd_digits']:.2f}, "
+          f"accuracy {rows[0]['class_accuracy']:.3f}", flush=True)
+    for recipe in args.recipes:
+        compiled = dq.compile(model, recipe, calibration=calibration, progress=not args.quiet)
+        rows.append(measure(recipe, compiled, model, scheduler, args, 0, grids))
+        r = rows[-1]
+        print(f"{recipe}: FD {r['fd_digits']:.2f}, accuracy {r['class_accuracy']:.3f}, "
+              f"median noise SQNR {r['noise_sqnr_median_db']:.1f} dB", flush=True)
+
+    fp_gap = abs(rows[1]["fd_digits"] - rows[0]["fd_digits"])
+    floor = quality.real_fd_floor()
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result = {"model": args.model, "settings": settings, "torch": torch.__version__,
+              "fp_seed_gap": fp_gap, "real_fd_floor": floor, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", markdown(rows, fp_gap, floor))):
+        path = args.out / f"quality-{args.model}{suffix}"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    plot_sqnr(rows, args.out / f"quality-{args.model}-sqnr.png")
+    print(markdown(rows, fp_gap, floor))
+
+
+if __name__ == "__main__":
+    main()
