@@ -20,13 +20,19 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @cli.command()
 @click.option("--recipe", default="w8a8", show_default=True, help="Preset name or recipe file.")
 @click.option("--backend", type=click.Choice(["torch", "torch-int8"]), default="torch", show_default=True)
+@click.option("--samples", default=100, show_default=True, help="Digits sampled per model.")
+@click.option("--steps", default=100, show_default=True, help="DDPM steps.")
+@click.option("--grid", default="ditq-demo.png", show_default=True, help="Where to write the sample grid.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo(recipe: str, backend: str, quiet: bool) -> None:
-    """Compile a small random diffusers DiT and print its per-layer summary."""
+def demo(recipe: str, backend: str, samples: int, steps: int, grid: str, quiet: bool) -> None:
+    """Quantize the bundled dit-digits model and compare its samples with FP."""
     from ditq_compiler.demo import run_demo
 
-    compiled = run_demo(recipe, backend, progress=not quiet)
-    click.echo(compiled.summary())
+    result = run_demo(recipe, backend, samples=samples, steps=steps, grid=grid, progress=not quiet)
+    click.echo(result.compiled.summary())
+    click.echo("")
+    click.echo(result.quality_table)
+    click.echo(f"\nsamples (FP rows on top, {recipe} below): {result.grid}")
 
 
 @cli.command()

@@ -6,11 +6,17 @@ from click.testing import CliRunner
 from ditq_compiler.cli import cli
 
 
-def test_demo_prints_summary():
-    result = CliRunner().invoke(cli, ["demo", "--quiet"])
+def test_demo_quantizes_dit_digits_and_writes_the_grid(tmp_path):
+    grid = tmp_path / "demo.png"
+    result = CliRunner().invoke(cli, ["demo", "--quiet", "--samples", "20", "--steps", "10", "--grid", str(grid)])
     assert result.exit_code == 0, result.output
-    assert "12 of 23 linear/conv layers quantized" in result.output
-    assert "transformer_blocks.1.ff.net.2" in result.output
+    assert "DiTTransformer2DModel compiled with recipe 'w8a8'" in result.output
+    assert "36 of 59 linear/conv layers quantized" in result.output  # 6 blocks x (q, k, v, out, fc1, fc2)
+    assert "transformer_blocks.5.ff.net.2" in result.output
+    assert "FD-digits (20 samples)" in result.output and "w8a8" in result.output.split("FD-digits")[1]
+    from PIL import Image
+
+    assert Image.open(grid).size == (10 * 9 * 4, 4 * 9 * 4)  # 40 digits: 20 FP, 20 quantized
 
 
 def test_recipes_lists_presets():

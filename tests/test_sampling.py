@@ -150,7 +150,9 @@ def test_batch_size_chunks_the_calls_and_keeps_ddim_results(dit, scheduler):
     chunked = sample(log, scheduler, labels, num_inference_steps=5, method="ddim", guidance_scale=2.0,
                      shape=DIT_SHAPE, seed=7, batch_size=2, progress=False)
     assert [len(x) for x, _, _ in log.calls] == [4] * 5 + [4] * 5 + [2] * 5
-    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    # GEMM blocking depends on the batch size, so results agree to float rounding
+    # amplified over 5 steps (seen up to 1.02e-5 on CI), not bit for bit.
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=0)
 
 
 def test_compiled_model_as_denoiser(dit, scheduler):

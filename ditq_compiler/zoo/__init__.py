@@ -40,7 +40,8 @@ def load(name: str) -> torch.nn.Module:
         model = build_model(name)
         model.load_state_dict(load_file(path / "model.safetensors"))
         return model.eval()
-    return spec.diffusers_class().from_pretrained(path, local_files_only=True).eval()
+    # low_cpu_mem_usage=False: the default wants `accelerate` and warns without it; these models are small
+    return spec.diffusers_class().from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False).eval()
 
 
 def scheduler(name: str):
