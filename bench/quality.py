@@ -29,6 +29,7 @@ import ditq_compiler as dq
 from ditq_compiler import quality, zoo
 from ditq_compiler.calibration import from_sampler
 from ditq_compiler.sampling import sample
+from ditq_compiler.zoo.data import digits
 
 DEFAULT_RECIPES = ["w8a8-minmax", "w8a8", "w4a8-minmax", "w4a8", "w6a6-minmax", "w6a6"]
 
@@ -49,7 +50,7 @@ def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: 
     return row
 
 
-def markdown(rows: list[dict], fp_gap: float, floor: float) -> str:
+def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int) -> str:
     lines = ["| config | FD-digits | FD gap vs FP seed 0 | class accuracy | median noise SQNR dB |",
              "|---|---|---|---|---|"]
     fp_fd = rows[0]["fd_digits"]
@@ -59,7 +60,7 @@ def markdown(rows: list[dict], fp_gap: float, floor: float) -> str:
                      f"{100 * r['class_accuracy']:.1f}% | {sqnr} |")
     lines.append("")
     lines.append(f"FP seed-to-seed FD difference (noise floor of the gap): {fp_gap:.2f}. "
-                 f"Real-vs-real FD floor (training digits vs held-out): {floor:.2f}.")
+                 f"Real-vs-real FD floor ({floor_images} training digits vs the held-out set): {floor:.2f}.")
     return "\n".join(lines) + "\n"
 
 
@@ -96,15 +97,23 @@ def main() -> None:
     parser.add_argument("--sqnr-samples", type=int, default=50, help="trajectories for the per-step SQNR")
     parser.add_argument("--calibration-trajectories", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
+    for recipe in args.recipes:  # a typo fails now, not after an hour of FP sampling
+        dq.Recipe.load(recipe)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, scheduler = zoo.load(args.model), zoo.scheduler(args.model)
     grids = args.out / f"quality-{args.model}"
     calibration = from_sampler(model, scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                               num_trajectories=args.calibration_trajectories, seed=123, progress=not args.quiet)
-    rows = [measure("fp", model, model, scheduler, args, 0, grids),
-            measure("fp-seed1", model, model, scheduler, args, 1, grids)]
+                               num_trajectories=args.calibration_trajectories, steps=min(25, args.steps), seed=123,
+                               progress=not args.quiet)
+    rows = [measure("fp", model, model, scheduler, args, 0, grids)]
+    write_results(rows, args, final=False)
+    rows.append(measure("fp-seed1", model, model, scheduler, args, 1, grids))
+    write_results(rows, args, final=False)
     print(f"fp: FD {rows[0]['fd_digits']:.2f} / {rows[1]['fd_digits']:.2f}, "
           f"accuracy {rows[0]['class_accuracy']:.3f}", flush=True)
     for recipe in args.recipes:
@@ -113,21 +122,29 @@ def main() -> None:
         r = rows[-1]
         print(f"{recipe}: FD {r['fd_digits']:.2f}, accuracy {r['class_accuracy']:.3f}, "
               f"median noise SQNR {r['noise_sqnr_median_db']:.1f} dB", flush=True)
+        write_results(rows, args, final=False)
 
-    fp_gap = abs(rows[1]["fd_digits"] - rows[0]["fd_digits"])
-    floor = quality.real_fd_floor()
+    write_results(rows, args, final=True)
+    print((args.out / f"quality-{args.model}.md").read_text())
+
+
+def write_results(rows: list[dict], args, final: bool) -> None:
+    """Atomically (re)write the JSON and table; called after every configuration so nothing is lost."""
+    fp_gap = abs(rows[1]["fd_digits"] - rows[0]["fd_digits"]) if len(rows) > 1 else float("nan")
+    floor = quality.real_fd_floor(args.samples)
+    floor_images = min(args.samples, len(digits("train")[0]))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    result = {"model": args.model, "settings": settings, "torch": torch.__version__,
-              "fp_seed_gap": fp_gap, "real_fd_floor": floor, "rows": rows}
+    result = {"model": args.model, "settings": settings, "torch": torch.__version__, "complete": final,
+              "fp_seed_gap": fp_gap, "real_fd_floor": floor,
+              "real_fd_floor_images": floor_images, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", markdown(rows, fp_gap, floor))):
+    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", markdown(rows, fp_gap, floor, floor_images))):
         path = args.out / f"quality-{args.model}{suffix}"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
-    plot_sqnr(rows, args.out / f"quality-{args.model}-sqnr.png")
-    print(markdown(rows, fp_gap, floor))
-
+    if final:
+        plot_sqnr(rows, args.out / f"quality-{args.model}-sqnr.png")
 
 if __name__ == "__main__":
     main()

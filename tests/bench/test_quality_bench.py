@@ -1,0 +1,45 @@
+"""The quality benchmark end to end at smoke size: the numbers are meaningless, the plumbing is not."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quality_bench_writes_json_table_plot_and_grids(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "bench/quality.py", "--samples", "20", "--steps", "5", "--recipes", "w8a8-minmax",
+         "--sqnr-samples", "4", "--calibration-trajectories", "4", "--batch-size", "10", "--threads", "1",
+         "--out", str(tmp_path), "--quiet"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "quality-dit-digits.json").read_text())
+    assert result["complete"] is True and result["settings"]["steps"] == 5
+    assert [r["config"] for r in result["rows"]] == ["fp", "fp-seed1", "w8a8-minmax"]
+    assert [r["seed"] for r in result["rows"]] == [0, 1, 0]
+    quantized = result["rows"][2]
+    assert len(quantized["timesteps"]) == len(quantized["noise_sqnr_db"]) == 5
+    assert quantized["timesteps"] == sorted(quantized["timesteps"], reverse=True)
+    assert 10 < quantized["noise_sqnr_median_db"] < 80  # W8A8 on a trained DiT: far from 0 dB and from exact
+    for row in result["rows"]:
+        assert 0.0 <= row["class_accuracy"] <= 1.0 and row["fd_digits"] > 0
+    assert result["fp_seed_gap"] == pytest.approx(abs(result["rows"][1]["fd_digits"] - result["rows"][0]["fd_digits"]))
+    table = (tmp_path / "quality-dit-digits.md").read_text()
+    assert "| w8a8-minmax |" in table and "Real-vs-real FD floor (20 training digits" in table
+    assert (tmp_path / "quality-dit-digits-sqnr.png").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "quality-dit-digits").iterdir()) == [
+        "fp-seed1.png", "fp.png", "w8a8-minmax.png"]
+
+
+def test_quality_bench_rejects_unknown_recipe_before_sampling(tmp_path):
+    done = subprocess.run([sys.executable, "bench/quality.py", "--recipes", "w9a9", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "unknown recipe 'w9a9'" in done.stderr
+    assert not any(tmp_path.iterdir())
