@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -12,6 +13,8 @@ from torch import fx
 
 from ditq_compiler.annotate import LayerAnnotation, annotate
 from ditq_compiler.calibration import as_batches, observe_activations
+from ditq_compiler.calibration.channel_stats import plan_transforms
+from ditq_compiler.calibration.reconstruct import apply_factors, reconstruct
 from ditq_compiler.capture import CapturedModel, capture
 from ditq_compiler.graph import analyse
 from ditq_compiler.pipeline import PassPipeline
@@ -26,13 +29,15 @@ class CompiledModel(torch.nn.Module):
     """A quantized denoiser: call it like the original model."""
 
     def __init__(self, graph_module: fx.GraphModule, captured: CapturedModel, recipe: Recipe,
-                 layers: list[LayerReport], output_sqnr_db: float | None, backend: str):
+                 layers: list[LayerReport], output_sqnr_db: float | None, backend: str,
+                 stage_seconds: dict[str, float] | None = None):
         super().__init__()
         self.graph_module = graph_module
         self.recipe = recipe
         self.layers = layers
         self.output_sqnr_db = output_sqnr_db
         self.backend = backend
+        self.stage_seconds = dict(stage_seconds or {})
         self._captured = captured
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -45,6 +50,8 @@ class CompiledModel(torch.nn.Module):
         head = (f"{self._captured.model_class} compiled with recipe '{self.recipe.name}' "
                 f"(backend {self.backend}): {quantized} of {total} linear/conv layers quantized; "
                 f"output SQNR vs FP on the calibration data: {sqnr}")
+        if self.stage_seconds:
+            head += "\nstages: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
         return head + "\n" + summary_table(self.layers)
 
     def _captured_layers(self):
@@ -67,21 +74,63 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    clock = _StageClock()
     batches = as_batches(calibration)
     captured = capture(model, example_inputs if example_inputs is not None else (batches[0] if batches else None))
-    analysis = analyse(captured.graph_module, captured.sample_input, captured.timestep_input)
-    annotations = annotate(captured.graph_module, analysis, recipe)
+    gm = captured.graph_module
+    analysis = analyse(gm, captured.sample_input, captured.timestep_input)
+    annotations = annotate(gm, analysis, recipe)
     flat_batches = [_flat(captured.bind(args, kwargs)) for args, kwargs in batches]
-    act_qparams = observe_activations(captured.graph_module, annotations, flat_batches, progress)
-    float_graph = _copy_graph(captured.graph_module)
-    quantized = PassPipeline([QuantizeLinears(act_qparams)], debug=debug)(captured.graph_module).graph_module
+    clock.lap("capture")
+    transforms = plan_transforms(gm, annotations, recipe, flat_batches, _timestep_index(captured), progress)
+    if transforms:
+        gm = PassPipeline(transforms, debug=debug)(gm).graph_module
+    act_qparams = observe_activations(gm, annotations, flat_batches, progress)
+    clock.lap("calibration")
+    weight_codes = None
+    if recipe.reconstruction is not None:
+        learned = reconstruct(gm, annotations, act_qparams, flat_batches, recipe.reconstruction, progress)
+        apply_factors(gm, learned.factors)
+        act_qparams, weight_codes = {**act_qparams, **learned.activations}, learned.weights
+        clock.lap("reconstruction")
+    float_graph = _copy_graph(gm)
+    quantized = PassPipeline([QuantizeLinears(act_qparams, weight_codes)], debug=debug)(gm).graph_module
     reports = layer_reports(quantized, annotations)
     lowered, kernels = _lower(quantized, backend)
+    clock.lap("rewrite")
     layer_sqnr, output_sqnr = measure(float_graph, lowered, flat_batches) if flat_batches else ({}, None)
+    clock.lap("measure")
     for report, source in zip(reports, annotations, strict=True):
         report.kernel = kernels.get(source, "reference")
         report.sqnr_db = layer_sqnr.get(source)
-    return CompiledModel(lowered, captured, recipe, reports, output_sqnr, backend)
+        report.transforms = _transforms_of(float_graph, source)
+    return CompiledModel(lowered, captured, recipe, reports, output_sqnr, backend, clock.seconds)
+
+
+class _StageClock:
+    """Wall time of each compile stage, for the summary."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+
+def _timestep_index(captured: CapturedModel) -> int | None:
+    names = [n.name for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
+    return names.index(captured.timestep_input) if captured.timestep_input in names else None
+
+
+def _transforms_of(gm: fx.GraphModule, node_name: str) -> str:
+    node = next(n for n in gm.graph.nodes if n.name == node_name)
+    affine = node.args[0]
+    if not (isinstance(affine, fx.Node) and affine.meta.get("ditq_shift")):
+        return ""
+    return "shift+migrate" if affine.target is torch.ops.aten.addcmul.default else "shift"
 
 
 def _lower(gm: fx.GraphModule, backend: str) -> tuple[fx.GraphModule, dict[str, str]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from torch import fx
+from torch import Tensor, fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 Pass = Callable[[fx.GraphModule], PassResult]
@@ -43,6 +43,22 @@ def fetch_attr(gm: fx.GraphModule, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def register_constant(gm: fx.GraphModule, name: str, value: Tensor, anchor: fx.Node) -> fx.Node:
+    """Add ``value`` as buffer ``name`` of ``gm`` and a get_attr node for it just before ``anchor``."""
+    gm.register_buffer(name, value)
+    with gm.graph.inserting_before(anchor):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
+
+
+def copy_location(new: fx.Node, like: fx.Node) -> None:
+    """Give an inserted node the module location of the layer it serves (for names and block grouping)."""
+    for key in ("nn_module_stack", "stack_trace", "ditq_timestep_dependent"):
+        if key in like.meta:
+            new.meta[key] = like.meta[key]
 
 
 class PassPipeline:

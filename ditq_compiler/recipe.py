@@ -9,12 +9,18 @@ and impossible combinations are errors that name the field path, e.g.
 By default embedders, adaLN modulation, the patch embedding and the final layer stay in
 full precision, as in the DiT quantization papers; a recipe can list them in
 ``quantize_roles`` or in an override to quantize them.
+
+Optional method sections (version 2) switch on TaQ-DiT's transformations and calibration:
+``shift`` (momentum-based shifting folded into the bias), ``migration`` (outlier channels
+migrated into the weights; needs ``shift``) and ``reconstruction`` (block-wise AdaRound + LSQ,
+joint with QDrop or separate). Their fields and defaults are the dataclasses below.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,7 +32,7 @@ import yaml
 from ditq_compiler.graph import ROLES, LayerInfo
 from ditq_compiler.quant import QuantSpec
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 DEFAULT_QUANTIZED_ROLES = ("qkv", "attn_out", "fc1", "fc2", "conv", "linear")
 
 
@@ -132,6 +138,91 @@ def _override(data: Any, path: str, recipe_weights: QuantSpec, recipe_acts: Quan
                     weights=weights, activations=acts)
 
 
+def _number(value: Any, path: str, lo: float, hi: float, integer: bool = False, open_lo: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if open_lo else value >= lo) and value <= hi and (not integer or isinstance(value, int))
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        raise RecipeError(f"{path}: expected {kind} in {'(' if open_lo else '['}{lo}, {hi}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class ShiftSpec:
+    """TaQ-DiT momentum-based shifting (Eqs. 5-8): a per-channel shift ``d`` of a linear's input.
+
+    ``statistic``: "mean" (the paper, Eq. 6) or "midrange", (min + max) / 2 (the authors' code).
+    ``sites``: "post_gelu" (inputs of fc2) or "all" (every quantized linear with a static input
+    quantizer). ``momentum``: m in d <- m d + (1 - m) d_t over timesteps in sampling order.
+    """
+
+    statistic: str = "mean"
+    momentum: float = 0.95
+    sites: str = "post_gelu"
+
+
+@dataclass(frozen=True)
+class MigrationSpec:
+    """TaQ-DiT reconstruction-driven migration (Eqs. 9-10): the top ``top_k`` fraction of input
+    channels by range (after the shift) are divided by factors folded into the weight columns."""
+
+    top_k: float = 0.02
+
+
+@dataclass(frozen=True)
+class ReconstructionSpec:
+    """Block-wise reconstruction (TaQ-DiT Eq. 4): AdaRound weights, LSQ activation scales, factors.
+
+    ``mode``: "joint" (weights, activation scales and migration factors together, with QDrop) or
+    "separate" (weights first with float activations, then activation scales; the paper's
+    baseline). Defaults from the paper and the BRECQ/QDrop code it builds on, except
+    ``iterations`` (paper: 20000; chosen for the CPU budget, see the README's trade-off table)
+    and ``factor_lr`` (the paper does not give one).
+    """
+
+    mode: str = "joint"
+    iterations: int = 1000
+    batch_size: int = 32
+    round_loss_weight: float = 0.01
+    b_start: float = 20.0
+    b_end: float = 2.0
+    warmup: float = 0.2
+    weight_lr: float = 1e-3
+    act_lr: float = 4e-5
+    factor_lr: float = 1e-3
+    drop_prob: float = 0.5
+    seed: int = 0
+
+
+def _method_spec(cls, data: Any, path: str):
+    if data is None or data is False:
+        return None
+    if data is True:
+        data = {}
+    _check_keys(data, {f.name for f in dataclasses.fields(cls)}, path)
+    spec = cls(**data)
+    if cls is ShiftSpec:
+        if spec.statistic not in ("mean", "midrange"):
+            raise RecipeError(f"{path}.statistic: expected 'mean' or 'midrange', got {spec.statistic!r}")
+        if spec.sites not in ("post_gelu", "all"):
+            raise RecipeError(f"{path}.sites: expected 'post_gelu' or 'all', got {spec.sites!r}")
+        _number(spec.momentum, f"{path}.momentum", 0.0, 1.0)
+    elif cls is MigrationSpec:
+        _number(spec.top_k, f"{path}.top_k", 0.0, 1.0, open_lo=True)
+    else:
+        if spec.mode not in ("joint", "separate"):
+            raise RecipeError(f"{path}.mode: expected 'joint' or 'separate', got {spec.mode!r}")
+        _number(spec.iterations, f"{path}.iterations", 0, 10**7, integer=True)
+        _number(spec.batch_size, f"{path}.batch_size", 1, 10**6, integer=True)
+        _number(spec.seed, f"{path}.seed", 0, 2**63 - 1, integer=True)
+        _number(spec.warmup, f"{path}.warmup", 0.0, 1.0)
+        _number(spec.drop_prob, f"{path}.drop_prob", 0.0, 1.0)
+        for name in ("round_loss_weight", "weight_lr", "act_lr", "factor_lr"):
+            _number(getattr(spec, name), f"{path}.{name}", 0.0, 1e3)
+        for name in ("b_start", "b_end"):
+            _number(getattr(spec, name), f"{path}.{name}", 0.0, 1e3, open_lo=True)
+    return spec
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """What the recipe decided for one layer."""
@@ -148,6 +239,9 @@ class Recipe:
     activations: QuantSpec | None = field(default_factory=lambda: QuantSpec(8, False, "tensor", axis=-1))
     quantize_roles: tuple[str, ...] = DEFAULT_QUANTIZED_ROLES
     overrides: tuple[Override, ...] = ()
+    shift: ShiftSpec | None = None
+    migration: MigrationSpec | None = None
+    reconstruction: ReconstructionSpec | None = None
     version: int = RECIPE_VERSION
 
     # ---- construction -------------------------------------------------------------------
@@ -174,9 +268,18 @@ class Recipe:
         for key in ("name", "description"):
             if key in data and not isinstance(data[key], str):
                 raise RecipeError(f"{path}.{key}: expected a string, got {data[key]!r}")
+        shift = _method_spec(ShiftSpec, data.get("shift"), f"{path}.shift")
+        migration = _method_spec(MigrationSpec, data.get("migration"), f"{path}.migration")
+        reconstruction = _method_spec(ReconstructionSpec, data.get("reconstruction"), f"{path}.reconstruction")
+        if migration is not None and shift is None:
+            raise RecipeError(f"{path}.migration: outlier migration runs on shifted activations; add a 'shift' "
+                              "section")
+        if (shift is not None or reconstruction is not None) and acts is None:
+            section = "shift" if shift is not None else "reconstruction"
+            raise RecipeError(f"{path}.{section}: needs quantized activations (activations is false)")
         return cls(name=data.get("name", "custom"), description=data.get("description", ""),
                    weights=weights, activations=acts, quantize_roles=roles, overrides=overrides,
-                   version=version)
+                   shift=shift, migration=migration, reconstruction=reconstruction, version=version)
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> Recipe:
@@ -213,6 +316,8 @@ class Recipe:
             "activations": self.activations.to_dict() if self.activations else False,
             "quantize_roles": list(self.quantize_roles),
             "overrides": [o.to_dict() for o in self.overrides],
+            **{key: dataclasses.asdict(getattr(self, key)) for key in ("shift", "migration", "reconstruction")
+               if getattr(self, key) is not None},
         }
 
     def save(self, path: str | Path) -> Path:

@@ -33,6 +33,7 @@ class LayerReport:
     activation_scale: float | None
     sqnr_db: float | None = None
     kernel: str = "reference"
+    transforms: str = ""          # "shift" / "shift+migrate" in front of the layer (TaQ-DiT)
 
 
 class _Energy:
@@ -126,5 +127,8 @@ def summary_table(reports: list[LayerReport]) -> str:
              "dynamic" if r.activation_scale is None and r.activations != "fp32" else
              ("-" if r.activation_scale is None else f"{r.activation_scale:.2e}"),
              "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}", r.kernel] for r in reports]
-    return format_table(rows, ["layer", "role", "weights", "activations", "w scale", "a scale", "SQNR dB",
-                               "kernel"])
+    header = ["layer", "role", "weights", "activations", "w scale", "a scale", "SQNR dB", "kernel"]
+    if any(r.transforms for r in reports):
+        rows = [row + [r.transforms or "-"] for row, r in zip(rows, reports, strict=True)]
+        header.append("transforms")
+    return format_table(rows, header)

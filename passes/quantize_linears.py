@@ -24,16 +24,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 import ditq_compiler.ops  # noqa: F401  (registers the ditq:: ops)
 from ditq_compiler.annotate import LayerAnnotation
-from ditq_compiler.pipeline import fetch_attr
+from ditq_compiler.pipeline import fetch_attr, register_constant
 from ditq_compiler.quant import quantize, weight_qparams
-
-
-def _register(gm: fx.GraphModule, name: str, value: Tensor, anchor: fx.Node) -> fx.Node:
-    gm.register_buffer(name, value)
-    with gm.graph.inserting_before(anchor):
-        node = gm.graph.get_attr(name)
-    node.meta["val"] = value
-    return node
 
 
 def _delete_unused_attrs(gm: fx.GraphModule) -> None:
@@ -48,12 +40,18 @@ def _delete_unused_attrs(gm: fx.GraphModule) -> None:
 
 
 class QuantizeLinears:
-    """The pass; ``activation_qparams`` maps node name -> calibrated (scale, zero_point)."""
+    """The pass; ``activation_qparams`` maps node name -> calibrated (scale, zero_point).
+
+    ``weight_codes`` (node name -> codes, scale, zero_point) replaces the observer's rounding for
+    the layers it names, e.g. with the learned rounding of reconstruction.
+    """
 
     __name__ = "quantize_linears"
 
-    def __init__(self, activation_qparams: Mapping[str, tuple[Tensor, Tensor]]):
+    def __init__(self, activation_qparams: Mapping[str, tuple[Tensor, Tensor]],
+                 weight_codes: Mapping[str, tuple[Tensor, Tensor, Tensor]] | None = None):
         self.activation_qparams = activation_qparams
+        self.weight_codes = weight_codes or {}
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         modified = False
@@ -72,14 +70,17 @@ class QuantizeLinears:
 
     def _rewrite(self, gm: fx.GraphModule, node: fx.Node, annotation: LayerAnnotation) -> None:
         x, weight_node, bias_node = (list(node.args) + [None, None])[:3]
-        weight = fetch_attr(gm, weight_node.target).detach()
-        w_scale, w_zero_point = weight_qparams(weight, annotation.weights)
-        codes = quantize(weight, w_scale, w_zero_point, annotation.weights)
+        if node.name in self.weight_codes:
+            codes, w_scale, w_zero_point = self.weight_codes[node.name]
+        else:
+            weight = fetch_attr(gm, weight_node.target).detach()
+            w_scale, w_zero_point = weight_qparams(weight, annotation.weights)
+            codes = quantize(weight, w_scale, w_zero_point, annotation.weights)
         prefix = f"ditq_{node.name}"
         args = [x,
-                _register(gm, f"{prefix}_w_codes", codes, node),
-                _register(gm, f"{prefix}_w_scale", w_scale, node),
-                _register(gm, f"{prefix}_w_zero_point", w_zero_point, node),
+                register_constant(gm, f"{prefix}_w_codes", codes, node),
+                register_constant(gm, f"{prefix}_w_scale", w_scale, node),
+                register_constant(gm, f"{prefix}_w_zero_point", w_zero_point, node),
                 bias_node]
         acts = annotation.activations
         if acts is None:
@@ -91,8 +92,8 @@ class QuantizeLinears:
                 raise KeyError(f"layer '{annotation.name}' (node {node.name}) quantizes its input "
                                "activation but has no calibrated activation parameters")
             a_scale, a_zero_point = self.activation_qparams[node.name]
-            args += [_register(gm, f"{prefix}_a_scale", a_scale.reshape(()), node),
-                     _register(gm, f"{prefix}_a_zero_point", a_zero_point.reshape(()), node),
+            args += [register_constant(gm, f"{prefix}_a_scale", a_scale.reshape(()), node),
+                     register_constant(gm, f"{prefix}_a_zero_point", a_zero_point.reshape(()), node),
                      acts.bits, False]
         if node.target is torch.ops.aten.linear.default:
             target = torch.ops.ditq.quant_linear.default

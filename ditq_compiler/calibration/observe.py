@@ -8,7 +8,7 @@ node that produces NaN or Inf stops calibration with its name, module and batch 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, fx
@@ -17,19 +17,20 @@ from tqdm.auto import tqdm
 from ditq_compiler.annotate import LayerAnnotation
 from ditq_compiler.calibration.batches import Batch, CalibrationError
 from ditq_compiler.graph import module_path
-from ditq_compiler.quant import Observer, make_observer
+from ditq_compiler.quant import make_observer
 
 
-class _ObservingInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, observers: Mapping[str, Observer], batch_index: int):
+class InputObservingInterpreter(fx.Interpreter):
+    """Runs the graph, handing the first input of each node in ``on_input`` to its callback."""
+
+    def __init__(self, gm: fx.GraphModule, on_input: Mapping[str, Callable[[Tensor], None]], batch_index: int):
         super().__init__(gm)
-        self.observers = observers
+        self.on_input = on_input
         self.batch_index = batch_index
 
     def run_node(self, node: fx.Node) -> Any:
-        if node.name in self.observers:
-            x = self.env[node.args[0]]
-            self.observers[node.name].update(x)
+        if node.name in self.on_input:
+            self.on_input[node.name](self.env[node.args[0]])
         out = super().run_node(node)
         if isinstance(out, Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
             bad = int((~torch.isfinite(out)).sum())
@@ -53,8 +54,8 @@ def observe_activations(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnot
     observers = {name: make_observer(a.activations) for name, a in static.items()}
     with torch.no_grad():
         for i, flat in enumerate(tqdm(batches, desc="calibrate", unit="batch", disable=not progress)):
-            _ObservingInterpreter(gm, observers, i).run(*flat)
+            InputObservingInterpreter(gm, {name: obs.update for name, obs in observers.items()}, i).run(*flat)
     return {name: obs.compute() for name, obs in observers.items()}
 
 
-__all__ = ["Batch", "observe_activations"]
+__all__ = ["Batch", "InputObservingInterpreter", "observe_activations"]

@@ -1,0 +1,135 @@
+"""A quantized layer with learnable rounding, activation scale and migration factors.
+
+Used by block reconstruction (``reconstruct.py``) in place of one ``aten.linear``/``conv2d``.
+
+Weights, AdaRound (Nagel et al. 2020, as in BRECQ / QDrop): with the weight scale ``s`` and zero
+point ``z`` fixed from the recipe's observer,
+
+    h(V)   = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)          zeta = 1.1, gamma = -0.1
+    W_soft = (clamp(floor(W / s) + h(V) + z, qmin, qmax) - z) s       while learning
+    W_hard = same with h replaced by [V >= 0]                          after learning
+    round loss = sum(1 - |2 h(V) - 1|^b)                               b annealed 20 -> 2
+
+``V`` starts so that ``h(V) = W/s - floor(W/s)`` (W_soft == W inside the range).
+
+Activations, LSQ (Esser et al. 2020): the static input quantizer's scale ``s_a`` is a parameter;
+``fake_quantize`` passes gradients to it. QDrop (Wei et al. 2022): while learning, each element
+keeps its float value with probability ``drop_prob`` instead of the quantized one.
+
+TaQ-DiT migration: for a layer behind a shift/migration affine, the layer takes the raw input
+``x`` and computes ``(x - d) / a`` itself, with weight ``W0 diag(a)``; ``a`` is a parameter
+(the gradient reaches it through both sides: ``floor`` passes gradients straight through).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ditq_compiler.quant import (
+    QuantSpec,
+    broadcast_qparams,
+    fake_quantize,
+    fake_quantize_per_token,
+    weight_qparams,
+)
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+def floor_ste(v: Tensor) -> Tensor:
+    return v + (v.floor() - v).detach()
+
+
+def rectified_sigmoid(v: Tensor) -> Tensor:
+    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+class ReconLayer(nn.Module):
+    """One layer under reconstruction. Modes: ``weight_mode`` fp | soft | hard; ``act_quant`` on/off."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, weight_spec: QuantSpec, act_spec: QuantSpec | None,
+                 act_qparams: tuple[Tensor, Tensor] | None, conv_args: tuple | None = None,
+                 shift: Tensor | None = None, factors: Tensor | None = None):
+        super().__init__()
+        self.weight_spec, self.act_spec, self.conv_args = weight_spec, act_spec, conv_args
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("shift", None if shift is None else shift.detach().clone())
+        if factors is not None:
+            self.factors = nn.Parameter(factors.detach().clone())
+            base = weight.detach() / self._column(factors.detach())
+        else:
+            self.factors = None
+            base = weight.detach()
+        self.register_buffer("base_weight", base.clone())
+        w = self.effective_weight().detach()
+        scale, zero_point = weight_qparams(w, weight_spec)
+        self.register_buffer("w_scale", scale)
+        self.register_buffer("w_zero_point", zero_point)
+        s, _ = broadcast_qparams(w, scale, zero_point, weight_spec)
+        rest = (w / s - (w / s).floor()).clamp(1e-4, 1 - 1e-4)
+        self.rounding = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        static = act_spec is not None and act_spec.granularity != "token"
+        if static and act_qparams is None:
+            raise ValueError("a layer with a static activation quantizer needs its calibrated (scale, zero_point)")
+        self.act_scale = nn.Parameter(act_qparams[0].detach().clone().reshape(())) if static else None
+        self.register_buffer("act_zero_point", act_qparams[1].detach().clone().reshape(()) if static else None)
+        self.weight_mode, self.act_quant, self.drop_prob = "fp", False, 0.0
+
+    @staticmethod
+    def _column(factors: Tensor) -> Tensor:
+        return factors.reshape(1, -1)  # migration is defined for linears: (out, in) weights
+
+    def effective_weight(self) -> Tensor:
+        return self.base_weight if self.factors is None else self.base_weight * self._column(self.factors)
+
+    def soft_rounding(self) -> Tensor:
+        return rectified_sigmoid(self.rounding)
+
+    def round_loss(self, b: float) -> Tensor:
+        return (1 - (2 * self.soft_rounding() - 1).abs().pow(b)).sum()
+
+    def quantized_weight(self) -> Tensor:
+        w = self.effective_weight()
+        if self.weight_mode == "fp":
+            return w
+        spec = self.weight_spec
+        s, z = broadcast_qparams(w, self.w_scale, self.w_zero_point, spec)
+        s, z = s.to(w.dtype), z.to(w.dtype)
+        up = self.soft_rounding() if self.weight_mode == "soft" else (self.rounding >= 0).to(w.dtype)
+        q = torch.clamp(floor_ste(w / s) + up + z, spec.qmin, spec.qmax)
+        return (q - z) * s
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        if self.shift is not None:
+            x = x - self.shift if self.factors is None else (x - self.shift) / self.factors
+        if not self.act_quant or self.act_spec is None:
+            return x
+        if self.act_scale is None:
+            xq = fake_quantize_per_token(x, self.act_spec)
+        else:
+            xq = fake_quantize(x, self.act_scale.abs() + 1e-12, self.act_zero_point, self.act_spec)
+        if self.training and self.drop_prob > 0:
+            xq = torch.where(torch.rand_like(x) < self.drop_prob, x, xq)
+        return xq
+
+    def forward(self, x: Tensor) -> Tensor:
+        xq, w = self.quantized_input(x), self.quantized_weight()
+        if self.conv_args is None:
+            return F.linear(xq, w, self.bias)
+        return F.conv2d(xq, w, self.bias, *self.conv_args)
+
+    def weight_codes(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Integer codes of the learned (hard) rounding, with the weight's scale and zero point."""
+        with torch.no_grad():
+            w = self.effective_weight()
+            s, z = broadcast_qparams(w, self.w_scale, self.w_zero_point, self.weight_spec)
+            q = torch.clamp((w / s).floor() + (self.rounding >= 0).to(w.dtype) + z,
+                            self.weight_spec.qmin, self.weight_spec.qmax)
+        return q.to(torch.int8), self.w_scale.clone(), self.w_zero_point.clone()
+
+    def activation_qparams(self) -> tuple[Tensor, Tensor] | None:
+        if self.act_scale is None:
+            return None
+        return self.act_scale.detach().abs().clone() + 1e-12, self.act_zero_point.clone()

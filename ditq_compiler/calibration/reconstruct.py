@@ -1,0 +1,359 @@
+"""Block-wise reconstruction of quantization parameters (TaQ-DiT Eq. 4, on BRECQ / QDrop).
+
+The float graph is copied and every layer the recipe quantizes becomes a ``ReconLayer``
+(learnable rounding ``V``, activation scale ``s_a``, migration factors ``a``; see
+``recon_layer.py``). Layers are grouped into units: a DiT block (the module path up to its
+first numeric component, e.g. ``transformer_blocks.3``), or a single layer outside any block.
+Units are reconstructed in graph order. For unit ``u``:
+
+    inputs   x_q : the unit's inputs in the model whose earlier units are already quantized
+             x_fp: the same inputs in the float model;   target y = unit_fp(x_fp)
+    joint    minimise  ||unit_q(x~) - y||^2 + lambda * sum_layers round_loss(V; b)
+             over V, s_a and a together (Adam; s_a with lr 4e-5 and cosine decay), with QDrop:
+             x~ mixes x_q and x_fp elementwise with probability drop_prob, and inside the unit
+             each quantized activation keeps its float value with probability drop_prob
+    separate first V with float activations over all units, then s_a (and a) with the weights
+             fixed to their learned rounding: the baseline of TaQ-DiT Table I / IV
+
+``||.||^2`` sums over the last dimension and averages over the rest (BRECQ's ``lp_loss``).
+The round loss is off for the first ``warmup`` fraction of iterations, then ``b`` falls
+linearly from ``b_start`` to ``b_end``. The unit is cut out of the graph as its own
+GraphModule (its inputs: every value it reads from outside, shape-only inputs such as the
+batch size are recomputed inside), so an iteration runs the unit only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, fx
+from tqdm.auto import tqdm
+
+from ditq_compiler.annotate import LayerAnnotation
+from ditq_compiler.calibration.recon_layer import ReconLayer
+from ditq_compiler.graph import module_path
+from ditq_compiler.pipeline import fetch_attr, register_constant
+from ditq_compiler.recipe import ReconstructionSpec
+
+_BLOCK = re.compile(r"^(.*?\.\d+)(\.|#|$)")
+
+
+@dataclass
+class ReconstructionResult:
+    weights: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)   # node -> codes, s, z
+    activations: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)       # node -> s_a, z_a
+    factors: dict[str, Tensor] = field(default_factory=dict)                          # node -> a
+    losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # phase:unit -> loss before, after
+
+
+def unit_of(layer_name: str) -> str:
+    """The reconstruction unit of a layer: its block (``transformer_blocks.3``) or the layer itself."""
+    match = _BLOCK.match(layer_name)
+    return match.group(1) if match else layer_name
+
+
+def _channel_affine(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Tensor | None, Tensor | None, fx.Node | None]:
+    """(raw input, shift, factors, affine node) of the shift/migration in front of a layer."""
+    affine = node.args[0]
+    if not (isinstance(affine, fx.Node) and affine.meta.get("ditq_shift")):
+        return affine, None, None, None
+    if affine.target is torch.ops.aten.sub.Tensor:
+        return affine.args[0], fetch_attr(gm, affine.args[1].target), None, affine
+    offset, x, inv = affine.args
+    inv_value = fetch_attr(gm, inv.target)
+    return x, -fetch_attr(gm, offset.target) / inv_value, 1 / inv_value, affine
+
+
+def _swap_in_layers(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
+                    act_qparams: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, ReconLayer]:
+    layers = {}
+    for node in list(gm.graph.nodes):
+        annotation = annotations.get(node.name)
+        if annotation is None or node.op != "call_function":
+            continue
+        x, shift, factors, affine = _channel_affine(gm, node)
+        weight = fetch_attr(gm, node.args[1].target)
+        bias = fetch_attr(gm, node.args[2].target) if len(node.args) > 2 and node.args[2] is not None else None
+        conv = None
+        if node.target is torch.ops.aten.conv2d.default:
+            stride, padding, dilation, groups = (list(node.args) + [None] * 7)[3:7]
+            conv = (stride or [1, 1], padding or [0, 0], dilation or [1, 1], groups or 1)
+        layer = ReconLayer(weight, bias, annotation.weights, annotation.activations, act_qparams.get(node.name),
+                           conv, shift, factors)
+        name = f"ditq_recon_{node.name}"
+        gm.add_submodule(name, layer)
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(name, (x,))
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        if affine is not None and not affine.users:
+            gm.graph.erase_node(affine)
+        layers[node.name] = layer
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return layers
+
+
+@dataclass
+class _Unit:
+    name: str
+    layers: list[str]
+    module: fx.GraphModule
+    inputs: list[fx.Node]
+    outputs: list[fx.Node]
+
+
+def _is_tensor_value(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _cut_unit(gm: fx.GraphModule, name: str, layer_nodes: list[str]) -> _Unit:
+    calls = {f"ditq_recon_{n}" for n in layer_nodes}
+    members = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in calls:
+            members.add(node)
+        elif node.op == "call_function" and len(layer_nodes) > 1:
+            path = module_path(node)
+            if path == name or path.startswith(name + "."):
+                members.add(node)
+    # shape-only values (the batch size as a SymInt) are recomputed inside the unit
+    changed = True
+    while changed:
+        changed = False
+        for node in list(members):
+            for arg in node.all_input_nodes:
+                if arg not in members and arg.op == "call_function" and not _is_tensor_value(arg):
+                    members.add(arg)
+                    changed = True
+    ordered = [n for n in gm.graph.nodes if n in members]
+    inputs: list[fx.Node] = []
+    for node in ordered:
+        for arg in node.all_input_nodes:
+            if arg not in members and arg.op != "get_attr" and arg not in inputs:
+                inputs.append(arg)
+    outputs = [n for n in ordered if _is_tensor_value(n) and any(u not in members for u in n.users)]
+    graph, env = fx.Graph(), {}
+    for node in inputs:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    for node in ordered:
+        env[node] = graph.node_copy(node, lambda a: env[a] if a in env else _copy_attr(graph, env, a))
+    graph.output(tuple(env[n] for n in outputs))
+    return _Unit(name, layer_nodes, fx.GraphModule(gm, graph), inputs, outputs)
+
+
+def _copy_attr(graph: fx.Graph, env: dict, node: fx.Node) -> fx.Node:
+    if node.op != "get_attr":
+        raise ValueError(f"reconstruction unit reads node '{node.name}' that is neither an input nor a constant")
+    env[node] = graph.get_attr(node.target)
+    env[node].meta = dict(node.meta)
+    return env[node]
+
+
+def _batched(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set[str]):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, node: fx.Node) -> Any:
+        out = super().run_node(node)
+        if node.name in self.wanted:
+            self.values[node.name] = out
+        return out
+
+
+def _record(gm: fx.GraphModule, batches: list[list[Any]], nodes: list[fx.Node]) -> dict[str, Any]:
+    """Values of ``nodes`` over all batches: batch-dependent tensors concatenated, others from batch 0."""
+    per_batch = []
+    with torch.no_grad():
+        for flat in batches:
+            recorder = _Recorder(gm, {n.name for n in nodes})
+            recorder.run(*flat)
+            per_batch.append(recorder.values)
+    return {n.name: (torch.cat([v[n.name] for v in per_batch]) if _batched(n) else per_batch[0][n.name])
+            for n in nodes}
+
+
+def _set_modes(layers: Mapping[str, ReconLayer], done: set[str], weight_mode: str, act_quant: bool) -> None:
+    """Layers in ``done`` run hard-quantized with ``act_quant``; the rest in float."""
+    for name, layer in layers.items():
+        quantized = name in done
+        layer.weight_mode = weight_mode if quantized else "fp"
+        layer.act_quant = act_quant and quantized
+        layer.drop_prob = 0.0
+
+
+def _lp_loss(outputs: tuple, targets: tuple) -> Tensor:
+    loss = 0.0
+    for out, target in zip(outputs, targets, strict=True):
+        if isinstance(out, Tensor) and out.is_floating_point():
+            square = (out - target).float().square()
+            loss = loss + (square.sum(-1).mean() if square.dim() else square)
+    return loss
+
+
+def _temperature(spec: ReconstructionSpec, step: int) -> float | None:
+    """b for the round loss at ``step``, or None during warm-up (no round loss)."""
+    warm = int(spec.warmup * spec.iterations)
+    if step < warm:
+        return None
+    progress = (step - warm) / max(1, spec.iterations - warm)
+    return spec.b_end + (spec.b_start - spec.b_end) * max(0.0, 1.0 - progress)
+
+
+def _train_unit(unit: _Unit, layers: list[ReconLayer], x_q: dict, x_fp: dict, target: tuple,
+                spec: ReconstructionSpec, learn_rounding: bool, learn_acts: bool, qdrop: bool,
+                generator: torch.Generator, progress: bool) -> tuple[float, float]:
+    params_w = [layer.rounding for layer in layers] if learn_rounding else []
+    params_a = [layer.act_scale for layer in layers if layer.act_scale is not None] if learn_acts else []
+    params_f = [layer.factors for layer in layers if layer.factors is not None] if learn_acts else []
+    groups = [g for g in ({"params": params_w, "lr": spec.weight_lr}, {"params": params_f, "lr": spec.factor_lr})
+              if g["params"]]
+    optimizers = [torch.optim.Adam(groups)] if groups else []
+    schedulers = []
+    if params_a:
+        act_optimizer = torch.optim.Adam(params_a, lr=spec.act_lr)
+        optimizers.append(act_optimizer)
+        schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(act_optimizer, T_max=spec.iterations,
+                                                                     eta_min=0.0))
+    if not optimizers or spec.iterations == 0:
+        return math.nan, math.nan
+    before = _evaluate(unit, layers, x_q, target, spec, learn_acts)
+    for layer in layers:
+        layer.weight_mode = "soft" if learn_rounding else "hard"
+        layer.act_quant = learn_acts
+        layer.drop_prob = spec.drop_prob if qdrop else 0.0
+    names = [n.name for n in unit.inputs]
+    size = next(x_q[n.name].shape[0] for n in unit.inputs if _batched(n))
+    bar = tqdm(range(spec.iterations), desc=f"reconstruct {unit.name}", unit="it", disable=not progress,
+               leave=False)
+    unit.module.train()
+    for step in bar:
+        index = torch.randint(0, size, (min(spec.batch_size, size),), generator=generator)
+        args = []
+        for node, name in zip(unit.inputs, names, strict=True):
+            value = x_q[name]
+            if _batched(node):
+                value = value[index]
+                if qdrop and value.is_floating_point() and spec.drop_prob > 0:
+                    mask = torch.rand(value.shape, generator=generator) < spec.drop_prob
+                    value = torch.where(mask, x_fp[name][index], value)
+            args.append(value)
+        wanted = tuple(t[index] if _batched(node) else t for node, t in zip(unit.outputs, target, strict=True))
+        rec = _lp_loss(unit.module(*args), wanted)
+        b = _temperature(spec, step) if learn_rounding else None
+        loss = rec if b is None else rec + spec.round_loss_weight * sum(layer.round_loss(b) for layer in layers)
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        if step % 50 == 0:
+            bar.set_postfix(rec=f"{float(rec.detach()):.3g}", round="-" if b is None else f"{b:.1f}")
+    unit.module.eval()
+    return before, _evaluate(unit, layers, x_q, target, spec, learn_acts)
+
+
+def _evaluate(unit: _Unit, layers: list[ReconLayer], x_q: dict, target: tuple, spec: ReconstructionSpec,
+              act_quant: bool) -> float:
+    """The unit's loss on all calibration samples with hard rounding and no QDrop.
+
+    Before learning, hard rounding is round-to-nearest (V starts at h(V) = frac(W/s)).
+    """
+    for layer in layers:
+        layer.weight_mode, layer.act_quant, layer.drop_prob = "hard", act_quant, 0.0
+    size = next(x_q[n.name].shape[0] for n in unit.inputs if _batched(n))
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, size, 256):
+            index = torch.arange(start, min(size, start + 256))
+            args = [x_q[n.name][index] if _batched(n) else x_q[n.name] for n in unit.inputs]
+            wanted = tuple(t[index] if _batched(n) else t for n, t in zip(unit.outputs, target, strict=True))
+            total += float(_lp_loss(unit.module(*args), wanted)) * len(index)
+    return total / size
+
+
+def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
+                act_qparams: Mapping[str, tuple[Tensor, Tensor]], batches: list[list[Any]],
+                spec: ReconstructionSpec, progress: bool = True) -> ReconstructionResult:
+    """Learn rounding, activation scales and migration factors unit by unit (see module doc).
+
+    ``gm`` is the float graph after shift and migration; it is not modified.
+    """
+    if not batches:
+        raise ValueError("reconstruction needs calibration batches; the calibration set is empty")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
+        train = copy.deepcopy(gm)
+    layers = _swap_in_layers(train, annotations, act_qparams)
+    units: dict[str, list[str]] = {}
+    for node_name, annotation in annotations.items():
+        units.setdefault(unit_of(annotation.name), []).append(node_name)
+    cut = [_cut_unit(train, name, members) for name, members in units.items()]
+    generator = torch.Generator().manual_seed(spec.seed)
+    result = ReconstructionResult()
+    phases = ([("joint", True, True, True)] if spec.mode == "joint"
+              else [("weights", True, False, False), ("activations", False, True, False)])
+    done: set[str] = set()
+    for phase, learn_rounding, learn_acts, qdrop in phases:
+        done = set()
+        weight_mode = "hard"
+        for unit in tqdm(cut, desc=f"reconstruct ({phase})", unit="block", disable=not progress):
+            unit_layers = [layers[n] for n in unit.layers]
+            act_on = learn_acts or phase == "joint"
+            _set_modes(layers, set(), weight_mode, act_on)
+            x_fp = _record(train, batches, unit.inputs)
+            target = tuple(_record(train, batches, unit.outputs)[n.name] for n in unit.outputs)
+            _set_modes(layers, done, weight_mode, act_on)
+            x_q = _record(train, batches, unit.inputs)
+            if phase == "activations":   # weights stay at their learned rounding
+                for layer in unit_layers:
+                    layer.weight_mode = "hard"
+            before, after = _train_unit(unit, unit_layers, x_q, x_fp, target, spec, learn_rounding, learn_acts,
+                                      qdrop, generator, progress)
+            result.losses[f"{phase}:{unit.name}"] = (before, after)
+            done.update(unit.layers)
+        if phase == "weights":  # the activation phase starts from the learned weights everywhere
+            _set_modes(layers, done, "hard", False)
+    for node_name, layer in layers.items():
+        result.weights[node_name] = layer.weight_codes()
+        qparams = layer.activation_qparams()
+        if qparams is not None:
+            result.activations[node_name] = qparams
+        if layer.factors is not None:
+            result.factors[node_name] = layer.factors.detach().clone()
+    return result
+
+
+def apply_factors(gm: fx.GraphModule, factors: Mapping[str, Tensor]) -> None:
+    """Write learned migration factors back into the float graph: the affine and the weight."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, new in factors.items():
+        node = nodes[name]
+        x, shift, old, affine = _channel_affine(gm, node)
+        if old is None:
+            raise ValueError(f"layer node '{name}' has no migration affine to update")
+        base = fetch_attr(gm, node.args[1].target) / old.reshape(1, -1)
+        offset, _, inv = affine.args
+        for target, value in ((offset.target, -shift / new), (inv.target, 1 / new)):
+            owner, _, attr = target.rpartition(".")
+            setattr(gm.get_submodule(owner) if owner else gm, attr, value)
+        weight = register_constant(gm, f"ditq_{name}_reconstructed_weight", base * new.reshape(1, -1), node)
+        node.args = (node.args[0], weight, *node.args[2:])
+    gm.graph.eliminate_dead_code()
+    gm.recompile()

@@ -1,0 +1,89 @@
+"""Migrate outlier input channels of a linear into its weight (TaQ-DiT Eqs. 9-10).
+
+After the shift, the layer computes ``(x - d) W^T + b'``. With per-channel factors ``a``
+(``a_j > 1`` on the outlier channels, 1 elsewhere),
+
+    (x - d) W^T = ((x - d) / a) (W diag(a))^T
+
+so the activation quantizer sees outlier channels shrunk by ``a_j`` and column ``j`` of ``W``
+(row ``j`` in the paper's ``x W`` notation) grows by ``a_j``. The shift and the division are
+fused into one per-channel affine, ``addcmul(-d / a, x, 1 / a) = (x - d) / a``, which replaces
+the shift's ``sub`` node (so the shift pass must run first). Exact in real arithmetic.
+Joint reconstruction later tunes ``a`` (``ditq_compiler.calibration.reconstruct``).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from ditq_compiler.pipeline import copy_location, fetch_attr, register_constant
+
+
+def channel_affine_of(node: fx.Node) -> tuple[fx.Node, Tensor, Tensor] | None:
+    """(raw input, shift d, factors a) of the shift/migration affine in front of ``node``, or None."""
+    affine = node.args[0]
+    if not isinstance(affine, fx.Node) or not affine.meta.get("ditq_shift"):
+        return None
+    gm_root = affine.graph.owning_module
+    if affine.target is torch.ops.aten.sub.Tensor:
+        shift = fetch_attr(gm_root, affine.args[1].target)
+        return affine.args[0], shift, torch.ones_like(shift)
+    offset, x, inv_factor = affine.args
+    inv = fetch_attr(gm_root, inv_factor.target)
+    return x, -fetch_attr(gm_root, offset.target) / inv, 1 / inv
+
+
+class MigrateOutliers:
+    """The pass; ``factors`` maps linear node name -> per-input-channel factors ``a`` (>= 1)."""
+
+    __name__ = "migrate_outliers"
+
+    def __init__(self, factors: Mapping[str, Tensor]):
+        self.factors = factors
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for name, factors in self.factors.items():
+            node = nodes.get(name)
+            if node is None or node.target is not torch.ops.aten.linear.default:
+                raise ValueError(f"migration factors given for node '{name}', which is not an aten.linear")
+            shifted = node.args[0]
+            if not (isinstance(shifted, fx.Node) and shifted.target is torch.ops.aten.sub.Tensor
+                    and shifted.meta.get("ditq_shift")):
+                raise ValueError(f"layer node '{name}' has no shift in front of it: run fold_shift_into_bias first "
+                                 "(migration works on shifted activations)")
+            self._rewrite(gm, node, shifted, factors)
+        if self.factors:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, bool(self.factors))
+
+    @staticmethod
+    def _rewrite(gm: fx.GraphModule, node: fx.Node, shifted: fx.Node, factors: Tensor) -> None:
+        x, shift_node = shifted.args
+        shift = fetch_attr(gm, shift_node.target)
+        weight_node = node.args[1]
+        weight = fetch_attr(gm, weight_node.target).detach()
+        if factors.shape != shift.shape or not bool((factors > 0).all()):
+            raise ValueError(f"factors for '{node.name}' must be positive with shape {tuple(shift.shape)}, "
+                             f"got shape {tuple(factors.shape)}")
+        factors = factors.to(weight.dtype)
+        offset = register_constant(gm, f"ditq_{node.name}_affine_offset", -shift / factors, shifted)
+        inv = register_constant(gm, f"ditq_{node.name}_affine_scale", 1 / factors, shifted)
+        migrated = register_constant(gm, f"ditq_{node.name}_migrated_weight", weight * factors, node)
+        with gm.graph.inserting_before(shifted):
+            affine = gm.graph.call_function(torch.ops.aten.addcmul.default, (offset, x, inv))
+        affine.meta["val"] = shifted.meta.get("val")
+        affine.meta["ditq_shift"] = True
+        copy_location(affine, node)
+        shifted.replace_all_uses_with(affine)
+        gm.graph.erase_node(shifted)
+        if not shift_node.users:
+            gm.graph.erase_node(shift_node)
+        node.args = (node.args[0], migrated, *node.args[2:])
+        if not weight_node.users:
+            gm.graph.erase_node(weight_node)
