@@ -13,12 +13,14 @@ against FP along the FP trajectory. Writes
     bench/results/quality-<model>/<config>.png  a grid of samples per configuration
 
     python bench/quality.py --model dit-digits [--samples 2000 --steps 100 --guidance 2.0]
+    python bench/quality.py --model dit-digits --ablation --fp-seeds 1     # TaQ-DiT Table IV layout
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +34,9 @@ from ditq_compiler.sampling import sample
 from ditq_compiler.zoo.data import digits
 
 DEFAULT_RECIPES = ["w8a8-minmax", "w8a8", "w4a8-minmax", "w4a8", "w6a6-minmax", "w6a6"]
+# TaQ-DiT Table IV on our model: (joint reconstruction, static transformation) per recipe
+ABLATION = {"w4a8-minmax": None, "taq-dit-w4a8-separate": (False, False), "taq-dit-w4a8-noshift": (True, False),
+            "taq-dit-w4a8": (True, True)}
 
 
 def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: Path) -> dict:
@@ -58,9 +63,21 @@ def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int) -
         sqnr = f"{r['noise_sqnr_median_db']:.1f}" if "noise_sqnr_median_db" in r else "-"
         lines.append(f"| {r['config']} | {r['fd_digits']:.2f} | {r['fd_digits'] - fp_fd:+.2f} | "
                      f"{100 * r['class_accuracy']:.1f}% | {sqnr} |")
+    if any(r["config"] in ABLATION and ABLATION[r["config"]] for r in rows):
+        lines += ["", "TaQ-DiT ablation (the layout of the paper's Table IV; W4A8):", "",
+                  "| joint reconstruction | static transformation | FD-digits | FD gap | class accuracy "
+                  "| median noise SQNR dB |", "|---|---|---|---|---|---|",
+                  f"| - | - | {fp_fd:.2f} | +0.00 | {100 * rows[0]['class_accuracy']:.1f}% | - |"]
+        mark = {True: "✓", False: "✗"}
+        for r in rows:
+            flags = ABLATION.get(r["config"])
+            if flags:
+                lines.append(f"| {mark[flags[0]]} | {mark[flags[1]]} | {r['fd_digits']:.2f} | "
+                             f"{r['fd_digits'] - fp_fd:+.2f} | {100 * r['class_accuracy']:.1f}% | "
+                             f"{r['noise_sqnr_median_db']:.1f} |")
     lines.append("")
-    lines.append(f"FP seed-to-seed FD difference (noise floor of the gap): {fp_gap:.2f}. "
-                 f"Real-vs-real FD floor ({floor_images} training digits vs the held-out set): {floor:.2f}.")
+    seed_gap = "" if math.isnan(fp_gap) else f"FP seed-to-seed FD difference (noise floor of the gap): {fp_gap:.2f}. "
+    lines.append(f"{seed_gap}Real-vs-real FD floor ({floor_images} training digits vs the held-out set): {floor:.2f}.")
     return "\n".join(lines) + "\n"
 
 
@@ -89,7 +106,10 @@ def plot_sqnr(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dit-digits", choices=["dit-digits", "unet-digits"])
-    parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
+    parser.add_argument("--recipes", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_RECIPES)}")
+    parser.add_argument("--ablation", action="store_true",
+                        help=f"TaQ-DiT ablation ({' '.join(ABLATION)}), written to quality-<model>-taq-ablation.*")
+    parser.add_argument("--fp-seeds", type=int, default=2, choices=[1, 2], help="FP runs (2 shows the noise floor)")
     parser.add_argument("--samples", type=int, default=2000, help="samples per configuration (FD and accuracy)")
     parser.add_argument("--steps", type=int, default=100, help="DDPM steps")
     parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
@@ -100,37 +120,45 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
+    args.recipes = args.recipes or list(ABLATION if args.ablation else DEFAULT_RECIPES)
+    args.stem = f"quality-{args.model}" + ("-taq-ablation" if args.ablation else "")
     for recipe in args.recipes:  # a typo fails now, not after an hour of FP sampling
         dq.Recipe.load(recipe)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, scheduler = zoo.load(args.model), zoo.scheduler(args.model)
-    grids = args.out / f"quality-{args.model}"
+    grids = args.out / args.stem
     calibration = from_sampler(model, scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance,
                                num_trajectories=args.calibration_trajectories, steps=min(25, args.steps), seed=123,
                                progress=not args.quiet)
     rows = [measure("fp", model, model, scheduler, args, 0, grids)]
     write_results(rows, args, final=False)
-    rows.append(measure("fp-seed1", model, model, scheduler, args, 1, grids))
-    write_results(rows, args, final=False)
-    print(f"fp: FD {rows[0]['fd_digits']:.2f} / {rows[1]['fd_digits']:.2f}, "
-          f"accuracy {rows[0]['class_accuracy']:.3f}", flush=True)
+    if args.fp_seeds == 2:
+        rows.append(measure("fp-seed1", model, model, scheduler, args, 1, grids))
+        write_results(rows, args, final=False)
+    print("fp: FD " + " / ".join(f"{r['fd_digits']:.2f}" for r in rows) +
+          f", accuracy {rows[0]['class_accuracy']:.3f}", flush=True)
     for recipe in args.recipes:
+        start = time.perf_counter()
         compiled = dq.compile(model, recipe, calibration=calibration, progress=not args.quiet)
+        compile_seconds = time.perf_counter() - start
         rows.append(measure(recipe, compiled, model, scheduler, args, 0, grids))
         r = rows[-1]
+        r.update(compile_seconds=round(compile_seconds, 1),
+                 stage_seconds={k: round(v, 1) for k, v in compiled.stage_seconds.items()})
         print(f"{recipe}: FD {r['fd_digits']:.2f}, accuracy {r['class_accuracy']:.3f}, "
               f"median noise SQNR {r['noise_sqnr_median_db']:.1f} dB", flush=True)
         write_results(rows, args, final=False)
 
     write_results(rows, args, final=True)
-    print((args.out / f"quality-{args.model}.md").read_text())
+    print((args.out / f"{args.stem}.md").read_text())
 
 
 def write_results(rows: list[dict], args, final: bool) -> None:
     """Atomically (re)write the JSON and table; called after every configuration so nothing is lost."""
-    fp_gap = abs(rows[1]["fd_digits"] - rows[0]["fd_digits"]) if len(rows) > 1 else float("nan")
+    seeds = [r for r in rows if r["config"].startswith("fp")]
+    fp_gap = abs(seeds[1]["fd_digits"] - seeds[0]["fd_digits"]) if len(seeds) > 1 else float("nan")
     floor = quality.real_fd_floor(args.samples)
     floor_images = min(args.samples, len(digits("train")[0]))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -139,12 +167,12 @@ def write_results(rows: list[dict], args, final: bool) -> None:
               "real_fd_floor_images": floor_images, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", markdown(rows, fp_gap, floor, floor_images))):
-        path = args.out / f"quality-{args.model}{suffix}"
+        path = args.out / f"{args.stem}{suffix}"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
     if final:
-        plot_sqnr(rows, args.out / f"quality-{args.model}-sqnr.png")
+        plot_sqnr(rows, args.out / f"{args.stem}-sqnr.png")
 
 if __name__ == "__main__":
     main()

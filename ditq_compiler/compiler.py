@@ -20,6 +20,7 @@ from ditq_compiler.graph import analyse
 from ditq_compiler.pipeline import PassPipeline
 from ditq_compiler.recipe import Recipe
 from ditq_compiler.report import LayerReport, layer_reports, measure, summary_table
+from ditq_compiler.passes.migrate_outliers import channel_affine
 from ditq_compiler.passes.quantize_linears import QuantizeLinears
 
 BACKENDS = ("torch", "torch-int8")
@@ -126,11 +127,8 @@ def _timestep_index(captured: CapturedModel) -> int | None:
 
 
 def _transforms_of(gm: fx.GraphModule, node_name: str) -> str:
-    node = next(n for n in gm.graph.nodes if n.name == node_name)
-    affine = node.args[0]
-    if not (isinstance(affine, fx.Node) and affine.meta.get("ditq_shift")):
-        return ""
-    return "shift+migrate" if affine.target is torch.ops.aten.addcmul.default else "shift"
+    _, shift, factors, _ = channel_affine(gm, next(n for n in gm.graph.nodes if n.name == node_name))
+    return "" if shift is None else "shift" if factors is None else "shift+migrate"
 
 
 def _lower(gm: fx.GraphModule, backend: str) -> tuple[fx.GraphModule, dict[str, str]]:

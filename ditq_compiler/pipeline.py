@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch
 from torch import Tensor, fx
 from torch.fx.passes.infra.pass_base import PassResult
 
@@ -51,6 +52,14 @@ def register_constant(gm: fx.GraphModule, name: str, value: Tensor, anchor: fx.N
     with gm.graph.inserting_before(anchor):
         node = gm.graph.get_attr(name)
     node.meta["val"] = value
+    return node
+
+
+def linear_node(gm: fx.GraphModule, name: str, what: str) -> fx.Node:
+    """The ``aten.linear`` node called ``name``; a pass given constants for anything else is an error."""
+    node = next((n for n in gm.graph.nodes if n.name == name), None)
+    if node is None or node.target is not torch.ops.aten.linear.default:
+        raise ValueError(f"{what} given for node '{name}', which is not an aten.linear in the graph")
     return node
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ditq_compiler.pipeline import copy_location, fetch_attr, register_constant
+from ditq_compiler.pipeline import copy_location, fetch_attr, linear_node, register_constant
 
 
 class FoldShiftIntoBias:
@@ -31,12 +31,8 @@ class FoldShiftIntoBias:
         self.shifts = shifts
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        nodes = {n.name: n for n in gm.graph.nodes}
         for name, shift in self.shifts.items():
-            node = nodes.get(name)
-            if node is None or node.target is not torch.ops.aten.linear.default:
-                raise ValueError(f"shift given for node '{name}', which is not an aten.linear in the graph")
-            self._rewrite(gm, node, shift)
+            self._rewrite(gm, linear_node(gm, name, "shift"), shift)
         if self.shifts:
             gm.graph.lint()
             gm.recompile()

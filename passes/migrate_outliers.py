@@ -20,21 +20,20 @@ import torch
 from torch import Tensor, fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ditq_compiler.pipeline import copy_location, fetch_attr, register_constant
+from ditq_compiler.pipeline import copy_location, fetch_attr, linear_node, register_constant
 
 
-def channel_affine_of(node: fx.Node) -> tuple[fx.Node, Tensor, Tensor] | None:
-    """(raw input, shift d, factors a) of the shift/migration affine in front of ``node``, or None."""
+def channel_affine(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Tensor | None, Tensor | None, fx.Node | None]:
+    """(raw input, shift d, factors a, affine node) in front of layer ``node``; (input, None, None, None)
+    when there is none, factors None after a shift alone."""
     affine = node.args[0]
-    if not isinstance(affine, fx.Node) or not affine.meta.get("ditq_shift"):
-        return None
-    gm_root = affine.graph.owning_module
+    if not (isinstance(affine, fx.Node) and affine.meta.get("ditq_shift")):
+        return affine, None, None, None
     if affine.target is torch.ops.aten.sub.Tensor:
-        shift = fetch_attr(gm_root, affine.args[1].target)
-        return affine.args[0], shift, torch.ones_like(shift)
-    offset, x, inv_factor = affine.args
-    inv = fetch_attr(gm_root, inv_factor.target)
-    return x, -fetch_attr(gm_root, offset.target) / inv, 1 / inv
+        return affine.args[0], fetch_attr(gm, affine.args[1].target), None, affine
+    offset, x, inv = affine.args
+    inv_value = fetch_attr(gm, inv.target)
+    return x, -fetch_attr(gm, offset.target) / inv_value, 1 / inv_value, affine
 
 
 class MigrateOutliers:
@@ -46,11 +45,8 @@ class MigrateOutliers:
         self.factors = factors
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        nodes = {n.name: n for n in gm.graph.nodes}
         for name, factors in self.factors.items():
-            node = nodes.get(name)
-            if node is None or node.target is not torch.ops.aten.linear.default:
-                raise ValueError(f"migration factors given for node '{name}', which is not an aten.linear")
+            node = linear_node(gm, name, "migration factors")
             shifted = node.args[0]
             if not (isinstance(shifted, fx.Node) and shifted.target is torch.ops.aten.sub.Tensor
                     and shifted.meta.get("ditq_shift")):

@@ -71,6 +71,17 @@ def test_recipe_is_frozen():
     ({"version": 99}, "recipe.version"),
     ({"activations": False, "overrides": [{"role": "fc2", "activations": {"symmetric": True}}]},
      "recipe.overrides[0].activations"),
+    ({"shift": {"statistic": "median"}}, "recipe.shift.statistic"),
+    ({"shift": {"momentum": 1.5}}, "recipe.shift.momentum"),
+    ({"shift": {"sites": "fc1"}}, "recipe.shift.sites"),
+    ({"shift": {"momentun": 0.9}}, "recipe.shift.momentun"),
+    ({"migration": {"top_k": 0.02}}, "recipe.migration"),
+    ({"shift": {}, "migration": {"top_k": 0.0}}, "recipe.migration.top_k"),
+    ({"reconstruction": {"mode": "jointly"}}, "recipe.reconstruction.mode"),
+    ({"reconstruction": {"iterations": 10.5}}, "recipe.reconstruction.iterations"),
+    ({"reconstruction": {"drop_prob": -0.1}}, "recipe.reconstruction.drop_prob"),
+    ({"reconstruction": {"b_end": 0}}, "recipe.reconstruction.b_end"),
+    ({"activations": False, "reconstruction": {}}, "recipe.reconstruction"),
 ])
 def test_bad_recipes_name_the_field(data, path):
     with pytest.raises(RecipeError) as err:
@@ -88,3 +99,19 @@ def test_unknown_key_in_a_file_names_the_file_and_key(tmp_path):
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(RecipeError, match="w8a8-minmax"):
         Recipe.load("w9a9")
+
+
+def test_taq_dit_presets_carry_the_papers_defaults_and_round_trip(tmp_path):
+    taq = Recipe.load("taq-dit-w4a8")
+    assert (taq.weights.bits, taq.weights.symmetric, taq.weights.granularity) == (4, False, "channel")
+    assert (taq.activations.bits, taq.activations.granularity) == (8, "tensor")
+    assert (taq.shift.statistic, taq.shift.momentum, taq.shift.sites) == ("mean", 0.95, "post_gelu")
+    assert taq.migration.top_k == 0.02
+    r = taq.reconstruction
+    assert (r.mode, r.round_loss_weight, r.b_start, r.b_end, r.act_lr, r.drop_prob) == ("joint", 0.01, 20, 2, 4e-5, 0.5)
+    assert Recipe.load("taq-dit-w4a8-noshift").shift is None
+    separate = Recipe.load("taq-dit-w4a8-separate")
+    assert separate.reconstruction.mode == "separate" and separate.shift is None
+    for suffix in (".yaml", ".json"):
+        assert Recipe.load(taq.save(tmp_path / f"taq{suffix}")) == taq
+    assert Recipe.from_dict({"version": 1, "name": "old"}).shift is None   # version-1 recipes still read

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ditq_compiler.annotate import LayerAnnotation
 from ditq_compiler.calibration.recon_layer import ReconLayer
 from ditq_compiler.graph import module_path
+from ditq_compiler.passes.migrate_outliers import channel_affine
 from ditq_compiler.pipeline import fetch_attr, register_constant
 from ditq_compiler.recipe import ReconstructionSpec
 
@@ -58,18 +59,6 @@ def unit_of(layer_name: str) -> str:
     return match.group(1) if match else layer_name
 
 
-def _channel_affine(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Tensor | None, Tensor | None, fx.Node | None]:
-    """(raw input, shift, factors, affine node) of the shift/migration in front of a layer."""
-    affine = node.args[0]
-    if not (isinstance(affine, fx.Node) and affine.meta.get("ditq_shift")):
-        return affine, None, None, None
-    if affine.target is torch.ops.aten.sub.Tensor:
-        return affine.args[0], fetch_attr(gm, affine.args[1].target), None, affine
-    offset, x, inv = affine.args
-    inv_value = fetch_attr(gm, inv.target)
-    return x, -fetch_attr(gm, offset.target) / inv_value, 1 / inv_value, affine
-
-
 def _swap_in_layers(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                     act_qparams: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, ReconLayer]:
     layers = {}
@@ -77,7 +66,7 @@ def _swap_in_layers(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotatio
         annotation = annotations.get(node.name)
         if annotation is None or node.op != "call_function":
             continue
-        x, shift, factors, affine = _channel_affine(gm, node)
+        x, shift, factors, affine = channel_affine(gm, node)
         weight = fetch_attr(gm, node.args[1].target)
         bias = fetch_attr(gm, node.args[2].target) if len(node.args) > 2 and node.args[2] is not None else None
         conv = None
@@ -345,7 +334,7 @@ def apply_factors(gm: fx.GraphModule, factors: Mapping[str, Tensor]) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     for name, new in factors.items():
         node = nodes[name]
-        x, shift, old, affine = _channel_affine(gm, node)
+        x, shift, old, affine = channel_affine(gm, node)
         if old is None:
             raise ValueError(f"layer node '{name}' has no migration affine to update")
         base = fetch_attr(gm, node.args[1].target) / old.reshape(1, -1)

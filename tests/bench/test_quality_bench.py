@@ -43,3 +43,23 @@ def test_quality_bench_rejects_unknown_recipe_before_sampling(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "unknown recipe 'w9a9'" in done.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_ablation_table_has_the_papers_table_iv_layout():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "bench" / "quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = dict(class_accuracy=1.0, noise_sqnr_median_db=20.0)
+    rows = [dict(row, config="fp", fd_digits=10.0), dict(row, config="w4a8-minmax", fd_digits=30.0),
+            dict(row, config="taq-dit-w4a8-separate", fd_digits=20.0),
+            dict(row, config="taq-dit-w4a8-noshift", fd_digits=15.0), dict(row, config="taq-dit-w4a8", fd_digits=12.5)]
+    table = bench.markdown(rows, float("nan"), 1.6, 1438)
+    ablation = table[table.index("TaQ-DiT ablation"):].splitlines()
+    assert ablation[2].startswith("| joint reconstruction | static transformation | FD-digits")
+    assert ablation[4:8] == ["| - | - | 10.00 | +0.00 | 100.0% | - |",
+                             "| ✗ | ✗ | 20.00 | +10.00 | 100.0% | 20.0 |",
+                             "| ✓ | ✗ | 15.00 | +5.00 | 100.0% | 20.0 |",
+                             "| ✓ | ✓ | 12.50 | +2.50 | 100.0% | 20.0 |"]
+    assert "seed-to-seed" not in table and "Real-vs-real FD floor (1438 training digits" in table
