@@ -39,7 +39,8 @@ ABLATION = {"w4a8-minmax": None, "taq-dit-w4a8-separate": (False, False), "taq-d
             "taq-dit-w4a8": (True, True)}
 
 
-def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: Path) -> dict:
+def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: Path,
+            fp_samples: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
     labels = torch.arange(args.samples) % 10
     start = time.perf_counter()
     samples = sample(denoiser, scheduler, labels, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -48,32 +49,36 @@ def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: 
     quality.save_grid(samples[:40], out_dir / f"{name}.png")
     row = {"config": name, "seed": seed, "fd_digits": quality.fd_digits(samples),
            "class_accuracy": quality.class_accuracy(samples, labels), "sample_seconds": round(seconds, 1)}
+    if fp_samples is not None:
+        row["fd_to_fp"] = quality.fd_between(samples, fp_samples)
     if denoiser is not fp_model:
         steps, sqnr = quality.noise_sqnr_by_step(fp_model, denoiser, scheduler, labels[: args.sqnr_samples],
                                                  num_inference_steps=args.steps, guidance_scale=args.guidance)
         row.update(timesteps=steps, noise_sqnr_db=sqnr, noise_sqnr_median_db=statistics.median(sqnr))
-    return row
+    return row, samples
 
 
 def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int) -> str:
-    lines = ["| config | FD-digits | FD gap vs FP seed 0 | class accuracy | median noise SQNR dB |",
-             "|---|---|---|---|---|"]
+    lines = ["| config | FD-digits | FD gap vs FP seed 0 | FD to FP samples | class accuracy | median noise SQNR dB |",
+             "|---|---|---|---|---|---|"]
     fp_fd = rows[0]["fd_digits"]
     for r in rows:
         sqnr = f"{r['noise_sqnr_median_db']:.1f}" if "noise_sqnr_median_db" in r else "-"
-        lines.append(f"| {r['config']} | {r['fd_digits']:.2f} | {r['fd_digits'] - fp_fd:+.2f} | "
+        to_fp = f"{r['fd_to_fp']:.2f}" if "fd_to_fp" in r else "-"
+        lines.append(f"| {r['config']} | {r['fd_digits']:.2f} | {r['fd_digits'] - fp_fd:+.2f} | {to_fp} | "
                      f"{100 * r['class_accuracy']:.1f}% | {sqnr} |")
     if any(r["config"] in ABLATION and ABLATION[r["config"]] for r in rows):
         lines += ["", "TaQ-DiT ablation (the layout of the paper's Table IV; W4A8):", "",
-                  "| joint reconstruction | static transformation | FD-digits | FD gap | class accuracy "
-                  "| median noise SQNR dB |", "|---|---|---|---|---|---|",
-                  f"| - | - | {fp_fd:.2f} | +0.00 | {100 * rows[0]['class_accuracy']:.1f}% | - |"]
+                  "| joint reconstruction | static transformation | FD-digits | FD gap | FD to FP samples "
+                  "| class accuracy | median noise SQNR dB |", "|---|---|---|---|---|---|---|",
+                  f"| - | - | {fp_fd:.2f} | +0.00 | - | {100 * rows[0]['class_accuracy']:.1f}% | - |"]
         mark = {True: "✓", False: "✗"}
         for r in rows:
             flags = ABLATION.get(r["config"])
             if flags:
+                to_fp = f"{r['fd_to_fp']:.2f}" if "fd_to_fp" in r else "-"
                 lines.append(f"| {mark[flags[0]]} | {mark[flags[1]]} | {r['fd_digits']:.2f} | "
-                             f"{r['fd_digits'] - fp_fd:+.2f} | {100 * r['class_accuracy']:.1f}% | "
+                             f"{r['fd_digits'] - fp_fd:+.2f} | {to_fp} | {100 * r['class_accuracy']:.1f}% | "
                              f"{r['noise_sqnr_median_db']:.1f} |")
     lines.append("")
     seed_gap = "" if math.isnan(fp_gap) else f"FP seed-to-seed FD difference (noise floor of the gap): {fp_gap:.2f}. "
@@ -132,10 +137,11 @@ def main() -> None:
     calibration = from_sampler(model, scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance,
                                num_trajectories=args.calibration_trajectories, steps=min(25, args.steps), seed=123,
                                progress=not args.quiet)
-    rows = [measure("fp", model, model, scheduler, args, 0, grids)]
+    row, fp_samples = measure("fp", model, model, scheduler, args, 0, grids)
+    rows = [row]
     write_results(rows, args, final=False)
     if args.fp_seeds == 2:
-        rows.append(measure("fp-seed1", model, model, scheduler, args, 1, grids))
+        rows.append(measure("fp-seed1", model, model, scheduler, args, 1, grids, fp_samples)[0])
         write_results(rows, args, final=False)
     print("fp: FD " + " / ".join(f"{r['fd_digits']:.2f}" for r in rows) +
           f", accuracy {rows[0]['class_accuracy']:.3f}", flush=True)
@@ -143,7 +149,7 @@ def main() -> None:
         start = time.perf_counter()
         compiled = dq.compile(model, recipe, calibration=calibration, progress=not args.quiet)
         compile_seconds = time.perf_counter() - start
-        rows.append(measure(recipe, compiled, model, scheduler, args, 0, grids))
+        rows.append(measure(recipe, compiled, model, scheduler, args, 0, grids, fp_samples)[0])
         r = rows[-1]
         r.update(compile_seconds=round(compile_seconds, 1),
                  stage_seconds={k: round(v, 1) for k, v in compiled.stage_seconds.items()})

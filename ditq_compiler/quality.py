@@ -2,6 +2,8 @@
 
 * ``fd_digits(samples)``: Frechet distance between the digit classifier's 64-d features of the
   samples and of the held-out real digits (``ditq_compiler.zoo.classifier``).
+* ``fd_between(samples, reference)``: the same distance between two sample sets, e.g. a quantized
+  model's samples and the FP model's samples from the same seeds ("FD to FP").
 * ``real_fd_floor(n)``: the same distance for ``n`` real training digits, the floor that a
   perfect generator would reach with a reference set this small.
 * ``class_accuracy(samples, labels)``: how often the classifier recognises the asked class.
@@ -43,6 +45,13 @@ def fd_digits(samples: Tensor) -> float:
     from ditq_compiler.zoo.classifier import frechet_distance
 
     return frechet_distance(features(samples), _held_out_features())
+
+
+def fd_between(samples: Tensor, reference: Tensor) -> float:
+    """Frechet distance between two sample sets in the classifier's feature space (e.g. quantized vs FP)."""
+    from ditq_compiler.zoo.classifier import frechet_distance
+
+    return frechet_distance(features(samples), features(reference))
 
 
 def real_fd_floor(n: int | None = None, seed: int = 0) -> float:

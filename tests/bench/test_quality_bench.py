@@ -30,6 +30,7 @@ def test_quality_bench_writes_json_table_plot_and_grids(tmp_path):
     assert 10 < quantized["noise_sqnr_median_db"] < 80  # W8A8 on a trained DiT: far from 0 dB and from exact
     for row in result["rows"]:
         assert 0.0 <= row["class_accuracy"] <= 1.0 and row["fd_digits"] > 0
+    assert "fd_to_fp" not in result["rows"][0] and all(r["fd_to_fp"] > 0 for r in result["rows"][1:])
     assert result["fp_seed_gap"] == pytest.approx(abs(result["rows"][1]["fd_digits"] - result["rows"][0]["fd_digits"]))
     table = (tmp_path / "quality-dit-digits.md").read_text()
     assert "| w8a8-minmax |" in table and "Real-vs-real FD floor (20 training digits" in table
@@ -58,8 +59,8 @@ def test_ablation_table_has_the_papers_table_iv_layout():
     table = bench.markdown(rows, float("nan"), 1.6, 1438)
     ablation = table[table.index("TaQ-DiT ablation"):].splitlines()
     assert ablation[2].startswith("| joint reconstruction | static transformation | FD-digits")
-    assert ablation[4:8] == ["| - | - | 10.00 | +0.00 | 100.0% | - |",
-                             "| ✗ | ✗ | 20.00 | +10.00 | 100.0% | 20.0 |",
-                             "| ✓ | ✗ | 15.00 | +5.00 | 100.0% | 20.0 |",
-                             "| ✓ | ✓ | 12.50 | +2.50 | 100.0% | 20.0 |"]
+    assert ablation[4:8] == ["| - | - | 10.00 | +0.00 | - | 100.0% | - |",
+                             "| ✗ | ✗ | 20.00 | +10.00 | - | 100.0% | 20.0 |",
+                             "| ✓ | ✗ | 15.00 | +5.00 | - | 100.0% | 20.0 |",
+                             "| ✓ | ✓ | 12.50 | +2.50 | - | 100.0% | 20.0 |"]
     assert "seed-to-seed" not in table and "Real-vs-real FD floor (1438 training digits" in table
