@@ -111,7 +111,7 @@ def plot_sqnr(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dit-digits", choices=["dit-digits", "unet-digits"])
-    parser.add_argument("--recipes", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_RECIPES)}")
+    parser.add_argument("--recipes", nargs="*", default=None, help=f"default: {' '.join(DEFAULT_RECIPES)}")
     parser.add_argument("--ablation", action="store_true",
                         help=f"TaQ-DiT ablation ({' '.join(ABLATION)}), written to quality-<model>-taq-ablation.*")
     parser.add_argument("--fp-seeds", type=int, default=2, choices=[1, 2], help="FP runs (2 shows the noise floor)")
@@ -125,7 +125,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
-    args.recipes = args.recipes or list(ABLATION if args.ablation else DEFAULT_RECIPES)
+    if args.recipes is None:  # `--recipes` with nothing after it measures FP only
+        args.recipes = list(ABLATION if args.ablation else DEFAULT_RECIPES)
     args.stem = f"quality-{args.model}" + ("-taq-ablation" if args.ablation else "")
     for recipe in args.recipes:  # a typo fails now, not after an hour of FP sampling
         dq.Recipe.load(recipe)

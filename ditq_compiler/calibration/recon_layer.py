@@ -17,8 +17,10 @@ Activations, LSQ (Esser et al. 2020): the static input quantizer's scale ``s_a``
 keeps its float value with probability ``drop_prob`` instead of the quantized one.
 
 TaQ-DiT migration: for a layer behind a shift/migration affine, the layer takes the raw input
-``x`` and computes ``(x - d) / a`` itself, with weight ``W0 diag(a)``; ``a`` is a parameter
-(the gradient reaches it through both sides: ``floor`` passes gradients straight through).
+``x`` and computes ``(x - d) / a`` itself, with weight ``W0 diag(a)``. Only the migrated
+(outlier) channels' factors are learned, as ``a_j = exp(log_a_j)`` so they stay positive;
+the normal channels keep ``a_j = 1``. The gradient reaches ``a`` through both sides (``floor``
+passes gradients straight through).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ditq_compiler.quant import (
 )
 
 ZETA, GAMMA = 1.1, -0.1
+SCALE_FLOOR = torch.finfo(torch.float32).eps   # a learned scale never reaches zero
 
 
 def floor_ste(v: Tensor) -> Tensor:
@@ -57,10 +60,12 @@ class ReconLayer(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("shift", None if shift is None else shift.detach().clone())
         if factors is not None:
-            self.factors = nn.Parameter(factors.detach().clone())
-            base = weight.detach() / self._column(factors.detach())
+            factors = factors.detach().clone()
+            self.log_factors = nn.Parameter(factors.log())
+            self.register_buffer("outliers", factors != 1)
+            base = weight.detach() / self._column(factors)
         else:
-            self.factors = None
+            self.log_factors = None
             base = weight.detach()
         self.register_buffer("base_weight", base.clone())
         w = self.effective_weight().detach()
@@ -76,6 +81,14 @@ class ReconLayer(nn.Module):
         self.act_scale = nn.Parameter(act_qparams[0].detach().clone().reshape(())) if static else None
         self.register_buffer("act_zero_point", act_qparams[1].detach().clone().reshape(()) if static else None)
         self.weight_mode, self.act_quant, self.drop_prob = "fp", False, 0.0
+        self.generator: torch.Generator | None = None   # QDrop's draws, seeded by the reconstruction
+
+    @property
+    def factors(self) -> Tensor | None:
+        """Migration factors: learned on the outlier channels, 1 elsewhere (no gradient there)."""
+        if self.log_factors is None:
+            return None
+        return torch.where(self.outliers, self.log_factors.exp(), torch.ones_like(self.log_factors))
 
     @staticmethod
     def _column(factors: Tensor) -> Tensor:
@@ -109,9 +122,10 @@ class ReconLayer(nn.Module):
         if self.act_scale is None:
             xq = fake_quantize_per_token(x, self.act_spec)
         else:
-            xq = fake_quantize(x, self.act_scale.abs() + 1e-12, self.act_zero_point, self.act_spec)
+            xq = fake_quantize(x, self.act_scale.abs().clamp_min(SCALE_FLOOR), self.act_zero_point, self.act_spec)
         if self.training and self.drop_prob > 0:
-            xq = torch.where(torch.rand_like(x) < self.drop_prob, x, xq)
+            keep_float = torch.rand(x.shape, generator=self.generator) < self.drop_prob
+            xq = torch.where(keep_float, x, xq)
         return xq
 
     def forward(self, x: Tensor) -> Tensor:
@@ -132,4 +146,4 @@ class ReconLayer(nn.Module):
     def activation_qparams(self) -> tuple[Tensor, Tensor] | None:
         if self.act_scale is None:
             return None
-        return self.act_scale.detach().abs().clone() + 1e-12, self.act_zero_point.clone()
+        return self.act_scale.detach().abs().clamp_min(SCALE_FLOOR).clone(), self.act_zero_point.clone()

@@ -15,7 +15,9 @@ Units are reconstructed in graph order. For unit ``u``:
     separate first V with float activations over all units, then s_a (and a) with the weights
              fixed to their learned rounding: the baseline of TaQ-DiT Table I / IV
 
-``||.||^2`` sums over the last dimension and averages over the rest (BRECQ's ``lp_loss``).
+``||.||^2`` sums over the channel (last) dimension and averages over the rest: BRECQ's
+``lp_loss`` sums over dim 1, the channels of its (B, C, H, W) convs; for DiT's (B, N, D)
+tokens the channels are D.
 The round loss is off for the first ``warmup`` fraction of iterations, then ``b`` falls
 linearly from ``b_start`` to ``b_end``. The unit is cut out of the graph as its own
 GraphModule (its inputs: every value it reads from outside, shape-only inputs such as the
@@ -208,7 +210,7 @@ def _train_unit(unit: _Unit, layers: list[ReconLayer], x_q: dict, x_fp: dict, ta
                 generator: torch.Generator, progress: bool) -> tuple[float, float]:
     params_w = [layer.rounding for layer in layers] if learn_rounding else []
     params_a = [layer.act_scale for layer in layers if layer.act_scale is not None] if learn_acts else []
-    params_f = [layer.factors for layer in layers if layer.factors is not None] if learn_acts else []
+    params_f = [layer.log_factors for layer in layers if layer.log_factors is not None] if learn_acts else []
     groups = [g for g in ({"params": params_w, "lr": spec.weight_lr}, {"params": params_f, "lr": spec.factor_lr})
               if g["params"]]
     optimizers = [torch.optim.Adam(groups)] if groups else []
@@ -289,12 +291,15 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
         train = copy.deepcopy(gm)
+    train.requires_grad_(False)   # only the reconstruction parameters learn
     layers = _swap_in_layers(train, annotations, act_qparams)
     units: dict[str, list[str]] = {}
     for node_name, annotation in annotations.items():
         units.setdefault(unit_of(annotation.name), []).append(node_name)
     cut = [_cut_unit(train, name, members) for name, members in units.items()]
     generator = torch.Generator().manual_seed(spec.seed)
+    for layer in layers.values():
+        layer.generator = generator
     result = ReconstructionResult()
     phases = ([("joint", True, True, True)] if spec.mode == "joint"
               else [("weights", True, False, False), ("activations", False, True, False)])
@@ -324,7 +329,7 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
         qparams = layer.activation_qparams()
         if qparams is not None:
             result.activations[node_name] = qparams
-        if layer.factors is not None:
+        if layer.log_factors is not None:
             result.factors[node_name] = layer.factors.detach().clone()
     return result
 
@@ -337,6 +342,8 @@ def apply_factors(gm: fx.GraphModule, factors: Mapping[str, Tensor]) -> None:
         x, shift, old, affine = channel_affine(gm, node)
         if old is None:
             raise ValueError(f"layer node '{name}' has no migration affine to update")
+        if new.shape != old.shape or not bool((new > 0).all()):
+            raise ValueError(f"learned factors for '{name}' must be positive with shape {tuple(old.shape)}")
         base = fetch_attr(gm, node.args[1].target) / old.reshape(1, -1)
         offset, _, inv = affine.args
         for target, value in ((offset.target, -shift / new), (inv.target, 1 / new)):

@@ -67,6 +67,10 @@ def test_migrated_layer_in_float_equals_affine_then_linear():
     expected = torch.nn.functional.linear((x - shift) / factors, migrated_weight, bias)
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
     assert torch.allclose(layer.base_weight * factors, migrated_weight)
+    # only the migrated channels learn; the normal ones get no gradient and stay at 1
+    layer(x).square().sum().backward()
+    grad = layer.log_factors.grad
+    assert bool((grad[[0, 2, 3]] == 0).all()) and bool((grad[[1, 4]] != 0).all())
 
 
 def test_round_loss_is_zero_only_for_decided_rounding():
