@@ -60,14 +60,19 @@ def main() -> None:
                      "output_sqnr_db": compiled.output_sqnr_db, "noise_sqnr_median_db": statistics.median(sqnr)})
         print(f"{iterations} iterations: compile {seconds:.0f} s, output SQNR {compiled.output_sqnr_db:.2f} dB, "
               f"median noise SQNR {rows[-1]['noise_sqnr_median_db']:.2f} dB", flush=True)
+        write(args, rows, complete=len(rows) == len(args.iterations))
 
     table = format_table([[r["iterations"], f"{r['compile_seconds']:.0f}", f"{r['output_sqnr_db']:.2f}",
                            f"{r['noise_sqnr_median_db']:.2f}"] for r in rows],
                          ["iterations per block", "compile s", "output SQNR dB", "median noise SQNR dB"])
     print(table)
+
+
+def write(args, rows: list[dict], complete: bool) -> None:
+    """Atomically (re)write the JSON after every row, so a long run loses nothing."""
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "recipe": args.recipe, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "rows": rows}
+              "torch": torch.__version__, "complete": complete, "rows": rows}
     path = args.out / f"reconstruction-iterations-{args.model}.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))
