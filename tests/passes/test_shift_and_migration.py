@@ -119,3 +119,18 @@ def test_migration_without_a_shift_is_refused():
         MigrateOutliers({fc2: torch.ones(16)})(gm)
     with pytest.raises(ValueError, match="has shape \\(3,\\), the layer has 16 input channels"):
         FoldShiftIntoBias({fc2: torch.zeros(3)})(gm)
+
+
+def test_taq_dit_compiled_graph_reexports_with_the_affine_in_place(reference):
+    model, batches = reference
+    import dataclasses
+
+    recipe = dq.Recipe.load("taq-dit-w4a8")
+    recipe = dataclasses.replace(recipe, reconstruction=dataclasses.replace(recipe.reconstruction, iterations=5))
+    compiled = dq.compile(model, recipe, calibration=batches, progress=False)
+    args, kwargs = batches[0]
+    inputs = compiled._captured.bind(args, kwargs)
+    program = torch.export.export(compiled.graph_module, (), inputs)
+    ops = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert ops.count("aten.addcmul.default") == 6 and ops.count("ditq.quant_linear.default") == 36
+    torch.testing.assert_close(program.module()(**inputs)[0], compiled(*args, **kwargs).sample)
