@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in the results file and add (or replace) these recipes; "
+                             "FP is sampled again and must reproduce the stored FP row")
     args = parser.parse_args()
     if args.recipes is None:  # `--recipes` with nothing after it measures FP only
         args.recipes = list(ABLATION if args.ablation else DEFAULT_RECIPES)
@@ -139,9 +142,9 @@ def main() -> None:
                                num_trajectories=args.calibration_trajectories, steps=min(25, args.steps), seed=123,
                                progress=not args.quiet)
     row, fp_samples = measure("fp", model, model, scheduler, args, 0, grids)
-    rows = [row]
+    rows = previous_rows(args, row) if args.append else [row]
     write_results(rows, args, final=False)
-    if args.fp_seeds == 2:
+    if args.fp_seeds == 2 and not any(r["config"] == "fp-seed1" for r in rows):
         rows.append(measure("fp-seed1", model, model, scheduler, args, 1, grids, fp_samples)[0])
         write_results(rows, args, final=False)
     print("fp: FD " + " / ".join(f"{r['fd_digits']:.2f}" for r in rows) +
@@ -150,8 +153,8 @@ def main() -> None:
         start = time.perf_counter()
         compiled = dq.compile(model, recipe, calibration=calibration, progress=not args.quiet)
         compile_seconds = time.perf_counter() - start
-        rows.append(measure(recipe, compiled, model, scheduler, args, 0, grids, fp_samples)[0])
-        r = rows[-1]
+        r = measure(recipe, compiled, model, scheduler, args, 0, grids, fp_samples)[0]
+        rows = [old for old in rows if old["config"] != recipe] + [r]
         r.update(compile_seconds=round(compile_seconds, 1),
                  stage_seconds={k: round(v, 1) for k, v in compiled.stage_seconds.items()})
         print(f"{recipe}: FD {r['fd_digits']:.2f}, accuracy {r['class_accuracy']:.3f}, "
@@ -160,6 +163,23 @@ def main() -> None:
 
     write_results(rows, args, final=True)
     print((args.out / f"{args.stem}.md").read_text())
+
+
+def previous_rows(args, fp_row: dict) -> list[dict]:
+    """The rows of an earlier run of the same stem, after checking that FP reproduces it exactly."""
+    path = args.out / f"{args.stem}.json"
+    if not path.exists():
+        return [fp_row]
+    old = json.loads(path.read_text())
+    for key in ("samples", "steps", "guidance", "calibration_trajectories", "sqnr_samples"):
+        if old["settings"].get(key) != getattr(args, key):
+            raise SystemExit(f"--append: {path} was made with {key}={old['settings'].get(key)!r}, "
+                             f"this run has {getattr(args, key)!r}")
+    stored = next(r for r in old["rows"] if r["config"] == "fp")
+    if not math.isclose(stored["fd_digits"], fp_row["fd_digits"], rel_tol=1e-6):
+        raise SystemExit(f"--append: FP does not reproduce {path} (FD {fp_row['fd_digits']:.4f}, "
+                         f"stored {stored['fd_digits']:.4f}); rerun without --append")
+    return old["rows"]
 
 
 def write_results(rows: list[dict], args, final: bool) -> None:
