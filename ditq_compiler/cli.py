@@ -36,7 +36,15 @@ def quiet_option(command):
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def print_summary(console, summary) -> None:
+    """The rich table at its natural width (colours on a terminal), never squeezed to the terminal's."""
+    from rich.console import Console
+
+    width = max(map(len, str(summary).splitlines()))
+    Console(file=console.file, width=width, highlight=False, soft_wrap=True).print(summary)
 
 
 def _mib(n: int) -> str:
@@ -101,7 +109,7 @@ def compile_command(ctx, model, recipe, out, backend, calibration, scheduler, st
     compiled = dq.compile(source.model, recipe, calibration=calibration, backend=backend, progress=not quiet)
     path = compiled.save(out, progress=not quiet)
     console = _console()
-    console.print(compiled.summary())
+    print_summary(console, compiled.summary())
     manifest = dq.artifact.read_manifest(path)
     console.print(f"\nartifact: {path} — {size_line(manifest)}")
     if html_file:
@@ -153,7 +161,7 @@ def inspect_command(artifact, html_file, plot_dir):
     console.print(f"size: {size_line(manifest)}; packed integer tensors by bits: {manifest.get('packed_bits')}")
     console.print(f"calibration: {calibration.get('source')}"
                   + (f", seed {calibration['seed']}" if "seed" in calibration else ""))
-    console.print(compiled.summary())
+    print_summary(console, compiled.summary())
     if html_file:
         from ditq_compiler.inspection.html import write_html
 
@@ -191,7 +199,7 @@ def demo(ctx, recipe: str, backend: str, samples: int, steps: int, grid: str, qu
 
     result = run_demo(recipe, backend, samples=samples, steps=steps, grid=grid, progress=not _quiet(ctx, quiet))
     console = _console()
-    console.print(result.compiled.summary())
+    print_summary(console, result.compiled.summary())
     click.echo("")
     click.echo(result.quality_table)
     click.echo(f"\nsamples (FP rows on top, {recipe} below): {result.grid}")

@@ -147,9 +147,11 @@ def calibration_for(source: ModelSource, *, calibration_file: str | None, num_in
                                "class-conditional trajectories: pass --calibration FILE, or quantize its pipeline with "
                                "dq.diffusers.quantize_pipeline (which records the pipeline's own calls)")
     labels = torch.arange(trajectories) % min(null, 10)
+    rows_per_step = trajectories * (1 if guidance_scale == 1.0 else 2)     # guidance doubles each call
     return from_sampler(source.model, source.scheduler, num_inference_steps=num_inference_steps,
                         class_labels=labels, guidance_scale=guidance_scale, null_class=null,
-                        steps=min(25, num_inference_steps), seed=seed, progress=progress)
+                        steps=min(25, num_inference_steps), samples_per_step=min(10, rows_per_step), seed=seed,
+                        progress=progress)
 
 
 __all__ = ["ModelSource", "ModelSourceError", "calibration_for", "load_scheduler", "null_class", "resolve_model"]
