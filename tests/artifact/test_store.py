@@ -190,3 +190,15 @@ def test_a_directory_that_is_not_an_artifact_is_never_replaced(w4a8, tmp_path):
     Path(tmp_path / "file").write_text("x")
     with pytest.raises(ArtifactError, match="is not a directory"):
         w4a8.save(tmp_path / "file")
+
+
+@pytest.mark.parametrize("factory", ["small_pixart", "small_unet_condition"])
+def test_other_denoisers_round_trip_bitwise(factory, tmp_path):
+    """Nested inputs (PixArt's added_cond_kwargs with None values), cross-attention, convs and GEGLU."""
+    from ditq_compiler import toy
+    from ditq_compiler.capture import auto_example_inputs
+
+    model = getattr(toy, factory)()
+    batches = [((), auto_example_inputs(model, batch_size=2))]
+    compiled = dq.compile(model, "w8a8-minmax", calibration=batches, progress=False)
+    assert_bitwise(compiled, dq.load(compiled.save(tmp_path / factory)), batches)
