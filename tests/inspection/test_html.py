@@ -69,6 +69,7 @@ def test_the_page_in_headless_chromium(artifact, tmp_path):
                                  " text: p.textContent, plots: p.querySelectorAll('svg').length}; })()")
         assert panel["open"] and panel["title"] == fc2
         assert "fold_shift_into_bias" in panel["text"] and "migrate_outliers" in panel["text"]
+        assert "NaN" not in panel["text"] and "weight_rounding=nearest" in panel["text"]
         assert layers[fc2].weights in panel["text"] and panel["plots"] == 3
         shot = browser.screenshot(tmp_path / "inspect-panel.png")
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000

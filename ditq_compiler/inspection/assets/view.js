@@ -5,7 +5,8 @@
   const BEFORE = "#9aa3ad", AFTER = "#2f6fd6";
   const [BAD, GOOD] = data.sqnr_bounds;
 
-  const num = (v) => (typeof v === "string" ? Number(v) : v);
+  const SPELLED = { Infinity: Infinity, "-Infinity": -Infinity, NaN: NaN };   // how the data spells non-finite numbers
+  const num = (v) => (typeof v === "string" && v in SPELLED ? SPELLED[v] : v);
   const fmt = (v, digits = 3) => {
     v = num(v);
     if (v === null || v === undefined) return "-";
