@@ -31,6 +31,7 @@ is not modified.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 from typing import Any
 
@@ -62,8 +63,9 @@ class CompiledDenoiser(torch.nn.Module):
         return self.__dict__["_config"]
 
     def _first_tensor(self) -> torch.Tensor | None:
-        tensors = [*self.compiled.graph_module.parameters(), *self.compiled.graph_module.buffers()]
-        return next((t for t in tensors if t.is_floating_point()), tensors[0] if tensors else None)
+        """The first floating-point parameter or buffer (what diffusers' ``ModelMixin.dtype`` reads)."""
+        gm = self.compiled.graph_module
+        return next((t for t in itertools.chain(gm.parameters(), gm.buffers()) if t.is_floating_point()), None)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -52,7 +52,8 @@ def main() -> None:
           f"mean = {float(difference.mean()):.4f}")
     print(f"class accuracy (digit classifier): FP {quality.class_accuracy(fp * 2 - 1, torch.tensor(labels)):.0%}, "
           f"{args.recipe} {quality.class_accuracy(quantized * 2 - 1, torch.tensor(labels)):.0%}")
-    print(f"samples (FP on top, {args.recipe} below): {quality.save_grid(torch.cat([fp, quantized]) * 2 - 1, args.grid)}")
+    grid = quality.save_grid(torch.cat([fp, quantized]) * 2 - 1, args.grid)
+    print(f"samples (FP on top, {args.recipe} below): {grid}")
     if args.save:
         print(f"artifact: {compiled.save(args.save)}")
 

@@ -71,7 +71,8 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "toyfactory.py").write_text(FACTORY)
     g = torch.Generator().manual_seed(0)
     CalibrationSet(sample_name="hidden_states", inputs=torch.randn(16, 4, 8, 8, generator=g),
-                   timesteps=torch.randint(0, 1000, (16,), generator=g), class_labels=torch.randint(0, 10, (16,), generator=g),
+                   timesteps=torch.randint(0, 1000, (16,), generator=g),
+                   class_labels=torch.randint(0, 10, (16,), generator=g),
                    step_index=torch.arange(16), batch_size=8).save(tmp_path / "calibration.safetensors")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -34,7 +34,8 @@ def test_dit_pipeline_runs_as_before_with_the_compiled_transformer():
     fp = pipe.transformer
     state = {k: v.clone() for k, v in fp.state_dict().items()}
 
-    returned = quantize_pipeline(pipe, "w8a8-minmax", calibration={"class_labels": [1, 2, 3], "num_inference_steps": 10},
+    calibration_call = {"class_labels": [1, 2, 3], "num_inference_steps": 10}
+    returned = quantize_pipeline(pipe, "w8a8-minmax", calibration=calibration_call,
                                  steps=5, progress=False)
     assert returned is pipe and isinstance(pipe.transformer, CompiledDenoiser)
     assert not fp._forward_pre_hooks and all(torch.equal(v, state[k]) for k, v in fp.state_dict().items())
@@ -43,7 +44,8 @@ def test_dit_pipeline_runs_as_before_with_the_compiled_transformer():
     assert np.abs(q_images - fp_images).max() < 0.05
 
     calibration = pipe.transformer.compiled.provenance.calibration
-    assert calibration["source"] == "pipeline" and calibration["denoiser_calls"] == 10 and len(calibration["steps"]) == 5
+    assert calibration["source"] == "pipeline" and calibration["denoiser_calls"] == 10
+    assert len(calibration["steps"]) == 5
     assert calibration["samples"] == 5 * 6 and calibration["seed"] == 0          # 3 labels + 3 null, guided
     denoiser = pipe.transformer
     assert denoiser.config.out_channels == 8 and denoiser.sample_size == 8          # config fields, as diffusers models
@@ -60,7 +62,8 @@ def test_ddpm_pipeline_with_default_calibration_and_a_saved_artifact(tmp_path):
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                        layers_per_block=1, norm_num_groups=8, attention_head_dim=8).eval()
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100))
     pipe.set_progress_bar_config(disable=True)

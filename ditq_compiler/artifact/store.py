@@ -104,7 +104,8 @@ def save(compiled, path: str | os.PathLike, progress: bool = False) -> Path:
                        "calibration": provenance.calibration},
         "example_inputs": example[0],
     }
-    inspection = {k: v for name, stats in compiled.activation_stats.items() for k, v in stats.tensors(f"{name}/").items()}
+    inspection = {key: value for name, stats in compiled.activation_stats.items()
+                  for key, value in stats.tensors(f"{name}/").items()}
     from safetensors.torch import save_file
 
     with _atomic_directory(path) as tmp:

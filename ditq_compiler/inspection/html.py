@@ -71,7 +71,7 @@ def op_parameters(gm: fx.GraphModule, node: fx.Node) -> list[dict[str, Any]]:
     schema = getattr(node.target, "_schema", None)
     names = [a.name for a in schema.arguments] if schema is not None else [f"arg{i}" for i in range(len(node.args))]
     out = []
-    for name, value in [*zip(names, node.args), *node.kwargs.items()]:
+    for name, value in [*zip(names, node.args, strict=False), *node.kwargs.items()]:   # trailing defaults omitted
         if isinstance(value, fx.Node):
             if value.op == "get_attr":
                 out.append(_tensor_stats(name, fetch_attr(gm, value.target)))

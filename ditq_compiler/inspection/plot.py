@@ -77,7 +77,8 @@ def plot_activations(compiled, out_dir: str | Path, layers: Iterable[str] | None
     for name in wanted:
         stats = compiled.activation_stats[sources[name]]
         report = next((r for r in compiled.layers if r.name == name), None)
-        title = f"{name} ({report.role}, {report.activations}; {report.transforms or 'no transforms'})" if report else name
+        title = name if report is None else \
+            f"{name} ({report.role}, {report.activations}; {report.transforms or 'no transforms'})"
         paths.append(plot_layer(stats, title, Path(out_dir) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"))
     return paths
 

@@ -82,7 +82,8 @@ def test_a_new_op_with_ternary_codes_round_trips_without_changes(dit, dit_batche
     gm.register_buffer("ternary_codes", codes.to(torch.int8))
     gm.register_buffer("ternary_scale", torch.rand(out_features) * 0.01)
     with gm.graph.inserting_before(node):
-        args = (x, gm.graph.get_attr("ternary_codes"), gm.graph.get_attr("ternary_scale"), bias, [2, 3], 0.5, True, None)
+        codes_node, scale_node = gm.graph.get_attr("ternary_codes"), gm.graph.get_attr("ternary_scale")
+        args = (x, codes_node, scale_node, bias, [2, 3], 0.5, True, None)
         new = gm.graph.call_function(torch.ops.ditq_test.ternary_linear.default, args)
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)

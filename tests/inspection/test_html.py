@@ -62,10 +62,12 @@ def test_the_page_in_headless_chromium(artifact, tmp_path):
         fc2 = next(name for name, r in layers.items() if r.role == "fc2")
         box = browser.evaluate(f"(() => {{ const b = [...document.querySelectorAll('button.layer')]"
                                f".find(b => b.title === {json.dumps(fc2)}); b.scrollIntoView();"
-                               f" const r = b.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; }})()")
+                               f" const r = b.getBoundingClientRect();"
+                               f" return [r.x + r.width / 2, r.y + r.height / 2]; }})()")
         browser.click(*box)
-        panel = browser.evaluate("(() => { const p = document.getElementById('panel'); return {open: p.classList.contains"
-                                 "('open'), title: p.querySelector('h2') && p.querySelector('h2').textContent,"
+        panel = browser.evaluate("(() => { const p = document.getElementById('panel');"
+                                 " const h = p.querySelector('h2');"
+                                 " return {open: p.classList.contains('open'), title: h && h.textContent,"
                                  " text: p.textContent, plots: p.querySelectorAll('svg').length}; })()")
         assert panel["open"] and panel["title"] == fc2
         assert "fold_shift_into_bias" in panel["text"] and "migrate_outliers" in panel["text"]
