@@ -9,7 +9,7 @@ TaQ-DiT paper's views:
 
 Grey is before the transformations (the model's own activation), blue is after (what the activation
 quantizer sees); a layer without transformations has only the blue series. Needs matplotlib
-(``pip install matplotlib``); files are written atomically.
+(``pip install 'ditq-compiler[plot]'``); files are written atomically.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("compiled.plot needs matplotlib: pip install matplotlib") from None
+        raise ImportError("compiled.plot needs matplotlib: pip install 'ditq-compiler[plot]'") from None
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
