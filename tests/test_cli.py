@@ -140,3 +140,24 @@ def test_bench_wraps_the_scripts_and_says_when_one_is_missing(monkeypatch, capsy
 def test_help_everywhere(command):
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_compile_a_diffusers_pipeline_folder_uses_its_scheduler(tmp_path, dit):
+    from diffusers import DDPMScheduler
+
+    folder = tmp_path / "pipeline"
+    dit.save_pretrained(folder / "transformer")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text("{}")
+    result = CliRunner().invoke(cli, ["-q", "compile", str(folder), "-r", "w8a8-minmax", "-o", str(tmp_path / "art"),
+                                      "--steps", "3", "--trajectories", "2"])
+    assert result.exit_code == 0, result.output
+    assert "DiTTransformer2DModel compiled with recipe 'w8a8-minmax'" in result.output
+    calibration = dq.artifact.read_manifest(tmp_path / "art")["calibration"]
+    assert calibration["source"] == "from_sampler" and calibration["null_class"] == 10
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"_class_name": "DDPMScheduler"}')   # only model classes load
+    bad = CliRunner().invoke(cli, ["compile", str(tmp_path / "bad"), "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "_class_name 'DDPMScheduler' is not a diffusers model class" in bad.output
+    bad = CliRunner().invoke(cli, ["compile", str(folder / "scheduler"), "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "not a diffusers model folder (no config.json)" in bad.output
