@@ -9,9 +9,10 @@ from ditq_compiler import calibration, ops  # noqa: F401  (ops registers the dit
 from ditq_compiler.capture import CaptureError
 from ditq_compiler.calibration import CalibrationError
 from ditq_compiler.compiler import CompiledModel, compile
+from ditq_compiler.graph import UnsupportedLayerError
 from ditq_compiler.pipeline import PassError
 from ditq_compiler.recipe import Recipe, RecipeError
 
 __version__ = "0.1.0"
-__all__ = ["CalibrationError", "CaptureError", "CompiledModel", "PassError", "Recipe", "RecipeError",
+__all__ = ["CalibrationError", "CaptureError", "CompiledModel", "PassError", "Recipe", "RecipeError", "UnsupportedLayerError",
            "calibration", "compile"]
