@@ -5,7 +5,10 @@
     print(compiled.summary())
 """
 
+import importlib
+
 from ditq_compiler import calibration, ops  # noqa: F401  (ops registers the ditq:: custom ops)
+from ditq_compiler.artifact import ArtifactError, load
 from ditq_compiler.capture import CaptureError
 from ditq_compiler.calibration import CalibrationError
 from ditq_compiler.compiler import CompiledModel, compile
@@ -14,5 +17,14 @@ from ditq_compiler.pipeline import PassError
 from ditq_compiler.recipe import Recipe, RecipeError
 
 __version__ = "0.1.0"
-__all__ = ["CalibrationError", "CaptureError", "CompiledModel", "PassError", "Recipe", "RecipeError", "UnsupportedLayerError",
-           "calibration", "compile"]
+__all__ = ["ArtifactError", "CalibrationError", "CaptureError", "CompiledModel", "PassError", "Recipe", "RecipeError",
+           "UnsupportedLayerError", "calibration", "compile", "load"]
+
+_LAZY_SUBMODULES = ("diffusers", "zoo", "inspection", "artifact", "sampling", "quality")
+
+
+def __getattr__(name: str):
+    """``dq.diffusers``, ``dq.zoo`` ...: imported on first use (``diffusers`` is slow to import)."""
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"ditq_compiler.{name}")
+    raise AttributeError(f"module 'ditq_compiler' has no attribute {name!r}")

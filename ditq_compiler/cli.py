@@ -1,20 +1,188 @@
-"""The ``ditq`` command line (exit codes: 0 success, 1 failure, 2 bad usage)."""
+"""The ``ditq`` command line.
+
+    ditq compile MODEL --recipe R --out DIR     quantize and save an artifact
+    ditq export DIR --target ort|tensorrt       lower a saved artifact to ONNX
+    ditq inspect DIR [--html FILE] [--plot DIR] what was done to every layer
+    ditq bench quality|speed [ARGS]...          run a benchmark script from bench/
+    ditq demo                                   quantize dit-digits, sample, compare with FP
+    ditq recipes                                list the preset recipes
+
+Exit codes: 0 success, 1 failure, 2 bad usage. Errors print as one line on stderr (``--debug``
+for the traceback). ``--quiet`` (before or after the command) turns progress bars off.
+"""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
 
 import click
 
 from ditq_compiler.recipe import Recipe
 
+BENCHMARKS = ("quality", "speed")
+EXPORT_TARGETS = ("ort", "tensorrt")
+
+
+def _quiet(ctx: click.Context, quiet: bool) -> bool:
+    return quiet or bool(ctx.find_root().obj and ctx.find_root().obj.get("quiet"))
+
+
+def quiet_option(command):
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(command)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def print_summary(console, summary) -> None:
+    """The rich table at its natural width (colours on a terminal), never squeezed to the terminal's."""
+    from rich.console import Console
+
+    width = max(map(len, str(summary).splitlines()))
+    Console(file=console.file, width=width, highlight=False, soft_wrap=True).print(summary)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def size_line(manifest: dict) -> str:
+    sizes = manifest["sizes"]
+    artifact, fp = sizes["artifact_bytes"], sizes["fp_checkpoint_bytes"]
+    ratio = f", {fp / artifact:.2f}x smaller" if artifact and fp else ""
+    return (f"{_mib(artifact)} on disk (tensors {_mib(sizes['tensor_bytes'])}) vs the FP checkpoint's "
+            f"{_mib(fp)}{ratio}")
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars, for every command.")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """ditq: quantize diffusion transformers and U-Nets."""
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "quiet": quiet}
+
+
+@cli.command("compile")
+@click.argument("model")
+@click.option("--recipe", "-r", default="w8a8", show_default=True, help="Preset name or recipe file.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
+@click.option("--backend", type=click.Choice(["torch", "torch-int8"]), default="torch", show_default=True)
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+              help="A saved CalibrationSet (.safetensors) instead of sampling.")
+@click.option("--scheduler", help="Scheduler folder (scheduler_config.json) or module:factory, where MODEL has none.")
+@click.option("--steps", default=100, show_default=True, help="Sampler steps for calibration (25 are kept).")
+@click.option("--guidance", default=2.0, show_default=True, help="Classifier-free guidance scale when sampling.")
+@click.option("--trajectories", default=32, show_default=True, help="Sampled trajectories for calibration.")
+@click.option("--seed", default=0, show_default=True, help="Calibration seed (recorded in the artifact).")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Also write the HTML view here.")
+@quiet_option
+@click.pass_context
+def compile_command(ctx, model, recipe, out, backend, calibration, scheduler, steps, guidance, trajectories, seed,
+                    html_file, quiet):
+    """Quantize MODEL with a recipe and save the artifact to --out.
+
+    MODEL: a zoo name (dit-digits, unet-digits), a diffusers model or pipeline folder, or
+    module:factory. Calibration comes from the model's own sampler when its scheduler is known,
+    or from --calibration.
+    """
+    import ditq_compiler as dq
+    from ditq_compiler.model_source import ModelSourceError, calibration_for, resolve_model
+
+    quiet = _quiet(ctx, quiet)
+    recipe = Recipe.load(recipe)                        # bad recipes fail before any work
+    try:
+        source = resolve_model(model, scheduler)
+    except ModelSourceError as e:
+        raise click.BadParameter(str(e), param_hint="MODEL") from None
+    try:
+        calibration = calibration_for(source, calibration_file=calibration, num_inference_steps=steps,
+                                      guidance_scale=guidance, trajectories=trajectories, seed=seed,
+                                      progress=not quiet)
+    except ModelSourceError as e:
+        raise click.UsageError(str(e)) from None
+    compiled = dq.compile(source.model, recipe, calibration=calibration, backend=backend, progress=not quiet)
+    path = compiled.save(out, progress=not quiet)
+    console = _console()
+    print_summary(console, compiled.summary())
+    manifest = dq.artifact.read_manifest(path)
+    console.print(f"\nartifact: {path} — {size_line(manifest)}")
+    if html_file:
+        from ditq_compiler.inspection.html import write_html
+
+        console.print(f"HTML view: {write_html(compiled, html_file, manifest)}")
+
+
+@cli.command("export")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--target", type=click.Choice(EXPORT_TARGETS), required=True, help="ONNX flavour to write.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="ONNX file (default: ARTIFACT/model-TARGET.onnx).")
+@quiet_option
+@click.pass_context
+def export_command(ctx, artifact, target, out, quiet):
+    """Export a saved artifact to ONNX for ONNX Runtime (ort) or TensorRT."""
+    import ditq_compiler as dq
+
+    compiled = dq.load(artifact)
+    if not callable(getattr(compiled, "export_onnx", None)):
+        raise RuntimeError("this ditq-compiler has no ONNX backend yet (CompiledModel.export_onnx is missing); "
+                           "update ditq-compiler to export artifacts")
+    out = Path(out) if out else Path(artifact) / f"model-{target}.onnx"
+    console = _console(stderr=True)
+    if _quiet(ctx, quiet):
+        compiled.export_onnx(out, target=target)
+    else:
+        with console.status(f"exporting {compiled._captured.model_class} to {out} (target {target})"):
+            compiled.export_onnx(out, target=target)
+    _console().print(f"wrote {out} ({_mib(Path(out).stat().st_size)})")
+
+
+@cli.command("inspect")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Write the interactive HTML view here.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False),
+              help="Write activation-range PNGs (per layer, before/after the transformations) here.")
+def inspect_command(artifact, html_file, plot_dir):
+    """Show what was done to every layer of a saved artifact."""
+    import ditq_compiler as dq
+
+    compiled = dq.load(artifact)
+    manifest = compiled.manifest
+    console = _console()
+    versions = manifest["library_versions"]
+    calibration = manifest.get("calibration", {})
+    console.print(f"artifact {artifact}: format {manifest['format_version']}, written {manifest['created']} by "
+                  f"ditq-compiler {versions.get('ditq-compiler')} (torch {versions.get('torch')})")
+    console.print(f"size: {size_line(manifest)}; packed integer tensors by bits: {manifest.get('packed_bits')}")
+    console.print(f"calibration: {calibration.get('source')}"
+                  + (f", seed {calibration['seed']}" if "seed" in calibration else ""))
+    print_summary(console, compiled.summary())
+    if html_file:
+        from ditq_compiler.inspection.html import write_html
+
+        console.print(f"HTML view: {write_html(compiled, html_file, manifest)}")
+    if plot_dir:
+        paths = compiled.plot(plot_dir)
+        console.print(f"{len(paths)} plots in {plot_dir}")
+
+
+@cli.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("benchmark", type=click.Choice(BENCHMARKS))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_command(benchmark, args):
+    """Run bench/BENCHMARK.py with ARGS (see `ditq bench BENCHMARK --help`)."""
+    root = Path(__file__).resolve().parents[1]
+    script = root / "bench" / f"{benchmark}.py"
+    if not script.is_file():
+        raise RuntimeError(f"no benchmark script {script}: benchmarks ship with the source repository "
+                           f"(bench/{benchmark}.py), not with an installed package, and this checkout has none")
+    code = subprocess.call([sys.executable, str(script), *args], cwd=root)
+    sys.exit(code)
 
 
 @cli.command()
@@ -23,13 +191,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--samples", default=100, show_default=True, help="Digits sampled per model.")
 @click.option("--steps", default=100, show_default=True, help="DDPM steps.")
 @click.option("--grid", default="ditq-demo.png", show_default=True, help="Where to write the sample grid.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo(recipe: str, backend: str, samples: int, steps: int, grid: str, quiet: bool) -> None:
+@quiet_option
+@click.pass_context
+def demo(ctx, recipe: str, backend: str, samples: int, steps: int, grid: str, quiet: bool) -> None:
     """Quantize the bundled dit-digits model and compare its samples with FP."""
     from ditq_compiler.demo import run_demo
 
-    result = run_demo(recipe, backend, samples=samples, steps=steps, grid=grid, progress=not quiet)
-    click.echo(result.compiled.summary())
+    result = run_demo(recipe, backend, samples=samples, steps=steps, grid=grid, progress=not _quiet(ctx, quiet))
+    console = _console()
+    print_summary(console, result.compiled.summary())
     click.echo("")
     click.echo(result.quality_table)
     click.echo(f"\nsamples (FP rows on top, {recipe} below): {result.grid}")
@@ -56,7 +226,8 @@ def main() -> None:
     except Exception as e:  # one readable line unless --debug
         if debug:
             raise
-        click.echo(f"error: {type(e).__name__}: {e}", err=True)
+        message = " ".join(str(e).split()) or type(e).__name__
+        click.echo(f"error: {type(e).__name__}: {message}", err=True)
         sys.exit(1)
 
 

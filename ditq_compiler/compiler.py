@@ -18,9 +18,12 @@ from ditq_compiler.calibration.channel_stats import calibrate_transforms, transf
 from ditq_compiler.calibration.reconstruct import apply_factors, reconstruct
 from ditq_compiler.capture import CapturedModel, capture
 from ditq_compiler.graph import UnsupportedLayerError, analyse, unsupported_layers
+from ditq_compiler.inspection.activations import record_activation_stats
+from ditq_compiler.inspection.summary import Summary
+from ditq_compiler.provenance import Provenance, provenance_of
 from ditq_compiler.pipeline import PassPipeline
 from ditq_compiler.recipe import Recipe
-from ditq_compiler.report import LayerReport, layer_reports, measure, summary_table
+from ditq_compiler.report import LayerReport, layer_reports, measure, summary_rows
 from ditq_compiler.passes.migrate_outliers import channel_affine
 from ditq_compiler.passes.quantize_linears import QuantizeLinears
 
@@ -28,7 +31,15 @@ BACKENDS = ("torch", "torch-int8")
 
 
 class CompiledModel(torch.nn.Module):
-    """A quantized denoiser: call it like the original model."""
+    """A quantized denoiser: call it like the original model.
+
+    Besides the graph it carries what ``save`` writes and ``ditq inspect`` shows: ``provenance``
+    (FP size, model config, calibration seed, an example call), ``activation_stats`` (per layer,
+    ``ditq_compiler.inspection.activations``) and, for a lowered backend, the reference graph.
+    """
+
+    provenance: Provenance = Provenance()
+    activation_stats: dict = {}
 
     def __init__(self, graph_module: fx.GraphModule, captured: CapturedModel, recipe: Recipe,
                  layers: list[LayerReport], output_sqnr_db: float | None, backend: str,
@@ -75,7 +86,7 @@ class CompiledModel(torch.nn.Module):
             self._refuse_cast(f"to({dtype})")
         return super().to(*args, **kwargs)
 
-    def summary(self) -> str:
+    def summary(self) -> Summary:
         quantized = len(self.layers)
         total = sum(1 for n in self._captured_layers())
         sqnr = "n/a" if self.output_sqnr_db is None else f"{self.output_sqnr_db:.1f} dB"
@@ -93,7 +104,7 @@ class CompiledModel(torch.nn.Module):
                      ", ".join(f"{u.name} (aten.{u.op})" for u in self.unsupported))
         if self.resumed_from_cache:
             head += "\nresumed an interrupted compile: " + ", ".join(self.resumed_from_cache) + " taken from the cache"
-        return head + "\n" + summary_table(self.layers)
+        return Summary(head, *summary_rows(self.layers))
 
     def _captured_layers(self):
         return [n for n in self.graph_module.graph.nodes
@@ -101,6 +112,22 @@ class CompiledModel(torch.nn.Module):
 
     def print_readable(self, print_output: bool = True) -> str:
         return self.graph_module.print_readable(print_output=print_output)
+
+    @property
+    def reference_graph_module(self) -> fx.GraphModule:
+        """The fake-quant reference graph (the one saved); ``graph_module`` itself for backend 'torch'."""
+        reference = self.__dict__.get("_reference_graph")
+        return self.graph_module if reference is None else reference
+
+    def save(self, path: str | Path, progress: bool = False) -> Path:
+        """Write a versioned artifact directory (``ditq_compiler.artifact``); ``dq.load`` reads it back."""
+        from ditq_compiler.artifact import save
+        return save(self, path, progress=progress)
+
+    def plot(self, out_dir: str | Path, layers: Iterable[str] | None = None) -> list[Path]:
+        """PNGs of each layer's activation range over timesteps, before and after the transformations."""
+        from ditq_compiler.inspection.plot import plot_activations
+        return plot_activations(self, out_dir, layers)
 
 
 def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
@@ -153,10 +180,14 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
     float_graph = _copy_graph(gm)
     quantized = PassPipeline([QuantizeLinears(act_qparams, weight_codes)], debug=debug)(gm).graph_module
     reports = layer_reports(quantized, annotations)
+    reference = None if backend == "torch" else _copy_graph(quantized)
     lowered, kernels = _lower(quantized, backend)
     clock.lap("rewrite")
     layer_sqnr, output_sqnr = measure(float_graph, lowered, flat_batches) if flat_batches else ({}, None)
     clock.lap("measure")
+    activations = record_activation_stats(float_graph, list(annotations), flat_batches, _timestep_index(captured),
+                                          {name for name, a in annotations.items() if a.op == "conv2d"})
+    clock.lap("inspect")
     for report, source in zip(reports, annotations, strict=True):
         report.kernel = kernels.get(source, "reference")
         report.sqnr_db = layer_sqnr.get(source)
@@ -166,6 +197,9 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
     compiled.resumed_from_cache = list(cache.loaded)
     compiled.unsupported = unsupported
     compiled.unit_seconds = unit_seconds
+    compiled.provenance = provenance_of(model, calibration, batches, captured.bind)
+    compiled.activation_stats = activations
+    compiled.__dict__["_reference_graph"] = reference   # not a submodule: no second copy in state_dict()
     return compiled
 
 

@@ -63,6 +63,14 @@ def linear_node(gm: fx.GraphModule, name: str, what: str) -> fx.Node:
     return node
 
 
+def record_applied(node: fx.Node, pass_name: str, **details) -> None:
+    """Note on layer ``node`` that ``pass_name`` changed it, with JSON-able details (``ditq inspect`` lists them).
+
+    A new list each time: graph copies share meta values, so the note must not reach the copies.
+    """
+    node.meta["ditq_applied"] = [*node.meta.get("ditq_applied", []), {"pass": pass_name, **details}]
+
+
 def copy_location(new: fx.Node, like: fx.Node) -> None:
     """Give an inserted node the module location of the layer it serves (for names and block grouping)."""
     for key in ("nn_module_stack", "stack_trace", "ditq_timestep_dependent"):

@@ -121,7 +121,8 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def summary_table(reports: list[LayerReport]) -> str:
+def summary_rows(reports: list[LayerReport]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-layer table, as ``summary_table`` and the rich view show it."""
     rows = [[r.name, r.role, r.weights, r.activations,
              f"{r.weight_scale[0]:.2e}..{r.weight_scale[1]:.2e}",
              "dynamic" if r.activation_scale is None and r.activations != "fp32" else
@@ -131,4 +132,9 @@ def summary_table(reports: list[LayerReport]) -> str:
     if any(r.transforms for r in reports):
         rows = [row + [r.transforms or "-"] for row, r in zip(rows, reports, strict=True)]
         header.append("transforms")
+    return header, rows
+
+
+def summary_table(reports: list[LayerReport]) -> str:
+    header, rows = summary_rows(reports)
     return format_table(rows, header)

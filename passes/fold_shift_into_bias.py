@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ditq_compiler.pipeline import copy_location, fetch_attr, linear_node, register_constant
+from ditq_compiler.pipeline import copy_location, fetch_attr, linear_node, record_applied, register_constant
 
 
 class FoldShiftIntoBias:
@@ -57,5 +57,7 @@ class FoldShiftIntoBias:
         shifted.meta["ditq_shift"] = True
         copy_location(shifted, node)
         node.args = (shifted, weight_node, new_bias, *node.args[3:])
+        record_applied(node, "fold_shift_into_bias", channels=int(shift.numel()),
+                       shift_min=float(shift.min()), shift_max=float(shift.max()))
         if bias_node is not None and not bias_node.users:
             gm.graph.erase_node(bias_node)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ditq_compiler.pipeline import copy_location, fetch_attr, linear_node, register_constant
+from ditq_compiler.pipeline import copy_location, fetch_attr, linear_node, record_applied, register_constant
 
 
 def channel_affine(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Tensor | None, Tensor | None, fx.Node | None]:
@@ -81,5 +81,7 @@ class MigrateOutliers:
         if not shift_node.users:
             gm.graph.erase_node(shift_node)
         node.args = (node.args[0], migrated, *node.args[2:])
+        record_applied(node, "migrate_outliers", migrated_channels=int((factors > 1).sum()),
+                       max_factor=float(factors.max()))
         if not weight_node.users:
             gm.graph.erase_node(weight_node)

@@ -24,7 +24,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 import ditq_compiler.ops  # noqa: F401  (registers the ditq:: ops)
 from ditq_compiler.annotate import LayerAnnotation
-from ditq_compiler.pipeline import fetch_attr, register_constant
+from ditq_compiler.pipeline import fetch_attr, record_applied, register_constant
 from ditq_compiler.quant import quantize, weight_qparams
 
 
@@ -105,5 +105,7 @@ class QuantizeLinears:
             new = gm.graph.call_function(target, tuple(args))
         new.meta.update(node.meta)
         new.meta["ditq_source_node"] = node.name
+        record_applied(new, "quantize_linears", op=str(target),
+                       weight_rounding="learned (reconstruction)" if node.name in self.weight_codes else "nearest")
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -35,3 +36,128 @@ def test_exit_codes_bad_usage_and_failure():
     assert failed.returncode == 1
     assert failed.stderr.startswith("error: RecipeError: unknown recipe 'w9a9'")
     assert "Traceback" not in failed.stderr
+
+
+# ---- compile / export / inspect / bench ------------------------------------------------------------
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import ditq_compiler as dq  # noqa: E402
+from ditq_compiler.cli import main  # noqa: E402
+
+FACTORY = """
+from ditq_compiler.toy import small_dit
+
+def make():
+    return small_dit()
+"""
+
+
+def run_main(args, monkeypatch, capsys):
+    """``ditq ARGS`` in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["ditq", *args])
+    with pytest.raises(SystemExit) as stop:
+        main()
+        sys.exit(0)
+    out = capsys.readouterr()
+    return stop.value.code or 0, out.out, out.err
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A working directory with a model factory module and a saved calibration set for it."""
+    from ditq_compiler.calibration import CalibrationSet
+
+    (tmp_path / "toyfactory.py").write_text(FACTORY)
+    g = torch.Generator().manual_seed(0)
+    CalibrationSet(sample_name="hidden_states", inputs=torch.randn(16, 4, 8, 8, generator=g),
+                   timesteps=torch.randint(0, 1000, (16,), generator=g),
+                   class_labels=torch.randint(0, 10, (16,), generator=g),
+                   step_index=torch.arange(16), batch_size=8).save(tmp_path / "calibration.safetensors")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_compile_a_factory_model_then_inspect_and_export(project, monkeypatch, capsys):
+    code, out, err = run_main(["--quiet", "compile", "toyfactory:make", "--recipe", "w8a8-minmax", "--out", "art",
+                               "--calibration", "calibration.safetensors"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "12 of 23 linear/conv layers quantized" in out and "artifact: art" in out and "x smaller" in out
+    assert dq.load(project / "art").provenance.calibration["source"] == "batches"
+
+    code, out, err = run_main(["inspect", "art", "--html", "view.html", "--plot", "plots"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "format 1" in out and "vs the FP checkpoint" in out and "transformer_blocks.1.ff.net.2" in out
+    assert (project / "view.html").stat().st_size > 0 and len(list((project / "plots").glob("*.png"))) == 12
+
+    code, out, err = run_main(["export", "art", "--target", "ort"], monkeypatch, capsys)
+    assert code == 1 and err.startswith("error: RuntimeError: this ditq-compiler has no ONNX backend yet")
+    assert len(err.strip().splitlines()) == 1
+
+    calls = []
+
+    def export_onnx(self, path, target):
+        calls.append(target)
+        Path(path).write_bytes(b"onnx")
+
+    monkeypatch.setattr(dq.CompiledModel, "export_onnx", export_onnx, raising=False)
+    code, out, err = run_main(["-q", "export", "art", "--target", "tensorrt"], monkeypatch, capsys)
+    assert code == 0 and calls == ["tensorrt"] and "model-tensorrt.onnx" in out
+
+
+def test_compile_a_zoo_model_calibrates_on_its_own_sampler(tmp_path):
+    out = tmp_path / "dit"
+    result = CliRunner().invoke(cli, ["compile", "dit-digits", "-r", "w8a8-minmax", "-o", str(out), "--quiet",
+                                      "--steps", "5", "--trajectories", "4", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    manifest = dq.artifact.read_manifest(out)
+    assert manifest["calibration"]["source"] == "from_sampler" and manifest["calibration"]["seed"] == 3
+    assert manifest["calibration"]["num_inference_steps"] == 5 and manifest["calibration"]["null_class"] == 10
+
+
+def test_bad_usage_exits_2_with_one_message(project, monkeypatch, capsys):
+    code, _, err = run_main(["compile", "no-such-model", "--out", "x"], monkeypatch, capsys)
+    assert code == 2 and "MODEL 'no-such-model' is not a zoo model" in err
+    code, _, err = run_main(["compile", "toyfactory:make", "--out", "x"], monkeypatch, capsys)
+    assert code == 2 and "no scheduler is known for DiTTransformer2DModel from toyfactory:make" in err
+    code, _, err = run_main(["export", ".", "--target", "coreml"], monkeypatch, capsys)
+    assert code == 2 and "'coreml' is not one of 'ort', 'tensorrt'" in err
+    code, _, err = run_main(["inspect", str(project)], monkeypatch, capsys)
+    assert code == 1 and "is not a ditq artifact: it has no manifest.json" in err and "Traceback" not in err
+    with pytest.raises(dq.ArtifactError):
+        run_main(["--debug", "inspect", str(project)], monkeypatch, capsys)
+
+
+def test_bench_wraps_the_scripts_and_says_when_one_is_missing(monkeypatch, capsys):
+    code, _, err = run_main(["bench", "speed", "--threads", "1"], monkeypatch, capsys)
+    if not (Path(__file__).parents[1] / "bench" / "speed.py").exists():
+        assert code == 1 and "no benchmark script" in err and "bench/speed.py" in err
+    assert run("bench", "quality", "--help").returncode == 0
+
+
+@pytest.mark.parametrize("command", [[], ["compile"], ["export"], ["inspect"], ["bench"], ["demo"], ["recipes"]])
+def test_help_everywhere(command):
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_compile_a_diffusers_pipeline_folder_uses_its_scheduler(tmp_path, dit):
+    from diffusers import DDPMScheduler
+
+    folder = tmp_path / "pipeline"
+    dit.save_pretrained(folder / "transformer")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text("{}")
+    result = CliRunner().invoke(cli, ["-q", "compile", str(folder), "-r", "w8a8-minmax", "-o", str(tmp_path / "art"),
+                                      "--steps", "3", "--trajectories", "2"])
+    assert result.exit_code == 0, result.output
+    assert "DiTTransformer2DModel compiled with recipe 'w8a8-minmax'" in result.output
+    calibration = dq.artifact.read_manifest(tmp_path / "art")["calibration"]
+    assert calibration["source"] == "from_sampler" and calibration["null_class"] == 10
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"_class_name": "DDPMScheduler"}')   # only model classes load
+    bad = CliRunner().invoke(cli, ["compile", str(tmp_path / "bad"), "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "_class_name 'DDPMScheduler' is not a diffusers model class" in bad.output
+    bad = CliRunner().invoke(cli, ["compile", str(folder / "scheduler"), "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "not a diffusers model folder (no config.json)" in bad.output

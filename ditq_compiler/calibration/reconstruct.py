@@ -43,7 +43,7 @@ from ditq_compiler.calibration.cache import WorkCache, pack, unpack
 from ditq_compiler.calibration.recon_layer import ReconLayer
 from ditq_compiler.graph import module_path
 from ditq_compiler.passes.migrate_outliers import channel_affine
-from ditq_compiler.pipeline import fetch_attr, register_constant
+from ditq_compiler.pipeline import fetch_attr, record_applied, register_constant
 from ditq_compiler.recipe import ReconstructionSpec
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|#|$)")
@@ -386,5 +386,6 @@ def apply_factors(gm: fx.GraphModule, factors: Mapping[str, Tensor]) -> None:
             setattr(gm.get_submodule(owner) if owner else gm, attr, value)
         weight = register_constant(gm, f"ditq_{name}_reconstructed_weight", base * new.reshape(1, -1), node)
         node.args = (node.args[0], weight, *node.args[2:])
+        record_applied(node, "reconstruct (migration factors)", max_factor=float(new.max()))
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -51,4 +51,14 @@ def scheduler(name: str):
     return build_scheduler()
 
 
-__all__ = ["MODELS", "load", "scheduler", "weights_dir"]
+def pipeline(name: str = "dit-digits"):
+    """A ``DigitsDiTPipeline`` around the zoo model ``name`` and its scheduler (built locally)."""
+    from ditq_compiler.zoo.dit_pipeline import DigitsDiTPipeline
+
+    if MODELS[name].kind != "dit":
+        raise KeyError(f"{name!r} is not a DiT; pipelines are built for: "
+                       f"{', '.join(n for n, s in MODELS.items() if s.kind == 'dit')}")
+    return DigitsDiTPipeline(transformer=load(name), scheduler=scheduler(name))
+
+
+__all__ = ["MODELS", "load", "pipeline", "scheduler", "weights_dir"]
