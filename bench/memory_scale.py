@@ -14,7 +14,7 @@ Iterations per block are few by default (the point is memory and the time per it
 quality recipe's 1000 iterations scale the training part linearly). Writes
 bench/results/memory-scale.json.
 
-    python bench/memory_scale.py [--blocks 28 --samples 32 --iterations 20 --threads 2]
+    python bench/memory_scale.py [--blocks 28 --samples 16 --iterations 10 --recon-batch 8 --threads 2]
 """
 
 from __future__ import annotations
@@ -79,9 +79,10 @@ def calibration(samples: int, batch: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=28)
-    parser.add_argument("--samples", type=int, default=32, help="calibration samples")
+    parser.add_argument("--samples", type=int, default=16, help="calibration samples")
     parser.add_argument("--batch", type=int, default=8, help="calibration batch size")
-    parser.add_argument("--iterations", type=int, default=20, help="reconstruction iterations per block")
+    parser.add_argument("--iterations", type=int, default=10, help="reconstruction iterations per block")
+    parser.add_argument("--recon-batch", type=int, default=8, help="reconstruction mini-batch")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results/memory-scale.json"))
     args = parser.parse_args()
@@ -98,6 +99,7 @@ def main() -> None:
     recipe = dq.Recipe.load("taq-dit-w4a8").to_dict()
     recipe["name"] = "taq-dit-w4a8-memory"
     recipe["reconstruction"]["iterations"] = args.iterations
+    recipe["reconstruction"]["batch_size"] = args.recon_batch
     batches = calibration(args.samples, args.batch)
     start = time.perf_counter()
     compiled = dq.compile(model, dq.Recipe.from_dict(recipe), calibration=batches, cache_dir=False)
@@ -105,7 +107,8 @@ def main() -> None:
     stages["compiled"] = rss_gib()
     sampler.running = False
     sampler.join()
-    blocks = [s for s in compiled.unit_seconds.values() if s > 0]
+    blocks = [s["total"] for s in compiled.unit_seconds.values() if s["total"] > 0]
+    per_iteration = [s["learning"] / args.iterations for s in compiled.unit_seconds.values() if s["total"] > 0]
     result = {
         "model": f"DiTTransformer2DModel, DiT-XL/2 shape, {args.blocks} blocks, random weights",
         "parameters": params, "fp32_gib": params * 4 / 2**30, "settings": vars(args) | {"out": str(args.out)},
@@ -114,6 +117,9 @@ def main() -> None:
         "compile_seconds": total, "stage_seconds": compiled.stage_seconds,
         "block_seconds": {"median": statistics.median(blocks), "min": min(blocks), "max": max(blocks),
                           "count": len(blocks)},
+        "seconds_per_iteration": {"median": statistics.median(per_iteration), "batch_size": args.recon_batch},
+        "extrapolated_block_seconds_1000_iterations": statistics.median(blocks) - statistics.median(per_iteration)
+        * args.iterations + 1000 * statistics.median(per_iteration),
         "output_sqnr_db": compiled.output_sqnr_db,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))

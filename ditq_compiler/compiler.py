@@ -53,7 +53,7 @@ class CompiledModel(torch.nn.Module):
         self.stage_seconds = dict(stage_seconds or {})
         self.resumed_from_cache: list[str] = []     # work an interrupted compile had finished
         self.unsupported: list = []                  # weighted ops left in float (graph.UnsupportedLayer)
-        self.unit_seconds: dict[str, float] = {}     # reconstruction wall time per phase:block (0: cached)
+        self.unit_seconds: dict[str, dict[str, float]] = {}   # phase:block -> {"total", "learning"} s (0: cached)
         self._captured = captured
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -95,7 +95,7 @@ class CompiledModel(torch.nn.Module):
                 f"output SQNR vs FP on the calibration data: {sqnr}")
         if self.stage_seconds:
             head += "\nstages: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
-        learned = [v for v in self.unit_seconds.values() if v > 0]
+        learned = [v["total"] for v in self.unit_seconds.values() if v["total"] > 0]
         if learned:
             head += (f"\nreconstruction: {len(self.unit_seconds)} block(s), "
                      f"median {sorted(learned)[len(learned) // 2]:.1f} s per block learned")
@@ -173,7 +173,8 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
     weight_codes, unit_seconds = None, {}
     if recipe.reconstruction is not None:
         learned = reconstruct(gm, annotations, act_qparams, flat_batches, recipe.reconstruction, progress, cache)
-        unit_seconds = learned.seconds
+        unit_seconds = {unit: {"total": total, "learning": learned.train_seconds.get(unit, 0.0)}
+                        for unit, total in learned.seconds.items()}
         apply_factors(gm, learned.factors)
         act_qparams, weight_codes = {**act_qparams, **learned.activations}, learned.weights
         clock.lap("reconstruction")

@@ -56,6 +56,7 @@ class ReconstructionResult:
     factors: dict[str, Tensor] = field(default_factory=dict)                          # node -> a
     losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # phase:unit -> loss before, after
     seconds: dict[str, float] = field(default_factory=dict)               # phase:unit -> wall time (0: cached)
+    train_seconds: dict[str, float] = field(default_factory=dict)         # phase:unit -> of which learning
 
 
 def unit_of(layer_name: str) -> str:
@@ -348,8 +349,10 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
             if phase == "activations":   # weights stay at their learned rounding
                 for layer in unit_layers:
                     layer.weight_mode = "hard"
+            learning = time.perf_counter()
             before, after = _train_unit(unit, unit_layers, x_q, x_fp, target, spec, learn_rounding, learn_acts,
                                       qdrop, generator, progress)
+            result.train_seconds[f"{phase}:{unit.name}"] = time.perf_counter() - learning
             result.losses[f"{phase}:{unit.name}"] = (before, after)
             result.seconds[f"{phase}:{unit.name}"] = time.perf_counter() - started
             done.update(unit.layers)
