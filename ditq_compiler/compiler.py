@@ -21,7 +21,7 @@ from ditq_compiler.graph import UnsupportedLayerError, analyse, unsupported_laye
 from ditq_compiler.inspection.activations import record_activation_stats
 from ditq_compiler.inspection.summary import Summary
 from ditq_compiler.provenance import Provenance, provenance_of
-from ditq_compiler.pipeline import PassPipeline
+from ditq_compiler.pipeline import PassPipeline, copy_graph_sharing_tensors
 from ditq_compiler.recipe import Recipe
 from ditq_compiler.report import LayerReport, layer_reports, measure, summary_rows
 from ditq_compiler.passes.migrate_outliers import channel_affine
@@ -178,7 +178,7 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
         apply_factors(gm, learned.factors)
         act_qparams, weight_codes = {**act_qparams, **learned.activations}, learned.weights
         clock.lap("reconstruction")
-    float_graph = _copy_graph(gm)
+    float_graph = copy_graph_sharing_tensors(gm)
     quantized = PassPipeline([QuantizeLinears(act_qparams, weight_codes)], debug=debug)(gm).graph_module
     reports = layer_reports(quantized, annotations)
     reference = None if backend == "torch" else _copy_graph(quantized)

@@ -26,11 +26,9 @@ batch size are recomputed inside), so an iteration runs the unit only.
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -43,7 +41,7 @@ from ditq_compiler.calibration.cache import WorkCache, pack, unpack
 from ditq_compiler.calibration.recon_layer import ReconLayer
 from ditq_compiler.graph import module_path
 from ditq_compiler.passes.migrate_outliers import channel_affine
-from ditq_compiler.pipeline import fetch_attr, record_applied, register_constant
+from ditq_compiler.pipeline import copy_graph_sharing_tensors, fetch_attr, record_applied, register_constant
 from ditq_compiler.recipe import ReconstructionSpec
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|#|$)")
@@ -273,6 +271,8 @@ def _train_unit(unit: _Unit, layers: list[ReconLayer], x_q: dict, x_fp: dict, ta
         if step % 50 == 0:
             bar.set_postfix(rec=f"{float(rec.detach()):.3g}", round="-" if b is None else f"{b:.1f}")
     unit.module.eval()
+    for optimizer in optimizers:   # the last step's gradients would otherwise stay, one weight-sized
+        optimizer.zero_grad(set_to_none=True)   # tensor per layer for the rest of the compile
     return before, _evaluate(unit, layers, x_q, target, spec, learn_acts)
 
 
@@ -297,7 +297,8 @@ def _evaluate(unit: _Unit, layers: list[ReconLayer], x_q: dict, target: tuple, s
 
 def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                 act_qparams: Mapping[str, tuple[Tensor, Tensor]], batches: list[list[Any]],
-                spec: ReconstructionSpec, progress: bool = True, cache: WorkCache | None = None) -> ReconstructionResult:
+                spec: ReconstructionSpec, progress: bool = True,
+                cache: WorkCache | None = None) -> ReconstructionResult:
     """Learn rounding, activation scales and migration factors unit by unit (see module doc).
 
     ``gm`` is the float graph after shift and migration; it is not modified. With a ``cache``,
@@ -306,9 +307,7 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
     """
     if not batches:
         raise ValueError("reconstruction needs calibration batches; the calibration set is empty")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
-        train = copy.deepcopy(gm)
+    train = copy_graph_sharing_tensors(gm)   # the weights are only read
     train.requires_grad_(False)   # only the reconstruction parameters learn
     layers = _swap_in_layers(train, annotations, act_qparams)
     units: dict[str, list[str]] = {}
@@ -334,8 +333,11 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
             if finished is not None:
                 result.seconds[f"{phase}:{unit.name}"] = 0.0
                 tensors, metadata = finished
-                for n in unit.layers:
-                    layers[n].load_state_dict(unpack(n, tensors))
+                for n in unit.layers:   # base_weight is the graph's own weight, never stored
+                    missing, unexpected = layers[n].load_state_dict(unpack(n, tensors), strict=False)
+                    if set(missing) != {"base_weight"} or unexpected:
+                        raise ValueError(f"cached state of layer node '{n}' does not fit it: missing {missing}, "
+                                         f"unexpected {unexpected}")
                 generator.set_state(tensors["generator"])
                 result.losses[f"{phase}:{unit.name}"] = (float(metadata["before"]), float(metadata["after"]))
                 done.update(unit.layers)
@@ -357,7 +359,8 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
             result.seconds[f"{phase}:{unit.name}"] = time.perf_counter() - started
             done.update(unit.layers)
             if cache is not None:
-                state = {k: v for n in unit.layers for k, v in pack(n, layers[n].state_dict()).items()}
+                state = {k: v for n in unit.layers for k, v in pack(n, layers[n].state_dict()).items()
+                         if not k.endswith("/base_weight")}
                 cache.save(entry, {**state, "generator": generator.get_state()},
                            {"before": repr(before), "after": repr(after)})
         if phase == "weights":  # the activation phase starts from the learned weights everywhere
