@@ -12,12 +12,13 @@ from ditq_compiler.artifact import ArtifactError, load
 from ditq_compiler.capture import CaptureError
 from ditq_compiler.calibration import CalibrationError
 from ditq_compiler.compiler import CompiledModel, compile
+from ditq_compiler.graph import UnsupportedLayerError
 from ditq_compiler.pipeline import PassError
 from ditq_compiler.recipe import Recipe, RecipeError
 
 __version__ = "0.1.0"
 __all__ = ["ArtifactError", "CalibrationError", "CaptureError", "CompiledModel", "PassError", "Recipe", "RecipeError",
-           "calibration", "compile", "load"]
+           "UnsupportedLayerError", "calibration", "compile", "load"]
 
 _LAZY_SUBMODULES = ("diffusers", "zoo", "inspection", "artifact", "sampling", "quality")
 

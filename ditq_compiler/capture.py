@@ -43,9 +43,39 @@ class CapturedModel:
     model_class: str
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """Map a call of the original model onto the exported inputs, by name."""
-        return bind_inputs(self.signature, args, kwargs, self.timestep_input,
-                           expected=self.input_names, model_class=self.model_class)
+        """Map a call of the original model onto the exported inputs, by name, and check their shapes."""
+        inputs = bind_inputs(self.signature, args, kwargs, self.timestep_input,
+                             expected=self.input_names, model_class=self.model_class)
+        check_shapes(self.graph_module, inputs, self.model_class)
+        return inputs
+
+
+def check_shapes(gm: fx.GraphModule, inputs: dict[str, Any], model_class: str) -> None:
+    """Every tensor input has the rank and the static sizes the graph was exported with.
+
+    Dimensions exported as dynamic (the batch) may take any size; the others are fixed by the
+    export (a DiT's pos-embedding fixes its latent size), and a different size is named here
+    rather than failing deep inside the graph.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    flat = torch.utils._pytree.tree_flatten_with_path(((), inputs))[0]
+    if len(flat) != len(placeholders):    # a call torch.export's own guards will judge
+        return
+    for (path, value), node in zip(flat, placeholders, strict=True):
+        expected = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not isinstance(expected, torch.Tensor):
+            continue
+        name = torch.utils._pytree.keystr(path[1:]).strip("[]'\"")
+        shown = "(" + ", ".join(str(d) if isinstance(d, int) else "any" for d in expected.shape) + ")"
+        if value.dim() != expected.dim():
+            raise ValueError(f"{model_class}: input '{name}' has {value.dim()} dims, shape {tuple(value.shape)}; "
+                             f"the model was compiled for shape {shown}")
+        for dim, (got, want) in enumerate(zip(value.shape, expected.shape, strict=True)):
+            if isinstance(want, int) and got != want:
+                raise ValueError(
+                    f"{model_class}: input '{name}' has size {got} in dim {dim} (shape {tuple(value.shape)}); "
+                    f"the model was compiled for shape {shown}, where dim {dim} is fixed at {want}. Compile with "
+                    "example inputs of the size you deploy, or ask for that dim in dynamic_shapes=")
 
 
 def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict, timestep_name: str | None,
@@ -132,8 +162,15 @@ def _source_line(error: BaseException) -> str | None:
     return location
 
 
-def capture(model: torch.nn.Module, example_inputs: tuple[tuple, dict] | dict | None = None) -> CapturedModel:
-    """Export a deep copy of ``model`` with ``torch.export`` and return the unlifted graph."""
+def capture(model: torch.nn.Module, example_inputs: tuple[tuple, dict] | dict | None = None,
+            dynamic_shapes: dict[str, dict[int, Any]] | None = None) -> CapturedModel:
+    """Export a deep copy of ``model`` with ``torch.export`` and return the unlifted graph.
+
+    ``dynamic_shapes`` asks for more dynamic dims than the batch, by input name:
+    ``{"hidden_states": {2: Dim("h", min=16, max=64)}}`` (``torch.export.Dim``, or ``Dim.AUTO``).
+    A request the model's code cannot honour (a DiT's pos-embedding fixes its latent size; a
+    patch-2 model needs even sizes) is an error that names the input, the dim and torch's fix.
+    """
     cls = type(model).__name__
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compile() takes a torch.nn.Module, got {cls}")
@@ -154,17 +191,30 @@ def capture(model: torch.nn.Module, example_inputs: tuple[tuple, dict] | dict | 
 
     copy_ = copy.deepcopy(model).eval()
     dynamic = {name: _batch_dims(value) for name, value in inputs.items()}
+    for name, dims in (dynamic_shapes or {}).items():
+        value = inputs.get(name)
+        if not isinstance(value, torch.Tensor):
+            tensors = [n for n, v in inputs.items() if isinstance(v, torch.Tensor)]
+            raise CaptureError(f"dynamic_shapes['{name}']: {cls} has no tensor input '{name}' (inputs: {tensors})")
+        for dim in dims:
+            if not isinstance(dim, int) or not 0 <= dim < value.dim():
+                raise CaptureError(f"dynamic_shapes['{name}'][{dim!r}]: '{name}' has dims 0..{value.dim() - 1} "
+                                   f"(shape {tuple(value.shape)})")
+        dynamic[name] = {**(dynamic[name] or {}), **dims}
     try:
         program = torch.export.export(copy_, (), inputs, dynamic_shapes=dynamic)
     except Exception as e:  # torch raises many types here; all mean "does not export"
+        if dynamic_shapes and "Constraints violated" in str(e):
+            raise CaptureError(_constraint_message(cls, str(e), dynamic_shapes)) from e
         where = _source_line(e)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CaptureError(
             f"torch.export could not capture {cls}: {type(e).__name__}: {first}\n"
             f"  at: {where or 'unknown source line'}\n"
             "  hint: data-dependent Python control flow (if/while on tensor values, .item(), "
-            "tolist()) cannot be captured; rewrite it with torch.where / torch.cond, or pass "
-            "example inputs that take the branch you deploy."
+            "tolist()) cannot be captured; rewrite it with torch.where / torch.cond, state what a "
+            "data-dependent value may be with torch._check, or pass example inputs that take the "
+            "branch you deploy."
         ) from e
     gm = program.module()
     placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
@@ -177,6 +227,18 @@ def capture(model: torch.nn.Module, example_inputs: tuple[tuple, dict] | dict | 
         if timestep_name in inputs else None,
         model_class=cls,
     )
+
+
+def _constraint_message(cls: str, error: str, requested: dict[str, dict[int, Any]]) -> str:
+    """torch's constraint report, reduced to the lines that say which requested dim breaks which guard."""
+    lines = [line.strip() for line in error.splitlines()]
+    broken = [line.lstrip("- ") for line in lines if line.startswith("- ")]
+    fixes = lines[lines.index("Suggested fixes:") + 1:] if "Suggested fixes:" in lines else []
+    fixes = [f for f in fixes if f and "=" in f and not f.startswith("The error")]
+    asked = ", ".join(f"'{name}' dims {sorted(dims)}" for name, dims in requested.items())
+    return (f"dynamic_shapes: {cls} cannot be exported with the sizes asked for ({asked}): the model's code "
+            "constrains them.\n  " + "\n  ".join(broken[:6]) +
+            (f"\n  torch suggests: {'; '.join(fixes)}" if fixes else ""))
 
 
 def _batch_dims(value: Any):

@@ -13,14 +13,15 @@ from torch import fx
 
 from ditq_compiler.annotate import LayerAnnotation, annotate
 from ditq_compiler.calibration import as_batches, observe_activations
-from ditq_compiler.calibration.channel_stats import plan_transforms
+from ditq_compiler.calibration.cache import WorkCache, open_cache, pack, unpack
+from ditq_compiler.calibration.channel_stats import calibrate_transforms, transform_passes
 from ditq_compiler.calibration.reconstruct import apply_factors, reconstruct
 from ditq_compiler.capture import CapturedModel, capture
-from ditq_compiler.graph import analyse
+from ditq_compiler.graph import UnsupportedLayerError, analyse, unsupported_layers
 from ditq_compiler.inspection.activations import record_activation_stats
 from ditq_compiler.inspection.summary import Summary
 from ditq_compiler.provenance import Provenance, provenance_of
-from ditq_compiler.pipeline import PassPipeline
+from ditq_compiler.pipeline import PassPipeline, copy_graph_sharing_tensors
 from ditq_compiler.recipe import Recipe
 from ditq_compiler.report import LayerReport, layer_reports, measure, summary_rows
 from ditq_compiler.passes.migrate_outliers import channel_affine
@@ -50,10 +51,40 @@ class CompiledModel(torch.nn.Module):
         self.output_sqnr_db = output_sqnr_db
         self.backend = backend
         self.stage_seconds = dict(stage_seconds or {})
+        self.resumed_from_cache: list[str] = []     # work an interrupted compile had finished
+        self.unsupported: list = []                  # weighted ops left in float (graph.UnsupportedLayer)
+        self.unit_seconds: dict[str, dict[str, float]] = {}   # phase:block -> {"total", "learning"} s (0: cached)
         self._captured = captured
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.graph_module(**self._captured.bind(args, kwargs))
+
+    # ---- dtype casts are refused --------------------------------------------------------------
+    _CAST_REFUSED = ("holds integer weight codes with their calibrated scales; casting it would silently "
+                     "dequantize them or change the quantizers' arithmetic. Compile the float model again "
+                     "for another precision, or export it (export_onnx) for a runtime that picks its own.")
+
+    def _refuse_cast(self, what: str):
+        raise TypeError(f"CompiledModel.{what}: a compiled {self._captured.model_class} {self._CAST_REFUSED}")
+
+    def half(self):
+        self._refuse_cast("half()")
+
+    def bfloat16(self):
+        self._refuse_cast("bfloat16()")
+
+    def double(self):
+        self._refuse_cast("double()")
+
+    def type(self, dst_type):
+        self._refuse_cast(f"type({dst_type})")
+
+    def to(self, *args: Any, **kwargs: Any):
+        """Moves to another device; a dtype change is refused (see ``half``)."""
+        _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None:
+            self._refuse_cast(f"to({dtype})")
+        return super().to(*args, **kwargs)
 
     def summary(self) -> Summary:
         quantized = len(self.layers)
@@ -64,6 +95,15 @@ class CompiledModel(torch.nn.Module):
                 f"output SQNR vs FP on the calibration data: {sqnr}")
         if self.stage_seconds:
             head += "\nstages: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
+        learned = [v["total"] for v in self.unit_seconds.values() if v["total"] > 0]
+        if learned:
+            head += (f"\nreconstruction: {len(self.unit_seconds)} block(s), "
+                     f"median {sorted(learned)[len(learned) // 2]:.1f} s per block learned")
+        if self.unsupported:
+            head += (f"\nleft in float, no quantized lowering ({len(self.unsupported)}): " +
+                     ", ".join(f"{u.name} (aten.{u.op})" for u in self.unsupported))
+        if self.resumed_from_cache:
+            head += "\nresumed an interrupted compile: " + ", ".join(self.resumed_from_cache) + " taken from the cache"
         return Summary(head, *summary_rows(self.layers))
 
     def _captured_layers(self):
@@ -92,36 +132,53 @@ class CompiledModel(torch.nn.Module):
 
 def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
             calibration: Iterable[Any] | None = None, *, example_inputs: Any = None,
-            backend: str = "torch", debug: bool = False, progress: bool = True) -> CompiledModel:
+            backend: str = "torch", debug: bool = False, progress: bool = True,
+            cache_dir: str | Path | bool | None = None, dynamic_shapes: dict | None = None,
+            strict: bool = False) -> CompiledModel:
     """Quantize ``model`` as ``recipe`` says; ``model`` itself is never modified.
 
     ``calibration`` is an iterable of ``(args, kwargs)`` calls of the model. ``backend`` is
     ``"torch"`` (the fake-quant reference) or ``"torch-int8"`` (real int8 GEMMs where they are
     exact on this machine, the reference elsewhere; see ``ditq_compiler.backends.torch``).
+    ``cache_dir``: where finished calibration work is kept until the compile completes, so an
+    interrupted compile resumes (``ditq_compiler.calibration.cache``); None is
+    ``$DITQ_CACHE_DIR`` or ``~/.cache/ditq-compiler``, False keeps nothing. ``dynamic_shapes``:
+    dims besides the batch that may vary at run time (``ditq_compiler.capture.capture``).
+    ``strict``: weight-carrying ops with no quantized lowering (conv1d/3d, transposed convs,
+    matmuls with a weight) are an error listing them all; otherwise they stay in float and the
+    summary lists them.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     clock = _StageClock()
     batches = as_batches(calibration)
-    captured = capture(model, example_inputs if example_inputs is not None else (batches[0] if batches else None))
+    captured = capture(model, example_inputs if example_inputs is not None else (batches[0] if batches else None),
+                       dynamic_shapes)
     gm = captured.graph_module
     analysis = analyse(gm, captured.sample_input, captured.timestep_input)
+    unsupported = unsupported_layers(gm)
+    if strict and unsupported:
+        raise UnsupportedLayerError(f"strict compile of {captured.model_class}: {len(unsupported)} layer(s) carry "
+                                    "weights the compiler cannot quantize:\n  - " +
+                                    "\n  - ".join(u.describe() for u in unsupported))
     annotations = annotate(gm, analysis, recipe)
     flat_batches = [_flat(captured.bind(args, kwargs)) for args, kwargs in batches]
+    cache = open_cache(cache_dir, dict(graph_code=gm.code, state=gm.state_dict(), recipe=recipe.to_dict(),
+                                       batches=flat_batches, versions=_versions()))
     clock.lap("capture")
-    transforms = plan_transforms(gm, annotations, recipe, flat_batches, _timestep_index(captured), progress)
-    if transforms:
-        gm = PassPipeline(transforms, debug=debug)(gm).graph_module
-    act_qparams = observe_activations(gm, annotations, flat_batches, progress)
+    gm, act_qparams = _calibrate(gm, annotations, recipe, flat_batches, _timestep_index(captured), cache,
+                                 debug, progress)
     clock.lap("calibration")
-    weight_codes = None
+    weight_codes, unit_seconds = None, {}
     if recipe.reconstruction is not None:
-        learned = reconstruct(gm, annotations, act_qparams, flat_batches, recipe.reconstruction, progress)
+        learned = reconstruct(gm, annotations, act_qparams, flat_batches, recipe.reconstruction, progress, cache)
+        unit_seconds = {unit: {"total": total, "learning": learned.train_seconds.get(unit, 0.0)}
+                        for unit, total in learned.seconds.items()}
         apply_factors(gm, learned.factors)
         act_qparams, weight_codes = {**act_qparams, **learned.activations}, learned.weights
         clock.lap("reconstruction")
-    float_graph = _copy_graph(gm)
+    float_graph = copy_graph_sharing_tensors(gm)
     quantized = PassPipeline([QuantizeLinears(act_qparams, weight_codes)], debug=debug)(gm).graph_module
     reports = layer_reports(quantized, annotations)
     reference = None if backend == "torch" else _copy_graph(quantized)
@@ -136,11 +193,46 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
         report.kernel = kernels.get(source, "reference")
         report.sqnr_db = layer_sqnr.get(source)
         report.transforms = _transforms_of(float_graph, source)
+    cache.finish()
     compiled = CompiledModel(lowered, captured, recipe, reports, output_sqnr, backend, clock.seconds)
+    compiled.resumed_from_cache = list(cache.loaded)
+    compiled.unsupported = unsupported
+    compiled.unit_seconds = unit_seconds
     compiled.provenance = provenance_of(model, calibration, batches, captured.bind)
     compiled.activation_stats = activations
     compiled.__dict__["_reference_graph"] = reference   # not a submodule: no second copy in state_dict()
     return compiled
+
+
+def _calibrate(gm: fx.GraphModule, annotations: dict[str, LayerAnnotation], recipe: Recipe,
+               flat_batches: list[list[Any]], timestep_index: int | None, cache: WorkCache, debug: bool,
+               progress: bool) -> tuple[fx.GraphModule, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Shift/migration constants put in place, and every static input quantizer's (scale, zero point).
+
+    Taken from ``cache`` when an interrupted compile of the same inputs finished this stage.
+    """
+    finished = cache.load("calibration")
+    if finished is not None:
+        tensors, _ = finished
+        shifts, factors = unpack("shift", tensors), unpack("factors", tensors)
+    else:
+        shifts, factors = calibrate_transforms(gm, annotations, recipe, flat_batches, timestep_index, progress)
+    passes = transform_passes(shifts, factors)
+    if passes:
+        gm = PassPipeline(passes, debug=debug)(gm).graph_module
+    if finished is not None:
+        scales, zero_points = unpack("act_scale", tensors), unpack("act_zero_point", tensors)
+        return gm, {name: (scales[name], zero_points[name]) for name in scales}
+    act_qparams = observe_activations(gm, annotations, flat_batches, progress, timestep_index)
+    cache.save("calibration", {**pack("shift", shifts), **pack("factors", factors),
+                               **pack("act_scale", {n: q[0] for n, q in act_qparams.items()}),
+                               **pack("act_zero_point", {n: q[1] for n, q in act_qparams.items()})})
+    return gm, act_qparams
+
+
+def _versions() -> dict[str, str]:
+    from ditq_compiler import __version__
+    return {"ditq-compiler": __version__, "torch": torch.__version__}
 
 
 class _StageClock:

@@ -93,6 +93,46 @@ class GraphAnalysis:
         return [info for info in self.layers.values() if info.role == role]
 
 
+# ops that carry a weight but have no quantized lowering here, with the closest supported role
+UNSUPPORTED_WEIGHTED = {"conv1d": "conv", "conv3d": "conv", "conv_transpose1d": "conv", "conv_transpose2d": "conv",
+                        "conv_transpose3d": "conv", "convolution": "conv", "mm": "linear", "addmm": "linear",
+                        "matmul": "linear", "bmm": "linear", "baddbmm": "linear", "einsum": "linear"}
+
+
+class UnsupportedLayerError(ValueError):
+    """strict compile: the model has weight-carrying ops the compiler cannot quantize."""
+
+
+@dataclass(frozen=True)
+class UnsupportedLayer:
+    node: str
+    name: str            # module path
+    op: str
+    closest_role: str
+
+    def describe(self) -> str:
+        supported = "aten.conv2d (nn.Conv2d)" if self.closest_role == "conv" else "aten.linear (nn.Linear)"
+        return f"'{self.name}' (node {self.node}, aten.{self.op}): closest supported role '{self.closest_role}', " \
+               f"which needs {supported}"
+
+
+def unsupported_layers(gm: fx.GraphModule) -> list[UnsupportedLayer]:
+    """Weight-carrying ops the compiler cannot quantize: other convolutions, and matmuls with a weight.
+
+    A matmul counts when one operand is a parameter or buffer of the model (through view-like ops);
+    attention's matmuls of two activations do not.
+    """
+    found = []
+    for node in gm.graph.nodes:
+        op = op_name(node)
+        if op not in UNSUPPORTED_WEIGHTED:
+            continue
+        operands = [_trace_back(a, VIEW_OPS) for a in node.args if isinstance(a, fx.Node)]
+        if UNSUPPORTED_WEIGHTED[op] == "conv" or any(a.op == "get_attr" for a in operands):
+            found.append(UnsupportedLayer(node.name, module_path(node), op, UNSUPPORTED_WEIGHTED[op]))
+    return found
+
+
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
     g = nx.DiGraph()
     for node in graph.nodes:

@@ -71,6 +71,22 @@ def record_applied(node: fx.Node, pass_name: str, **details) -> None:
     node.meta["ditq_applied"] = [*node.meta.get("ditq_applied", []), {"pass": pass_name, **details}]
 
 
+def copy_graph_sharing_tensors(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose graph and modules are new but whose parameters and buffers are the same
+    tensors: for a pass that rewrites one copy while the other is kept as the float reference.
+
+    Safe because passes never write into a tensor in place (they register new constants and drop
+    old attributes); it saves one copy of the weights (2.7 GB at DiT-XL size).
+    """
+    import copy
+    import warnings
+
+    memo = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
+        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(gm, memo)
+
+
 def copy_location(new: fx.Node, like: fx.Node) -> None:
     """Give an inserted node the module location of the layer it serves (for names and block grouping)."""
     for key in ("nn_module_stack", "stack_trace", "ditq_timestep_dependent"):

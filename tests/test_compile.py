@@ -90,7 +90,7 @@ class SqrtMLP(torch.nn.Module):
 def test_calibration_producing_nan_names_the_node():
     batches = [((torch.randn(4, 8), torch.tensor([1, 2, 3, 4])), {})]
     recipe = dq.Recipe.from_dict({"name": "all", "quantize_roles": ["patch_embed", "final"]})
-    with pytest.raises(dq.CalibrationError, match=r"batch 0: node 'sqrt'.*NaN/Inf"):
+    with pytest.raises(dq.CalibrationError, match=r"batch 0, sample 0 \(timestep 1\): node 'sqrt'.*NaN/Inf"):
         dq.compile(SqrtMLP(), recipe, calibration=batches, progress=False)
 
 

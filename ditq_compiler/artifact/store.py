@@ -8,7 +8,10 @@
     tensors.safetensors         every tensor the graph reads; integer tensors (weight codes, zero
                                 points) packed at the bits their values need (``bitpack``)
     recipe.yaml                 the recipe, as ``Recipe.save`` writes it
-    report.json                 per-layer report, output SQNR, stage times, provenance
+    report.json                 per-layer report, output SQNR, provenance
+    run.json                    when it was made and how long each stage took: the one file that
+                                differs between two compiles of the same inputs, so it is listed
+                                in the manifest as volatile and has no checksum
     inspection.safetensors      per-layer activation statistics (``inspection.activations``)
     example_inputs.safetensors  one call of the model (two rows), for re-export and checks
 
@@ -17,6 +20,9 @@ format version (newer: an error), the torch version (different: a warning) and e
 sha256 (a corrupted or truncated file is an error naming it), then rebuilds the graph and, for
 backend ``torch-int8``, lowers it again. The loaded model's outputs equal the saved model's bit
 for bit (same ops in the same order on the same values).
+
+Artifacts are deterministic: the same model, recipe, calibration and seeds give the same bytes in
+every file but ``run.json`` (the manifest included: it holds no time stamp).
 
 Writes go to a temporary directory next to the target, which is then swapped in place: with
 Linux's ``renameat2(RENAME_EXCHANGE)`` in one atomic step, elsewhere by two renames. An existing
@@ -58,6 +64,7 @@ FORMAT = "ditq-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPH, TENSORS, RECIPE, REPORT = "graph.json", "tensors.safetensors", "recipe.yaml", "report.json"
+RUN = "run.json"
 INSPECTION, EXAMPLE = "inspection.safetensors", "example_inputs.safetensors"
 LIBRARIES = ("ditq-compiler", "torch", "diffusers", "safetensors", "numpy")
 
@@ -98,7 +105,6 @@ def save(compiled, path: str | os.PathLike, progress: bool = False) -> Path:
     report = {
         "layers": [dataclasses.asdict(layer) for layer in compiled.layers],
         "output_sqnr_db": compiled.output_sqnr_db,
-        "stage_seconds": compiled.stage_seconds,
         "backend": compiled.backend,
         "provenance": {"fp_checkpoint_bytes": provenance.fp_checkpoint_bytes, "model_config": provenance.model_config,
                        "calibration": provenance.calibration},
@@ -116,17 +122,21 @@ def save(compiled, path: str | os.PathLike, progress: bool = False) -> Path:
         save_file(inspection, str(tmp / INSPECTION))
         save_file(example[1], str(tmp / EXAMPLE))
         files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        run = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "stage_seconds": compiled.stage_seconds, "block_seconds": compiled.unit_seconds,
+               "resumed_from_cache": compiled.resumed_from_cache}
+        (tmp / RUN).write_text(json.dumps(run, indent=1))
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "volatile": [RUN],
             "library_versions": library_versions(),
             "model_class": compiled._captured.model_class,
             "recipe": compiled.recipe.name,
             "backend": compiled.backend,
             "calibration": provenance.calibration,
             "reconstruction_seed": compiled.recipe.reconstruction.seed if compiled.recipe.reconstruction else None,
-            "sizes": {"artifact_bytes": sum(f["bytes"] for f in files.values()),
+            "sizes": {"artifact_bytes": sum(f["bytes"] for f in files.values()),   # run.json's few bytes aside
                       "tensor_bytes": files[TENSORS]["bytes"],
                       "fp_checkpoint_bytes": provenance.fp_checkpoint_bytes},
             "packed_bits": _bit_counts(packed),
@@ -320,16 +330,28 @@ def load(path: str | os.PathLike, progress: bool = False):
                    if "ditq_source_node" in n.meta and "ditq" in n.meta}
         for layer in layers:
             layer.kernel = kernels.get(sources.get(layer.name), "reference")
+    run = _read_run(path)
     compiled = CompiledModel(lowered, captured, recipe, layers, report["output_sqnr_db"], backend,
-                             report["stage_seconds"])
+                             run.get("stage_seconds", report.get("stage_seconds")))
+    compiled.unit_seconds = run.get("block_seconds", {})
+    compiled.resumed_from_cache = run.get("resumed_from_cache", [])
     saved = report["provenance"]
     compiled.provenance = Provenance(saved["fp_checkpoint_bytes"], saved["model_config"], saved["calibration"],
                                      _example_from_files(report.get("example_inputs"), example))
     names = sorted({key.rsplit("/", 1)[0] for key in inspection})
     compiled.activation_stats = {name: LayerActivations.from_tensors(inspection, f"{name}/") for name in names}
     compiled.__dict__["_reference_graph"] = None if backend == "torch" else graph_module
-    compiled.manifest = manifest
+    compiled.manifest = {**manifest, "created": run.get("created", "unknown")}   # shown by inspect
     return compiled
+
+
+def _read_run(path: Path) -> dict[str, Any]:
+    """run.json: informative only (times), so a missing or damaged one is an empty record, not an error."""
+    try:
+        run = json.loads((path / RUN).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return run if isinstance(run, dict) else {}
 
 
 _UNSTORED = object()

@@ -81,7 +81,7 @@ def collect_channel_stats(gm: fx.GraphModule, node_names: list[str], batches: li
             t = flat[timestep_index] if timestep_index is not None else None
             t = torch.as_tensor(t) if t is not None else None
             callbacks = {name: (lambda x, s=s, t=t: s.update(x, t)) for name, s in stats.items()}
-            InputObservingInterpreter(gm, callbacks, i).run(*flat)
+            InputObservingInterpreter(gm, callbacks, i, t.reshape(-1) if t is not None else None).run(*flat)
     return stats
 
 
@@ -120,30 +120,44 @@ def outlier_factors(stats: ChannelStats, shift: Tensor, top_k: float) -> Tensor:
     return factors
 
 
-def plan_transforms(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation], recipe: Recipe,
-                    batches: list[list[Any]], timestep_index: int | None, progress: bool = True) -> list:
-    """The shift (and migration) passes the recipe asks for, with their calibrated constants.
+def calibrate_transforms(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation], recipe: Recipe,
+                         batches: list[list[Any]], timestep_index: int | None,
+                         progress: bool = True) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The shifts (and migration factors) the recipe asks for, by linear node name.
 
     Sites: the fc2 layers (their input is the post-GELU activation) or, with ``sites: all``,
     every quantized linear with a static input quantizer.
     """
-    from ditq_compiler.passes.fold_shift_into_bias import FoldShiftIntoBias
-    from ditq_compiler.passes.migrate_outliers import MigrateOutliers
-
     if recipe.shift is None:
-        return []
+        return {}, {}
     sites = [name for name, a in annotations.items()
              if a.op == "linear" and a.activations is not None and a.activations.granularity != "token"
              and (recipe.shift.sites == "all" or a.role == "fc2")]
     if not sites:
-        return []
+        return {}, {}
     if not batches:
         raise ValueError(f"recipe '{recipe.name}' shifts the inputs of {len(sites)} layers (e.g. "
                          f"'{annotations[sites[0]].name}'), which needs calibration batches")
     stats = collect_channel_stats(gm, sites, batches, timestep_index, progress)
     shifts = {name: momentum_shift(stats[name], recipe.shift.statistic, recipe.shift.momentum) for name in sites}
-    passes: list = [FoldShiftIntoBias(shifts)]
+    factors = {}
     if recipe.migration is not None:
-        passes.append(MigrateOutliers({name: outlier_factors(stats[name], shifts[name], recipe.migration.top_k)
-                                       for name in sites}))
+        factors = {name: outlier_factors(stats[name], shifts[name], recipe.migration.top_k) for name in sites}
+    return shifts, factors
+
+
+def transform_passes(shifts: Mapping[str, Tensor], factors: Mapping[str, Tensor]) -> list:
+    """The graph passes that put calibrated shifts and factors in place (shift first, then migration)."""
+    from ditq_compiler.passes.fold_shift_into_bias import FoldShiftIntoBias
+    from ditq_compiler.passes.migrate_outliers import MigrateOutliers
+
+    passes: list = [FoldShiftIntoBias(dict(shifts))] if shifts else []
+    if factors:
+        passes.append(MigrateOutliers(dict(factors)))
     return passes
+
+
+def plan_transforms(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation], recipe: Recipe,
+                    batches: list[list[Any]], timestep_index: int | None, progress: bool = True) -> list:
+    """The shift (and migration) passes the recipe asks for, with their calibrated constants."""
+    return transform_passes(*calibrate_transforms(gm, annotations, recipe, batches, timestep_index, progress))

@@ -66,8 +66,8 @@ class ReconLayer(nn.Module):
             base = weight.detach() / self._column(factors)
         else:
             self.log_factors = None
-            base = weight.detach()
-        self.register_buffer("base_weight", base.clone())
+            base = weight.detach()      # shared with the graph's weight: it is only read
+        self.register_buffer("base_weight", base)
         w = self.effective_weight().detach()
         scale, zero_point = weight_qparams(w, weight_spec)
         self.register_buffer("w_scale", scale)

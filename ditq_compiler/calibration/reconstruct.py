@@ -26,10 +26,9 @@ batch size are recomputed inside), so an iteration runs the unit only.
 
 from __future__ import annotations
 
-import copy
 import math
 import re
-import warnings
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -38,10 +37,11 @@ from torch import Tensor, fx
 from tqdm.auto import tqdm
 
 from ditq_compiler.annotate import LayerAnnotation
+from ditq_compiler.calibration.cache import WorkCache, pack, unpack
 from ditq_compiler.calibration.recon_layer import ReconLayer
 from ditq_compiler.graph import module_path
 from ditq_compiler.passes.migrate_outliers import channel_affine
-from ditq_compiler.pipeline import fetch_attr, record_applied, register_constant
+from ditq_compiler.pipeline import copy_graph_sharing_tensors, fetch_attr, record_applied, register_constant
 from ditq_compiler.recipe import ReconstructionSpec
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|#|$)")
@@ -53,6 +53,8 @@ class ReconstructionResult:
     activations: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)       # node -> s_a, z_a
     factors: dict[str, Tensor] = field(default_factory=dict)                          # node -> a
     losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # phase:unit -> loss before, after
+    seconds: dict[str, float] = field(default_factory=dict)               # phase:unit -> wall time (0: cached)
+    train_seconds: dict[str, float] = field(default_factory=dict)         # phase:unit -> of which learning
 
 
 def unit_of(layer_name: str) -> str:
@@ -154,7 +156,14 @@ def _batched(node: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt)
 
 
+class _AllRecorded(Exception):
+    """Raised by the recorder once every wanted value exists: the rest of the graph need not run."""
+
+
 class _Recorder(fx.Interpreter):
+    """Runs the graph until every wanted node has its value (a unit's inputs need only the graph
+    before the unit, so recording block k runs k blocks, not the whole model)."""
+
     def __init__(self, gm: fx.GraphModule, wanted: set[str]):
         super().__init__(gm)
         self.wanted, self.values = wanted, {}
@@ -163,6 +172,8 @@ class _Recorder(fx.Interpreter):
         out = super().run_node(node)
         if node.name in self.wanted:
             self.values[node.name] = out
+            if len(self.values) == len(self.wanted):
+                raise _AllRecorded
         return out
 
 
@@ -172,7 +183,10 @@ def _record(gm: fx.GraphModule, batches: list[list[Any]], nodes: list[fx.Node]) 
     with torch.no_grad():
         for flat in batches:
             recorder = _Recorder(gm, {n.name for n in nodes})
-            recorder.run(*flat)
+            try:
+                recorder.run(*flat)
+            except _AllRecorded:
+                pass
             per_batch.append(recorder.values)
     return {n.name: (torch.cat([v[n.name] for v in per_batch]) if _batched(n) else per_batch[0][n.name])
             for n in nodes}
@@ -257,6 +271,8 @@ def _train_unit(unit: _Unit, layers: list[ReconLayer], x_q: dict, x_fp: dict, ta
         if step % 50 == 0:
             bar.set_postfix(rec=f"{float(rec.detach()):.3g}", round="-" if b is None else f"{b:.1f}")
     unit.module.eval()
+    for optimizer in optimizers:   # the last step's gradients would otherwise stay, one weight-sized
+        optimizer.zero_grad(set_to_none=True)   # tensor per layer for the rest of the compile
     return before, _evaluate(unit, layers, x_q, target, spec, learn_acts)
 
 
@@ -281,16 +297,17 @@ def _evaluate(unit: _Unit, layers: list[ReconLayer], x_q: dict, target: tuple, s
 
 def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                 act_qparams: Mapping[str, tuple[Tensor, Tensor]], batches: list[list[Any]],
-                spec: ReconstructionSpec, progress: bool = True) -> ReconstructionResult:
+                spec: ReconstructionSpec, progress: bool = True,
+                cache: WorkCache | None = None) -> ReconstructionResult:
     """Learn rounding, activation scales and migration factors unit by unit (see module doc).
 
-    ``gm`` is the float graph after shift and migration; it is not modified.
+    ``gm`` is the float graph after shift and migration; it is not modified. With a ``cache``,
+    each finished unit (its layers' learned state and the random generator's state after it)
+    is stored, and a unit found there is loaded instead of learned again (``cache.py``).
     """
     if not batches:
         raise ValueError("reconstruction needs calibration batches; the calibration set is empty")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
-        train = copy.deepcopy(gm)
+    train = copy_graph_sharing_tensors(gm)   # the weights are only read
     train.requires_grad_(False)   # only the reconstruction parameters learn
     layers = _swap_in_layers(train, annotations, act_qparams)
     units: dict[str, list[str]] = {}
@@ -310,18 +327,42 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
         for unit in tqdm(cut, desc=f"reconstruct ({phase})", unit="block", disable=not progress):
             unit_layers = [layers[n] for n in unit.layers]
             act_on = learn_acts or phase == "joint"
+            entry = f"reconstruct-{phase}-{unit.name}"
+            finished = cache.load(entry) if cache is not None else None
+            started = time.perf_counter()
+            if finished is not None:
+                result.seconds[f"{phase}:{unit.name}"] = 0.0
+                tensors, metadata = finished
+                for n in unit.layers:   # base_weight is the graph's own weight, never stored
+                    missing, unexpected = layers[n].load_state_dict(unpack(n, tensors), strict=False)
+                    if set(missing) != {"base_weight"} or unexpected:
+                        raise ValueError(f"cached state of layer node '{n}' does not fit it: missing {missing}, "
+                                         f"unexpected {unexpected}")
+                generator.set_state(tensors["generator"])
+                result.losses[f"{phase}:{unit.name}"] = (float(metadata["before"]), float(metadata["after"]))
+                done.update(unit.layers)
+                continue
             _set_modes(layers, set(), weight_mode, act_on)
-            x_fp = _record(train, batches, unit.inputs)
-            target = tuple(_record(train, batches, unit.outputs)[n.name] for n in unit.outputs)
+            fp_values = _record(train, batches, unit.inputs + unit.outputs)
+            x_fp = {n.name: fp_values[n.name] for n in unit.inputs}
+            target = tuple(fp_values[n.name] for n in unit.outputs)
             _set_modes(layers, done, weight_mode, act_on)
             x_q = _record(train, batches, unit.inputs)
             if phase == "activations":   # weights stay at their learned rounding
                 for layer in unit_layers:
                     layer.weight_mode = "hard"
+            learning = time.perf_counter()
             before, after = _train_unit(unit, unit_layers, x_q, x_fp, target, spec, learn_rounding, learn_acts,
                                       qdrop, generator, progress)
+            result.train_seconds[f"{phase}:{unit.name}"] = time.perf_counter() - learning
             result.losses[f"{phase}:{unit.name}"] = (before, after)
+            result.seconds[f"{phase}:{unit.name}"] = time.perf_counter() - started
             done.update(unit.layers)
+            if cache is not None:
+                state = {k: v for n in unit.layers for k, v in pack(n, layers[n].state_dict()).items()
+                         if not k.endswith("/base_weight")}
+                cache.save(entry, {**state, "generator": generator.get_state()},
+                           {"before": repr(before), "after": repr(after)})
         if phase == "weights":  # the activation phase starts from the learned weights everywhere
             _set_modes(layers, done, "hard", False)
     for node_name, layer in layers.items():

@@ -1,0 +1,130 @@
+"""Resumable calibration: finished work is kept on disk until ``compile`` completes.
+
+A compile that runs for an hour must not lose the hour to a Ctrl-C or a killed process. Each
+piece of finished work (the calibration statistics; each reconstructed block, per phase) is
+written as one safetensors file in a run directory
+
+    <root>/<key>/<entry>.safetensors        root: cache_dir=, else $DITQ_CACHE_DIR,
+                                                  else ~/.cache/ditq-compiler
+
+where ``key`` is a BLAKE2b hash of everything the result depends on: the captured graph's code
+and every tensor of its state, the recipe, every calibration tensor, and the versions of
+ditq-compiler and torch. A later compile with the same key loads the finished entries instead
+of recomputing them and carries on from the first missing one; any change to the model, the
+recipe, the data or the libraries gives another key, so stale work is never reused. Entries
+are written to a temporary file and renamed, so a kill mid-write leaves no half entry. When
+``compile`` finishes, its run directory is deleted: the cache holds interrupted work only.
+
+Loaded tensors are the exact bytes that were saved, so a resumed compile gives bitwise the
+result of an uninterrupted one (the reconstruction also stores its random generator's state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+ENV_VAR = "DITQ_CACHE_DIR"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get(ENV_VAR) or Path.home() / ".cache" / "ditq-compiler")
+
+
+def _feed_tensor(h: "hashlib._Hash", name: str, t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def run_key(graph_code: str, state: Mapping[str, Tensor], recipe: Mapping[str, Any],
+            batches: Iterable[Iterable[Any]], versions: Mapping[str, str]) -> str:
+    """A hex digest of everything a compile's result depends on."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(graph_code.encode())
+    for name in sorted(state):
+        _feed_tensor(h, name, state[name])
+    h.update(json.dumps(recipe, sort_keys=True, default=str).encode())
+    for i, flat in enumerate(batches):
+        for j, value in enumerate(flat):
+            if isinstance(value, Tensor):
+                _feed_tensor(h, f"batch{i}.{j}", value)
+            else:
+                h.update(f"batch{i}.{j}={value!r}".encode())
+    h.update(json.dumps(dict(versions), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+class WorkCache:
+    """The run directory of one compile; a disabled cache (``root=None``) stores nothing."""
+
+    def __init__(self, root: Path | None, key: str):
+        self.directory = None if root is None else Path(root) / key
+        self.loaded: list[str] = []      # entries this run took from disk, for the progress report
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
+
+    def _path(self, entry: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in entry)
+        return self.directory / f"{safe}.safetensors"
+
+    def load(self, entry: str) -> tuple[dict[str, Tensor], dict[str, str]] | None:
+        """(tensors, metadata) of a finished entry, or None. An unreadable entry is dropped and redone."""
+        if not self.enabled or not self._path(entry).is_file():
+            return None
+        path = self._path(entry)
+        try:
+            tensors = load_file(path)
+            with safe_open(path, framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError):
+            path.unlink(missing_ok=True)
+            return None
+        if metadata.get("entry") != entry:
+            return None
+        self.loaded.append(entry)
+        return tensors, metadata
+
+    def save(self, entry: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
+        if not self.enabled:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(entry)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        contiguous = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        save_file(contiguous, tmp, metadata={**dict(metadata or {}), "entry": entry})
+        tmp.replace(path)
+
+    def finish(self) -> None:
+        """The compile completed: its interrupted-work directory is no longer needed."""
+        if self.enabled and self.directory.is_dir():
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def open_cache(cache_dir: str | Path | bool | None, key_parts: dict[str, Any]) -> WorkCache:
+    """``cache_dir``: a folder, None for the default root, False to keep nothing on disk."""
+    if cache_dir is False:
+        return WorkCache(None, "")
+    root = default_root() if cache_dir is None or cache_dir is True else Path(cache_dir)
+    return WorkCache(root, run_key(**key_parts))
+
+
+def pack(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Name tensors ``prefix/name`` so several groups share one entry."""
+    return {f"{prefix}/{k}": v for k, v in tensors.items()}
+
+
+def unpack(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    start = f"{prefix}/"
+    return {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}

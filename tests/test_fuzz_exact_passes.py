@@ -1,0 +1,93 @@
+"""Property test: every exact rewrite keeps the function of random small denoisers to 1e-5.
+
+Hypothesis draws the architecture (DiT, PixArt with cross-attention, UNet2DCondition), block
+counts, widths, head counts and the feed-forward activation (GELU, tanh-GELU, GEGLU), random
+weights and calibration data; each exact pass in ``EXACT_PASSES`` is planned on that data and
+applied, and the rewritten graph must match the captured one to 1e-5 of the output's range.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import fx
+
+import ditq_compiler as dq
+from ditq_compiler.annotate import annotate
+from ditq_compiler.calibration.channel_stats import calibrate_transforms, transform_passes
+from ditq_compiler.capture import capture
+from ditq_compiler.compiler import _copy_graph, _flat, _timestep_index
+from ditq_compiler.graph import analyse
+from ditq_compiler.pipeline import PassPipeline
+
+ALL_LINEARS = {"name": "every-linear", "quantize_roles": ["qkv", "attn_out", "fc1", "fc2", "linear", "conv"],
+               "shift": {"sites": "all"}, "migration": {"top_k": 0.1}}
+
+
+def shift_and_migration(gm, annotations, flat, timestep_index):
+    recipe = dq.Recipe.from_dict(ALL_LINEARS)
+    return transform_passes(*calibrate_transforms(gm, annotations, recipe, flat, timestep_index, progress=False))
+
+
+EXACT_PASSES = {"shift+migration": shift_and_migration}
+
+
+@st.composite
+def denoisers(draw):
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
+
+    kind = draw(st.sampled_from(["dit", "pixart", "unet-condition"]))
+    seed = draw(st.integers(0, 2**16))
+    heads, head_dim = draw(st.integers(1, 3)), draw(st.sampled_from([8, 16]))
+    batch = draw(st.integers(1, 3))
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    timestep = torch.randint(0, 1000, (batch,), generator=g)
+    if kind == "dit":
+        activation = draw(st.sampled_from(["gelu-approximate", "gelu", "geglu"]))
+        model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+                                      num_layers=draw(st.integers(1, 2)), sample_size=8, patch_size=2,
+                                      num_embeds_ada_norm=10, activation_fn=activation)
+        inputs = dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g), timestep=timestep,
+                      class_labels=torch.randint(0, 10, (batch,), generator=g))
+    elif kind == "pixart":
+        activation = draw(st.sampled_from(["gelu-approximate", "gelu"]))
+        model = PixArtTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+                                         out_channels=8, num_layers=draw(st.integers(1, 2)), sample_size=8,
+                                         patch_size=2, cross_attention_dim=heads * head_dim, caption_channels=24,
+                                         activation_fn=activation)
+        inputs = dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
+                      encoder_hidden_states=torch.randn(batch, 5, 24, generator=g), timestep=timestep,
+                      added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    else:
+        width = draw(st.sampled_from([16, 32]))
+        model = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(width, width),
+                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                     norm_num_groups=8, cross_attention_dim=24, attention_head_dim=head_dim)
+        inputs = dict(sample=torch.randn(batch, 4, 8, 8, generator=g), timestep=timestep,
+                      encoder_hidden_states=torch.randn(batch, 5, 24, generator=g))
+    return kind, model.eval(), inputs
+
+
+def _run(gm, flat):
+    with torch.no_grad():
+        return torch.utils._pytree.tree_leaves(fx.Interpreter(gm).run(*flat))[0]
+
+
+@pytest.mark.parametrize("pass_name", sorted(EXACT_PASSES))
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=denoisers())
+def test_exact_passes_keep_the_function(pass_name, case):
+    kind, model, inputs = case
+    captured = capture(model, ((), inputs))
+    gm = captured.graph_module
+    annotations = annotate(gm, analyse(gm, captured.sample_input, captured.timestep_input),
+                           dq.Recipe.from_dict(ALL_LINEARS))
+    flat = [_flat(captured.bind((), inputs))]
+    original = _copy_graph(gm)
+    passes = EXACT_PASSES[pass_name](gm, annotations, flat, _timestep_index(captured))
+    assert passes, f"{pass_name} found nothing to rewrite in a {kind}"
+    rewritten = PassPipeline(passes, debug=True)(gm).graph_module
+    expected, got = _run(original, flat[0]), _run(rewritten, flat[0])
+    assert float((expected - got).abs().max()) <= 1e-5 * float(expected.abs().max()), kind
