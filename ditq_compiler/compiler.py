@@ -62,6 +62,11 @@ class CompiledModel(torch.nn.Module):
     def print_readable(self, print_output: bool = True) -> str:
         return self.graph_module.print_readable(print_output=print_output)
 
+    def export_onnx(self, path: str | Path, target: str = "ort", **options: Any) -> Path:
+        """Write an opset-21 Q/DQ ONNX model for ``target`` ("ort" or "tensorrt"); see ``backends/onnx.py``."""
+        from ditq_compiler.backends.onnx import export_compiled
+        return export_compiled(self, path, target, **options)
+
 
 def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
             calibration: Iterable[Any] | None = None, *, example_inputs: Any = None,
