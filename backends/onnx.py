@@ -58,26 +58,35 @@ Adding a lowering (one function per quantized op)
         return y                                 # the node that replaces ``node``
 
 ``ctx.target`` says what the target takes (``activation_dtype``, ``symmetric_int8_only``,
-``int4_weights``, ``integer_ops``). Raise ``LoweringError("why")`` where the target cannot express
-the op: errors of all nodes are reported together, before any file is written. The building blocks
-below do the common parts: ``static_activation`` (per-tensor Q/DQ), ``token_activation``,
-``weight_operand`` (integer codes + DequantizeLinear in the layout MatMul/Conv wants) and
-``finish_linear``. Recipes for the ops other passes add (see also DESIGN.md, "Lowering notes"):
+``int4_weights``, ``integer_ops``, ``vnni``). Raise ``LoweringError("why")`` where the target cannot
+express the op: the errors of all nodes are reported together, before any file is written. Name
+the multiply with ``ctx.layer`` (the ``layer`` argument of ``ditq_onnx.matmul`` / ``conv`` / ...) so
+the profile can find its kernel. The building blocks below do the common parts:
+``static_activation`` (per-tensor Q/DQ, the zero-point offset for symmetric-only targets),
+``token_activation`` (per-token codes computed in the graph), ``weight_operand`` (integer codes +
+DequantizeLinear in the layout MatMul wants, INT4 where they fit) and ``add_bias`` (with the offset
+correction folded in). Recipes for the ops other passes add (see also DESIGN.md, "Lowering notes"):
 
-* **Timestep-selected scale** (TQ-DiT time groups). The scale is not a constant, but the int8 kernel
-  needs one. Gather ``s_g`` by the timestep's group and move it outside the quantizer::
+* **Timestep-selected scale** (TQ-DiT time groups). ``s_g`` is not a constant, and the int8 kernel
+  needs one. Gather it by the timestep's group and move it outside the quantizer,
+  ``Mul(1/s_g) -> Q(1) -> DQ(1) -> MatMul -> Mul(s_g)`` (exact: ``round(x / s_g)`` is what Q sees)::
 
-      g   = ctx.call(aten.bucketize.Tensor, timestep, boundaries)          # group of each sample
-      s_g = ctx.call(aten.index_select.default, group_scales, 0, g)        # (B,) -> view (B, 1, 1)
-      x1  = ctx.call(aten.mul.Tensor, x, 1 / s_g)                          # Mul(1/s_g)
-      xq  = static_activation(ctx, x1, scale=1.0, zero_point=z, bits)      # Q(1) -> DQ(1): constant
-      y   = finish_linear(ctx, xq, weight) * s_g                           # Mul(s_g) after the matmul
+      g   = ctx.call(aten.bucketize.Tensor, timestep, boundaries)        # group of each sample, (B,)
+      s_g = ctx.call(aten.view.default, ctx.call(aten.index_select.default, scales, 0, g), [-1, 1, 1])
+      x1  = ctx.call(aten.div.Tensor, x, s_g)                            # Mul(1/s_g)
+      xq, offset = static_activation(ctx, x1, torch.tensor(1.0), z, bits)  # Q(1) -> DQ(1): constants
+      y   = ctx.call(ONNX.matmul.default, xq, weight_operand(ctx, ..., activation_bits=bits), ctx.layer)
+      y   = add_bias(ctx, ctx.call(aten.mul.Tensor, y, s_g), bias)       # Mul(s_g) after the matmul
 
-  (with per-group zero points, fold ``z_g`` into the Mul/Add the same way); the MatMul sees the
-  constant scale 1, so ONNX Runtime still fuses ``MatMulIntegerToFloat``.
-* **Two-region quantizer** (TQ-DiT MRQ): the sum of two uniform quantizers, so two Q/DQ branches
-  on the two masked parts and an Add in front of the MatMul (or two MatMuls and an Add after them,
-  which keeps both integer: report which, and its cost).
+  The MatMul sees the constant scale 1, so ONNX Runtime still fuses ``MatMulIntegerToFloat`` and
+  TensorRT its int8 GEMM. A per-group zero point ``z_g`` is not constant either: add ``z_g`` before
+  Q (zero point 0) and subtract ``z_g * sum_k W_hat[n, k]`` (gathered per sample) after the matmul,
+  as ``static_activation`` / ``add_bias`` do for the ``tensorrt`` offset.
+* **Two-region quantizer** (TQ-DiT MRQ) is the sum of two uniform quantizers on disjoint ranges:
+  ``x_hat = DQ1(Q1(x_1)) + DQ2(Q2(x_2))``, ``x_1 = min(x, t)``, ``x_2 = max(x - t, 0)`` (Min / Max /
+  Sub, ``t`` the region boundary), two Q/DQ branches and an Add in front of the MatMul (float
+  MatMul), or two integer MatMuls whose outputs are added (integer kernels, twice the GEMM work).
+  Report which one and its cost.
 * **Hadamard rotation** (RobuQ): a reshape to blocks and a MatMul with the constant block
   (``ditq_onnx.matmul`` with a float initializer), in front of the activation Q/DQ.
 """
@@ -223,7 +232,7 @@ def static_activation(ctx: LoweringContext, x: fx.Node, scale: Tensor, zero_poin
     The reference is ``x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) s``. Grids narrower than
     the dtype clip x to ``[(qmin - z) s, (qmax - z) s]`` first. For symmetric-only targets the
     returned node is ``x_hat + offset`` with ``offset = z s`` (``x + z s`` is quantized with zero
-    point 0); the caller subtracts ``offset`` after the matmul (``finish_linear`` folds it into the
+    point 0); the caller subtracts ``offset`` after the matmul (``add_bias`` folds it into the
     bias). Elsewhere offset is 0.
     """
     s, z = float(scale), int(zero_point)
@@ -359,13 +368,20 @@ def lower_quant_linear(ctx: LoweringContext, node: fx.Node) -> fx.Node:
     x = ctx.input(0)
     if a_bits and a_per_token:
         return _lower_token_linear(ctx, x, w_codes, w_scale, w_zp, bias, a_bits)
+    # ONNX Runtime fuses a 2-D MatMul + Add into a float Gemm before its Q/DQ fusions run, which then
+    # leaves Q/DQ -> Gemm in float (the adaLN modulation linears, on (batch, dim)): a unit axis keeps
+    # the MatMul 3-D, and MatMulIntegerToFloat
+    unit_axis = bool(a_bits) and ctx.target.integer_ops and ctx.node.meta["val"].dim() == 2
+    if unit_axis:
+        x = ctx.call(aten.unsqueeze.default, x, 1)
     offset = 0.0
     if a_bits:
         x, offset = static_activation(ctx, x, a_scale, a_zp, a_bits)
     weight = weight_operand(ctx, w_codes, w_scale, w_zp, activation_bits=a_bits)
     y = ctx.call(ONNX.matmul.default, x, weight, ctx.layer)
     correction = offset * weight_matrix(w_codes, w_scale, w_zp).sum(1) if offset else None
-    return add_bias(ctx, y, bias, correction)
+    y = add_bias(ctx, y, bias, correction)
+    return ctx.call(aten.squeeze.dim, y, 1) if unit_axis else y
 
 
 def _lower_token_linear(ctx: LoweringContext, x: fx.Node, w_codes: Tensor, w_scale: Tensor, w_zp: Tensor,
@@ -520,7 +536,7 @@ def export_graph(gm: fx.GraphModule, captured: CapturedModel, path: str | os.Pat
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*(training mode|axis name).*")
-        program = torch.onnx.export(gm.eval(), (), kwargs=inputs, dynamo=True, opset_version=OPSET,
+        program = torch.onnx.export(gm, (), kwargs=inputs, dynamo=True, opset_version=OPSET,
                                     custom_translation_table=onnx_ops.TRANSLATIONS, dynamic_shapes=dynamic,
                                     verbose=False, optimize=True)
     model: ir.Model = program.model

@@ -254,3 +254,13 @@ def test_without_vnni_saturable_8bit_weights_become_uint8(per_token, tmp_path):
             warnings.simplefilter("ignore")                      # the needs-VNNI warning, on a CPU without it
             assert sqnr_db(module(x), OrtModel(path)(x)) >= 70
         assert [k.kernel for k in profile(path, (x,)).layers.values()] == [kernel]
+
+
+def test_a_quantized_linear_on_a_2d_input_still_runs_the_integer_kernel(tmp_path):
+    """(batch, dim) inputs, as adaLN modulation has: ONNX Runtime must not turn MatMul + Add into a float Gemm."""
+    module, _ = _layer(Case("w8", False, 8, True, "channel", 8), torch.Generator().manual_seed(7))
+    x = (torch.randint(-128, 128, (3, K)) - 5 + torch.rand(3, K) * 0.8 - 0.4) * 0.05
+    captured = capture(module, {"x": x})
+    path = export_graph(captured.graph_module, captured, tmp_path / "2d.onnx", "ort")
+    assert sqnr_db(module(x), OrtModel(path)(x)) >= 70
+    assert [k.kernel for k in profile(path, (x,)).layers.values()] == ["MatMulIntegerToFloat"]
