@@ -30,15 +30,19 @@ Targets (measured on this machine's AMD EPYC with AVX512-VNNI, ONNX Runtime 1.32
 --------------------------------------------------------------------------------------------------
 ``ort``  Static per-tensor activations as ``Q(uint8) -> DQ -> MatMul <- DQ(int8 weight, per column)``:
          ONNX Runtime fuses this into ``MatMulIntegerToFloat`` (3.4x faster than fp32 on one thread).
-         int8 activations fuse too and ran as fast for MatMul, but ``ConvInteger`` with int8 inputs
-         ran 4.5x slower than with uint8, so activations are uint8 (code + 128, zero point z + 128:
-         exact). 2-4 bit weight codes are stored as INT4 initializers behind a Cast to INT8, which ONNX
-         Runtime folds at load time, so W4A8 files are half the size of W8A8 ones and run the same int8
-         kernel (``DQ(INT4) -> MatMul`` is not fused: 4x slower). Convs become ``ConvInteger`` (uint8 x
-         uint8; weights recentred to a scalar zero point, since ONNX Runtime takes no per-channel one)
-         followed by the float rescale; a QDQ Conv with no quantized output runs in float. Per-token
-         activations are quantized in the graph (min/max per row, blocked QuantizeLinear) and
-         multiplied by ``MatMulInteger``, the zero points corrected with the weights' column sums.
+         int8 activations fused in that lone GEMM, but in DiT-B/2 49 of 85 layers stayed float
+         MatMuls (1.42x faster than fp32 against 2.76x with uint8, ``bench/speed.py``), and
+         ``ConvInteger`` with int8 weights ran 4.5x slower than with uint8, so activations are uint8
+         (code + 128, zero point z + 128: the same grid). 2-4 bit weight codes are stored as INT4
+         initializers behind a Cast to INT8, which ONNX Runtime folds at load time, so W4A8 files
+         are half the size of W8A8 ones and run the same int8 kernel (``DQ(INT4) -> MatMul`` is not
+         fused: 4x slower). Convs become ``ConvInteger`` (uint8 x uint8; weights recentred to a
+         scalar zero point, since ONNX Runtime takes no per-channel one) followed by the float
+         rescale; a QDQ Conv with no quantized output runs in float. Per-token activations are
+         quantized in the graph (min/max per row, blocked QuantizeLinear) and multiplied by
+         ``MatMulInteger``, the zero points corrected with the weights' column sums. On CPUs without
+         VNNI, 8-bit weights that could overflow ONNX Runtime's int16 pair sums are stored as uint8
+         (``kernel_weight_codes``).
 ``tensorrt``  Symmetric int8 only, zero points 0, Q/DQ on the inputs of MatMul/Conv. An affine
          activation quantizer with zero point z is exactly ``x + z s`` quantized symmetrically and
          ``- z s W 1`` folded into the bias (for a padded conv the zero padding is applied first);

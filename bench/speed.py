@@ -135,42 +135,44 @@ def run_shape(shape: str, args) -> dict:
     feeds = {k: v.numpy() for k, v in inputs.items()}
     seconds: dict[str, float] = {}
 
-    def timed(name, fn):
+    def timed(name, fn, *fn_args, **fn_kwargs):
         start = time.perf_counter()
-        value = fn()
+        value = fn(*fn_args, **fn_kwargs)
         seconds[name] = round(time.perf_counter() - start, 1)
         print(f"[{shape}] {name}: {seconds[name]} s", flush=True)
         return value
 
     with torch.no_grad():
         fp_out = model(**inputs).sample
-    w8 = timed("compile W8A8", lambda: dq.compile(model, recipe(8), calibration=calibration, progress=False))
-    int8_gm, int8_kernels = lower_int8(copy.deepcopy(w8.graph_module))
-    paths = {"ort W8A8": timed("export W8A8", lambda: w8.export_onnx(work / "w8a8.onnx")),
-             "ort W8A8 s8-act": timed("export W8A8 s8-act", lambda: w8.export_onnx(work / "w8a8-s8.onnx",
-                                                                                     activation_dtype="int8"))}
-    w4 = timed("compile W4A8", lambda: dq.compile(model, recipe(4), calibration=calibration, progress=False))
-    paths["ort W4A8"] = timed("export W4A8", lambda: w4.export_onnx(work / "w4a8.onnx"))
-    w4 = None  # free it before the next compile
-    if args.preset_row:
-        preset = timed("compile preset", lambda: dq.compile(model, "w8a8-minmax", calibration=calibration,
-                                                             progress=False))
-        paths["ort W8A8 preset (adaLN fp32)"] = timed("export preset",
-                                                      lambda: preset.export_onnx(work / "preset.onnx"))
-        preset = None
-    paths["ort fp32"] = timed("export fp32", lambda: export_float(model, work / "fp32.onnx", example_inputs=inputs))
-    calib_feeds = [{k: v.numpy() for k, v in kw.items()} for _, kw in calibration]
-    paths["quantize_static"] = timed("quantize_static", lambda: quantize_static_export(
-        paths["ort fp32"], work / "quantize-static.onnx", calib_feeds))
-    gc.collect()
-
+    w8 = timed("compile W8A8", dq.compile, model, recipe(8), calibration=calibration, progress=False)
     with torch.no_grad():
         reference_out = w8(**inputs).sample
+    int8_gm, int8_kernels = lower_int8(copy.deepcopy(w8.graph_module))
+    int8_inputs = w8._captured.bind((), inputs)
+    paths = {"ort W8A8": timed("export W8A8", w8.export_onnx, work / "w8a8.onnx"),
+             "ort W8A8 s8-act": timed("export W8A8 s8-act", w8.export_onnx, work / "w8a8-s8.onnx",
+                                      activation_dtype="int8")}
+    del w8  # each compiled model holds a float copy of the graph: free it before the next compile
+    gc.collect()
+    w4 = timed("compile W4A8", dq.compile, model, recipe(4), calibration=calibration, progress=False)
+    paths["ort W4A8"] = timed("export W4A8", w4.export_onnx, work / "w4a8.onnx")
+    del w4
+    gc.collect()
+    if args.preset_row:
+        preset = timed("compile preset", dq.compile, model, "w8a8-minmax", calibration=calibration, progress=False)
+        paths["ort W8A8 preset (adaLN fp32)"] = timed("export preset", preset.export_onnx, work / "preset.onnx")
+        del preset
+        gc.collect()
+    paths["ort fp32"] = timed("export fp32", export_float, model, work / "fp32.onnx", example_inputs=inputs)
+    calib_feeds = [{k: v.numpy() for k, v in kw.items()} for _, kw in calibration]
+    paths["quantize_static"] = timed("quantize_static", quantize_static_export, paths["ort fp32"],
+                                     work / "quantize-static.onnx", calib_feeds)
+    gc.collect()
+
     options = lambda: session_options(args.threads, spinning=False)  # noqa: E731
     sessions = {name: OrtModel(path, options=options()) if name != "quantize_static" else
                 ort.InferenceSession(str(path), options(), providers=["CPUExecutionProvider"])
                 for name, path in paths.items()}
-    int8_inputs = w8._captured.bind((), inputs)
     runs = {"eager fp32": lambda: model(**inputs).sample,
             "torch-int8 W8A8": lambda: int8_gm(**int8_inputs).sample}
     for name, session in sessions.items():
@@ -246,13 +248,14 @@ def main() -> None:
         results["shapes"][shape] = run_shape(shape, args)
         gc.collect()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(path)
         table = markdown(results)
         md = path.with_suffix(".md")
-        md.with_suffix(".tmp").write_text(table)
-        md.with_suffix(".tmp").replace(md)
+        md_tmp = md.with_name(md.name + ".tmp")
+        md_tmp.write_text(table)
+        md_tmp.replace(md)
         print(table, flush=True)
 
 

@@ -63,8 +63,13 @@ def quick(recipe: dq.Recipe) -> dq.Recipe:
 
 
 @pytest.fixture(scope="module")
-def dit_w8a8_onnx(compiled_dit_w8a8, tmp_path_factory):
-    return compiled_dit_w8a8.export_onnx(tmp_path_factory.mktemp("onnx") / "dit-w8a8.onnx", target="ort")
+def dit_w8a8_onnx(compiled_dit_w8a8, dit_batches, tmp_path_factory):
+    before = compiled_dit_w8a8(**dit_batches[0][1]).sample
+    graph = str(compiled_dit_w8a8.graph_module.graph)
+    path = compiled_dit_w8a8.export_onnx(tmp_path_factory.mktemp("onnx") / "dit-w8a8.onnx", target="ort")
+    assert str(compiled_dit_w8a8.graph_module.graph) == graph, "the export must not touch the compiled model"
+    torch.testing.assert_close(compiled_dit_w8a8(**dit_batches[0][1]).sample, before, rtol=0, atol=0)
+    return path
 
 
 def test_w8a8_dit_matches_the_reference_and_every_linear_runs_an_integer_kernel(
