@@ -12,7 +12,7 @@ one embedder (the FP32 file then holds it once, as the original does). Configura
     ort W8A8           ours: ``compiled.export_onnx(target="ort")`` (uint8 activations)
     ort W8A8 s8-act    ours with int8 activations instead (the int8-vs-uint8 measurement)
     ort W4A8           ours, 4-bit weights stored as INT4
-    ort W8A8 preset    ours with the ``w8a8`` preset, which keeps adaLN modulation in FP32 (file size)
+    ort W8A8 preset    ours with the ``w8a8-minmax`` preset, which keeps adaLN modulation in FP32 (file size)
     quantize_static    ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, u8 activations,
                        s8 weights, MinMax) on the FP32 export, calibrated on the same batches
 
