@@ -129,6 +129,11 @@ class CompiledModel(torch.nn.Module):
         from ditq_compiler.inspection.plot import plot_activations
         return plot_activations(self, out_dir, layers)
 
+    def export_onnx(self, path: str | Path, target: str = "ort", **options: Any) -> Path:
+        """Write an opset-21 Q/DQ ONNX model for ``target`` ("ort" or "tensorrt"); see ``backends/onnx.py``."""
+        from ditq_compiler.backends.onnx import export_compiled
+        return export_compiled(self, path, target, **options)
+
 
 def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
             calibration: Iterable[Any] | None = None, *, example_inputs: Any = None,

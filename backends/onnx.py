@@ -1,0 +1,754 @@
+"""ONNX backend: lower a compiled (fake-quant) graph to opset-21 QuantizeLinear / DequantizeLinear.
+
+    compiled.export_onnx("dit.onnx", target="ort")        # ONNX Runtime on x86: integer kernels
+    compiled.export_onnx("dit.onnx", target="tensorrt")   # symmetric int8 Q/DQ for a strongly typed engine
+    export_float(model, "dit-fp32.onnx")                   # the same route without quantization
+
+Route
+-----
+1. **Lower in FX.** A copy of ``compiled.reference_graph_module`` (the fake-quant graph) is rewritten: every quantized op
+   (``ditq::*``) is replaced, by the lowering registered for it, with plain aten ops and the
+   ONNX-mirror ops of ``ditq_compiler.backends.onnx_ops`` (``quantize_linear``, ``dequantize_linear``,
+   ``matmul``, ``matmul_integer``, ``conv``, ``conv_integer``). Those run in torch with ONNX's
+   semantics, so the lowered graph is itself a runnable check against the fake-quant reference.
+   Constants (transposed integer codes, unsigned zero points, folded biases) are prepared here in
+   eager torch, where their values are known; nothing is left to constant folding.
+2. **Export** with ``torch.onnx.export(..., dynamo=True, opset_version=21,
+   custom_translation_table=onnx_ops.TRANSLATIONS)``: each mirror op becomes one ONNX node; the batch
+   axis of every input is dynamic. (Lowering inside translation functions instead was tried and
+   dropped: they see symbolic values only, so every constant transformation would have to be
+   emitted as ONNX ops and folded later, and the exporter's optimiser folds small tensors only.)
+3. **Post-process** the ``onnx_ir`` model: integer codes tagged ``int4`` become INT4 initializers
+   (with a Cast to INT8 where the int8 kernel should see them), IR version 10 (ONNX Runtime 1.32 reads
+   <= 10), and metadata for ``backends/ort.py`` (call signature, output pytree, layer -> node map).
+4. **Check and write**: the file is written to a temporary name next to ``path`` (external data
+   when the weights exceed 1.8 GB, or when asked), checked with
+   ``onnx.checker.check_model(path, full_check=True)`` (a failure is an error), the ``tensorrt``
+   flavour is checked to hold only int8 Q/DQ with zero points 0, then renamed into place.
+
+Targets (measured on this machine's AMD EPYC with AVX512-VNNI, ONNX Runtime 1.32; 512 x 768 -> 3072)
+--------------------------------------------------------------------------------------------------
+``ort``  Static per-tensor activations as ``Q(uint8) -> DQ -> MatMul <- DQ(int8 weight, per column)``:
+         ONNX Runtime fuses this into ``MatMulIntegerToFloat`` (3.4x faster than fp32 on one thread).
+         int8 activations fused in that lone GEMM, but in DiT-B/2 49 of 85 layers stayed float
+         MatMuls (1.42x faster than fp32 against 2.76x with uint8, ``bench/speed.py``), and
+         ``ConvInteger`` with int8 weights ran 4.5x slower than with uint8, so activations are uint8
+         (code + 128, zero point z + 128: the same grid). 2-4 bit weight codes are stored as INT4
+         initializers behind a Cast to INT8, which ONNX Runtime folds at load time, so W4A8 files
+         are half the size of W8A8 ones and run the same int8 kernel (``DQ(INT4) -> MatMul`` is not
+         fused: 4x slower). Convs become ``ConvInteger`` (uint8 x uint8; weights recentred to a
+         scalar zero point, since ONNX Runtime takes no per-channel one) followed by the float
+         rescale; a QDQ Conv with no quantized output runs in float. Per-token activations are
+         quantized in the graph (min/max per row, blocked QuantizeLinear) and multiplied by
+         ``MatMulInteger``, the zero points corrected with the weights' column sums. On CPUs without
+         VNNI, 8-bit weights that could overflow ONNX Runtime's int16 pair sums are stored as uint8
+         (``kernel_weight_codes``).
+``tensorrt``  Symmetric int8 only, zero points 0, Q/DQ on the inputs of MatMul/Conv. An affine
+         activation quantizer with zero point z is exactly ``x + z s`` quantized symmetrically and
+         ``- z s W 1`` folded into the bias (for a padded conv the zero padding is applied first);
+         asymmetric weights of at most 7 bits are recentred (``q - z_w`` fits int8). Per-token
+         activations (run-time scales) and per-group weights have no int8 TensorRT form: an error.
+
+Adding a lowering (one function per quantized op)
+-------------------------------------------------
+::
+
+    @register_lowering(torch.ops.ditq.my_op.default)
+    def lower_my_op(ctx: LoweringContext, node: fx.Node) -> fx.Node:
+        x, w_codes, ... = ctx.args()             # get_attr constants come back as tensors
+        scale = ctx.constant("a_scale", tensor)  # a new constant (an initializer in ONNX)
+        y = ctx.call(torch.ops.aten.mul.Tensor, x, scale)          # any aten op exports as usual
+        ...
+        return y                                 # the node that replaces ``node``
+
+``ctx.target`` says what the target takes (``activation_dtype``, ``symmetric_int8_only``,
+``int4_weights``, ``integer_ops``, ``vnni``). Raise ``LoweringError("why")`` where the target cannot
+express the op: the errors of all nodes are reported together, before any file is written. Name
+the multiply with ``ctx.layer`` (the ``layer`` argument of ``ditq_onnx.matmul`` / ``conv`` / ...) so
+the profile can find its kernel. The building blocks below do the common parts:
+``static_activation`` (per-tensor Q/DQ, the zero-point offset for symmetric-only targets),
+``token_activation`` (per-token codes computed in the graph), ``weight_operand`` (integer codes +
+DequantizeLinear in the layout MatMul wants, INT4 where they fit) and ``add_bias`` (with the offset
+correction folded in). Recipes for the ops other passes add (see also DESIGN.md, "Lowering notes"):
+
+* **Timestep-selected scale** (TQ-DiT time groups). ``s_g`` is not a constant, and the int8 kernel
+  needs one. Gather it by the timestep's group and move it outside the quantizer,
+  ``Mul(1/s_g) -> Q(1) -> DQ(1) -> MatMul -> Mul(s_g)`` (exact: ``round(x / s_g)`` is what Q sees)::
+
+      g   = ctx.call(aten.bucketize.Tensor, timestep, boundaries)        # group of each sample, (B,)
+      s_g = ctx.call(aten.view.default, ctx.call(aten.index_select.default, scales, 0, g), [-1, 1, 1])
+      x1  = ctx.call(aten.div.Tensor, x, s_g)                            # Mul(1/s_g)
+      xq, offset = static_activation(ctx, x1, torch.tensor(1.0), z, bits)  # Q(1) -> DQ(1): constants
+      y   = ctx.call(ONNX.matmul.default, xq, weight_operand(ctx, ..., activation_bits=bits), ctx.layer)
+      y   = add_bias(ctx, ctx.call(aten.mul.Tensor, y, s_g), bias)       # Mul(s_g) after the matmul
+
+  The MatMul sees the constant scale 1, so ONNX Runtime still fuses ``MatMulIntegerToFloat`` and
+  TensorRT its int8 GEMM. A per-group zero point ``z_g`` is not constant either: add ``z_g`` before
+  Q (zero point 0) and subtract ``z_g * sum_k W_hat[n, k]`` (gathered per sample) after the matmul,
+  as ``static_activation`` / ``add_bias`` do for the ``tensorrt`` offset.
+* **Two-region quantizer** (TQ-DiT MRQ) is the sum of two uniform quantizers on disjoint ranges:
+  ``x_hat = DQ1(Q1(x_1)) + DQ2(Q2(x_2))``, ``x_1 = min(x, t)``, ``x_2 = max(x - t, 0)`` (Min / Max /
+  Sub, ``t`` the region boundary), two Q/DQ branches and an Add in front of the MatMul (float
+  MatMul), or two integer MatMuls whose outputs are added (integer kernels, twice the GEMM work).
+  Report which one and its cost.
+* **Hadamard rotation** (RobuQ): a reshape to blocks and a MatMul with the constant block
+  (``ditq_onnx.matmul`` with a float initializer), in front of the activation Q/DQ.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import Tensor, fx
+
+import ditq_compiler.ops  # noqa: F401  (registers the ditq:: ops)
+from ditq_compiler.backends import onnx_ops  # noqa: F401  (registers the ditq_onnx:: ops)
+from ditq_compiler.backends.torch import INT16_MAX, cpu_has_vnni, pair_sum_bound
+from ditq_compiler.capture import CapturedModel, bind_inputs, capture
+from ditq_compiler.pipeline import fetch_attr
+from ditq_compiler.quant import SCALE_EPS
+
+OPSET = 21
+IR_VERSION = 10
+EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)   # protobuf's limit is 2 GiB for the whole file
+INT4_RANGE = (-8, 7)
+ONNX = torch.ops.ditq_onnx
+aten = torch.ops.aten
+
+
+class LoweringError(ValueError):
+    """A node cannot be expressed in the requested target."""
+
+
+class OnnxExportError(RuntimeError):
+    """The export failed; the message lists every node that could not be lowered."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What an ONNX consumer takes (see the module docstring for the measurements behind each)."""
+
+    name: str
+    activation_dtype: torch.dtype      # dtype of activation codes
+    symmetric_int8_only: bool          # only int8 Q/DQ with zero point 0 (TensorRT)
+    int4_weights: bool                 # store codes that fit [-8, 7] as INT4 initializers
+    integer_ops: bool                  # may use MatMulInteger / ConvInteger
+    vnni: bool = True                  # u8 x s8 products accumulate exactly on the CPU that will run it
+
+
+TARGETS = ("ort", "tensorrt")
+ACTIVATION_DTYPES = {"uint8": torch.uint8, "int8": torch.int8}
+
+
+def make_target(name: str, activation_dtype: str | None = None, vnni: bool | None = None) -> Target:
+    """The target's settings; ``vnni`` (ort) is whether the CPU that runs the model has AVX512-VNNI / AVX-VNNI
+    (None: this CPU's answer; see ``kernel_weight_codes``)."""
+    if name == "ort":
+        dtype = ACTIVATION_DTYPES.get(activation_dtype or "uint8")
+        if dtype is None:
+            raise ValueError(f"activation_dtype must be one of {sorted(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
+        return Target("ort", dtype, symmetric_int8_only=False, int4_weights=True, integer_ops=True,
+                      vnni=cpu_has_vnni() if vnni is None else vnni)
+    if name == "tensorrt":
+        if vnni is not None:
+            raise ValueError("vnni= applies to target 'ort' (CPU kernels), not 'tensorrt'")
+        if activation_dtype not in (None, "int8"):
+            raise ValueError(f"target 'tensorrt' takes int8 activations only, got {activation_dtype!r}")
+        return Target("tensorrt", torch.int8, symmetric_int8_only=True, int4_weights=False, integer_ops=False)
+    raise ValueError(f"target must be one of {TARGETS}, got {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+Lowering = Callable[["LoweringContext", fx.Node], fx.Node]
+LOWERINGS: dict[Any, Lowering] = {}
+
+
+def register_lowering(op: Any) -> Callable[[Lowering], Lowering]:
+    """Register ``fn(ctx, node) -> replacement node`` as the ONNX lowering of ``op`` (an OpOverload)."""
+    def decorate(fn: Lowering) -> Lowering:
+        if op in LOWERINGS:
+            raise ValueError(f"a lowering for {op} is already registered ({LOWERINGS[op].__name__})")
+        LOWERINGS[op] = fn
+        return fn
+    return decorate
+
+
+class LoweringContext:
+    """Handed to a lowering: the graph, the node being replaced, the target, and builders.
+
+    New nodes are inserted just before ``node``; constants become buffers of the graph module
+    (initializers in ONNX) named after the node.
+    """
+
+    def __init__(self, gm: fx.GraphModule, node: fx.Node, target: Target):
+        self.gm, self.node, self.target = gm, node, target
+        annotation = node.meta.get("ditq")
+        self.layer = annotation.name if annotation is not None else node.name
+
+    def args(self) -> list[Any]:
+        """The node's arguments, with constants (get_attr nodes) replaced by their tensors."""
+        return [fetch_attr(self.gm, a.target).detach() if isinstance(a, fx.Node) and a.op == "get_attr" else a
+                for a in self.node.args]
+
+    def input(self, index: int = 0) -> fx.Node:
+        return self.node.args[index]
+
+    def constant(self, suffix: str, value: Tensor) -> fx.Node:
+        name = f"onnx_{self.node.name}_{suffix}"
+        self.gm.register_buffer(name, value.detach().clone().contiguous())
+        with self.gm.graph.inserting_before(self.node):
+            return self.gm.graph.get_attr(name)
+
+    def call(self, op: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        with self.gm.graph.inserting_before(self.node):
+            return self.gm.graph.call_function(op, args, kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- building blocks
+
+def _signed_range(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _code_offset(dtype: torch.dtype) -> int:
+    """Our codes are signed; uint8 codes are code + 128 (zero point too), exactly the same grid."""
+    return 128 if dtype == torch.uint8 else 0
+
+
+def static_activation(ctx: LoweringContext, x: fx.Node, scale: Tensor, zero_point: Tensor,
+                      bits: int) -> tuple[fx.Node, float]:
+    """Per-tensor ``Q -> DQ`` of ``x`` with constant (scale, zero point): returns (x_hat, offset).
+
+    The reference is ``x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) s``. Grids narrower than
+    the dtype clip x to ``[(qmin - z) s, (qmax - z) s]`` first. For symmetric-only targets the
+    returned node is ``x_hat + offset`` with ``offset = z s`` (``x + z s`` is quantized with zero
+    point 0); the caller subtracts ``offset`` after the matmul (``add_bias`` folds it into the
+    bias). Elsewhere offset is 0.
+    """
+    s, z = float(scale), int(zero_point)
+    qmin, qmax = _signed_range(bits)
+    offset = 0.0
+    if ctx.target.symmetric_int8_only and z != 0:   # round((x + z s) / s) = round(x / s) + z: same codes
+        x = ctx.call(aten.add.Tensor, x, z * s)
+        z, offset = 0, z * s
+    if bits < 8:
+        x = ctx.call(aten.clamp.default, x, (qmin - z) * s, (qmax - z) * s)
+    dtype = ctx.target.activation_dtype
+    scale_node = ctx.constant("a_scale", torch.tensor(s, dtype=torch.float32))
+    zp_node = ctx.constant("a_zero_point", torch.tensor(z + _code_offset(dtype), dtype=dtype))
+    codes = ctx.call(ONNX.quantize_linear.default, x, scale_node, zp_node, 0, 0)
+    return ctx.call(ONNX.dequantize_linear.default, codes, scale_node, zp_node, 0, 0, "int8"), offset
+
+
+def token_activation(ctx: LoweringContext, x: fx.Node, bits: int, features: int) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """Dynamic per-token quantization in the graph: (codes, scale, zero point), each row of the last dim
+    with its own affine qparams from its min / max (as ``fake_quantize_per_token``), codes in the
+    target's activation dtype via a blocked QuantizeLinear (block = the whole row)."""
+    if ctx.target.symmetric_int8_only:
+        raise LoweringError("per-token activations need scales computed at run time; TensorRT's int8 Q/DQ "
+                            "takes build-time constant scales")
+    qmin, qmax = _signed_range(bits)
+    lo = ctx.call(aten.clamp.default, ctx.call(aten.amin.default, x, [-1], True), None, 0.0)
+    hi = ctx.call(aten.clamp.default, ctx.call(aten.amax.default, x, [-1], True), 0.0, None)
+    scale = ctx.call(aten.clamp.default, ctx.call(aten.div.Tensor, ctx.call(aten.sub.Tensor, hi, lo), qmax - qmin),
+                     SCALE_EPS, None)
+    zero = ctx.call(aten.clamp.default, ctx.call(aten.round.default, ctx.call(
+        aten.rsub.Scalar, ctx.call(aten.div.Tensor, lo, scale), qmin)), qmin, qmax)
+    if bits < 8:
+        low = ctx.call(aten.mul.Tensor, ctx.call(aten.rsub.Scalar, zero, qmin), scale)
+        high = ctx.call(aten.mul.Tensor, ctx.call(aten.rsub.Scalar, zero, qmax), scale)
+        x = ctx.call(aten.clamp.Tensor, x, low, high)
+    dtype = ctx.target.activation_dtype
+    zero_point = ctx.call(aten._to_copy.default, ctx.call(aten.add.Tensor, zero, _code_offset(dtype)), dtype=dtype)
+    codes = ctx.call(ONNX.quantize_linear.default, x, scale, zero_point, -1, features)
+    return codes, scale, zero_point
+
+
+def _fits(t: Tensor, lo: int, hi: int) -> bool:
+    return bool(((t >= lo) & (t <= hi)).all())
+
+
+def symmetric_codes(codes: Tensor, zero_point: Tensor, axis: int) -> Tensor:
+    """Weight codes with the zero point subtracted, ``q - z_w`` (exact; fits int8 for up to 7 bits)."""
+    shape = [1] * codes.dim()
+    if zero_point.dim():
+        shape[axis] = -1
+    centred = codes.to(torch.int16) - zero_point.to(torch.int16).reshape(shape)
+    if not _fits(centred, -128, 127):
+        raise LoweringError("asymmetric 8-bit weights: q - z_w leaves int8, and this target needs zero point 0")
+    return centred.to(torch.int8)
+
+
+def kernel_weight_codes(ctx: LoweringContext, codes: Tensor, zero_point: Tensor,
+                        activation_bits: int) -> tuple[Tensor, Tensor]:
+    """Weight codes (out, in) and zero points in the dtype an ONNX Runtime integer kernel multiplies exactly.
+
+    ONNX Runtime's u8 x s8 GEMM (MLAS) accumulates in int32 on CPUs with VNNI. Without VNNI it uses
+    ``vpmaddubsw``, which adds pairs of products into a saturating int16 (ONNX Runtime's docs warn of
+    it). Where ``u_max (|q_w|_(1) + |q_w|_(2)) > 32767`` for some output row (8-bit weights; the bound
+    of ``backends/torch.py``), the codes are stored as uint8 (``q + 128``, zero point ``z + 128``), which
+    runs the exact u8 x u8 kernel: 2.2x slower than u8 x s8 on this VNNI CPU (512 x 768 -> 3072).
+    """
+    if not ctx.target.integer_ops or not activation_bits \
+            or pair_sum_bound(codes, 2 ** (activation_bits - 1) - 1) <= INT16_MAX:
+        return codes, zero_point.to(torch.int8)
+    if ctx.target.vnni:
+        ctx.gm.meta["ditq_needs_vnni"] = True       # recorded in the file: OrtModel warns on a CPU without
+        return codes, zero_point.to(torch.int8)
+    return (codes.to(torch.int16) + 128).to(torch.uint8), (zero_point.to(torch.int16) + 128).to(torch.uint8)
+
+
+def weight_operand(ctx: LoweringContext, codes: Tensor, scale: Tensor, zero_point: Tensor, *,
+                   activation_bits: int) -> fx.Node:
+    """``DequantizeLinear`` of a linear's weight as the MatMul's right operand ``W^T`` (in, out).
+
+    Per-tensor: scalar scale; per-channel: axis 1 (the output column); per-group of g inputs:
+    blocked along axis 0 with block g. With ``int4_weights`` codes that fit [-8, 7] are stored as
+    INT4: widened to INT8 by a Cast when an int8 kernel consumes them (quantized activations,
+    ``activation_bits > 0``), as INT4 DequantizeLinear otherwise. Symmetric-only targets get zero
+    points 0; 8-bit codes may become uint8 (``kernel_weight_codes``).
+    """
+    grouped = scale.dim() == 2
+    if ctx.target.symmetric_int8_only:
+        if grouped:
+            raise LoweringError("per-group weights: TensorRT's int8 Q/DQ takes per-tensor or per-channel "
+                                "weight scales (block quantization is INT4 weight-only)")
+        codes, zero_point = symmetric_codes(codes, zero_point, 0), torch.zeros_like(zero_point)
+    storage = "int8"
+    if ctx.target.int4_weights and _fits(codes, *INT4_RANGE) and _fits(zero_point, *INT4_RANGE):
+        storage = "int4-as-int8" if activation_bits and not grouped else "int4"
+    if grouped:
+        block = codes.shape[1] // scale.shape[1]
+        scale, zero_point, axis = scale.t(), zero_point.t().to(torch.int8), 0
+    else:
+        codes, zero_point = kernel_weight_codes(ctx, codes, zero_point, activation_bits)
+        axis, block = 1, 0
+    return ctx.call(ONNX.dequantize_linear.default, ctx.constant("w_codes", codes.t()),
+                    ctx.constant("w_scale", scale.float()), ctx.constant("w_zero_point", zero_point),
+                    axis, block, storage)
+
+
+def weight_matrix(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """The dequantized weight (out, in) in float64, for bias folds."""
+    from ditq_compiler.ops import weight_spec_for
+    from ditq_compiler.quant import dequantize
+
+    return dequantize(codes, scale, zero_point, weight_spec_for(codes, scale)).double()
+
+
+def add_bias(ctx: LoweringContext, y: fx.Node, bias: Tensor | None, correction: Tensor | None = None,
+             shape: tuple[int, ...] = (-1,)) -> fx.Node:
+    """``y + (bias - correction)``, the vector viewed as ``shape``; ``y`` itself when both are None.
+
+    ``correction`` (float64, per output channel) is what a symmetric-only target's activation offset
+    adds after the matmul: ``offset * sum_k W_hat[n, k]``.
+    """
+    if bias is None and correction is None:
+        return y
+    folded = (bias.double() if bias is not None else 0.0) - (correction if correction is not None else 0.0)
+    return ctx.call(aten.add.Tensor, y, ctx.constant("bias", folded.float().reshape(shape)))
+
+
+# ---------------------------------------------------------------------------------------------- lowerings
+
+@register_lowering(torch.ops.ditq.quant_linear.default)
+def lower_quant_linear(ctx: LoweringContext, node: fx.Node) -> fx.Node:
+    """``ditq::quant_linear`` -> Q/DQ + MatMul (static / no activations), or per-token MatMulInteger."""
+    _, w_codes, w_scale, w_zp, bias, a_scale, a_zp, a_bits, a_per_token = ctx.args()
+    x = ctx.input(0)
+    if a_bits and a_per_token:
+        return _lower_token_linear(ctx, x, w_codes, w_scale, w_zp, bias, a_bits)
+    # ONNX Runtime fuses a 2-D MatMul + Add into a float Gemm before its Q/DQ fusions run, which then
+    # leaves Q/DQ -> Gemm in float (the adaLN modulation linears, on (batch, dim)): a unit axis keeps
+    # the MatMul 3-D, and MatMulIntegerToFloat
+    unit_axis = bool(a_bits) and ctx.target.integer_ops and ctx.node.meta["val"].dim() == 2
+    if unit_axis:
+        x = ctx.call(aten.unsqueeze.default, x, 1)
+    offset = 0.0
+    if a_bits:
+        x, offset = static_activation(ctx, x, a_scale, a_zp, a_bits)
+    weight = weight_operand(ctx, w_codes, w_scale, w_zp, activation_bits=a_bits)
+    y = ctx.call(ONNX.matmul.default, x, weight, ctx.layer)
+    correction = offset * weight_matrix(w_codes, w_scale, w_zp).sum(1) if offset else None
+    y = add_bias(ctx, y, bias, correction)
+    return ctx.call(aten.squeeze.dim, y, 1) if unit_axis else y
+
+
+def _lower_token_linear(ctx: LoweringContext, x: fx.Node, w_codes: Tensor, w_scale: Tensor, w_zp: Tensor,
+                        bias: Tensor | None, bits: int) -> fx.Node:
+    """Per-token activations: ``acc = MatMulInteger(q_x, q_w - z_w)``, then in float
+    ``y = (acc - z_x colsum(q_w - z_w)) s_x s_w + b`` (z_x, s_x per token; s_w per column)."""
+    codes, scale, zero_point = token_activation(ctx, x, bits, w_codes.shape[1])
+    if w_scale.dim() == 2:   # per-group weights: no single integer GEMM; run Q/DQ and a float MatMul
+        x_hat = ctx.call(ONNX.dequantize_linear.default, codes, scale, zero_point, -1, w_codes.shape[1], "int8")
+        y = ctx.call(ONNX.matmul.default, x_hat, weight_operand(ctx, w_codes, w_scale, w_zp, activation_bits=0),
+                     ctx.layer)
+        return add_bias(ctx, y, bias)
+    kernel_codes, kernel_zero = kernel_weight_codes(ctx, w_codes, w_zp, bits)
+    acc = ctx.call(ONNX.matmul_integer.default, codes, ctx.constant("w_codes", kernel_codes.t()),
+                   ctx.constant("w_zero_point", kernel_zero), ctx.layer)
+    column_sums = (w_codes.double() - w_zp.double().reshape(-1, 1)).sum(1)
+    zero = ctx.call(aten._to_copy.default, zero_point, dtype=torch.float32)
+    shifted = ctx.call(aten.sub.Tensor, ctx.call(aten._to_copy.default, acc, dtype=torch.float32),
+                       ctx.call(aten.mul.Tensor, zero, ctx.constant("w_column_sums", column_sums.float())))
+    scales = ctx.call(aten.mul.Tensor, scale, ctx.constant("w_scale", w_scale.float()))
+    return add_bias(ctx, ctx.call(aten.mul.Tensor, shifted, scales), bias)
+
+
+@register_lowering(torch.ops.ditq.quant_conv2d.default)
+def lower_quant_conv2d(ctx: LoweringContext, node: fx.Node) -> fx.Node:
+    """``ditq::quant_conv2d`` -> ConvInteger + rescale (ort, uint8 activations), or Q/DQ + Conv."""
+    (_, w_codes, w_scale, w_zp, bias, a_scale, a_zp, a_bits, _, stride, padding, dilation, groups) = ctx.args()
+    if w_scale.dim() > 1:
+        raise LoweringError("per-group conv weights have no ONNX lowering")
+    x, padding, channels = ctx.input(0), list(padding), (1, -1, 1, 1)
+    if a_bits and ctx.target.integer_ops and ctx.target.activation_dtype == torch.uint8:
+        centred = _try(lambda: symmetric_codes(w_codes, w_zp, 0))
+        if centred is not None:
+            acc, rescale = _conv_integer(ctx, x, centred, w_scale, a_scale, a_zp, a_bits,
+                                         [list(stride), padding, list(dilation), groups])
+            y = ctx.call(aten.mul.Tensor, ctx.call(aten._to_copy.default, acc, dtype=torch.float32),
+                         ctx.constant("rescale", rescale.float().reshape(channels)))
+            return add_bias(ctx, y, bias, shape=channels)
+    offset = 0.0
+    if a_bits:
+        if ctx.target.symmetric_int8_only and int(a_zp) != 0 and any(padding):
+            # the zero padding must pad x, not x + z s: pad first, then convolve unpadded
+            x = ctx.call(aten.constant_pad_nd.default, x, [padding[1], padding[1], padding[0], padding[0]], 0.0)
+            padding = [0, 0]
+        x, offset = static_activation(ctx, x, a_scale, a_zp, a_bits)
+    codes, zero_point = w_codes, w_zp
+    if ctx.target.symmetric_int8_only:
+        codes, zero_point = symmetric_codes(w_codes, w_zp, 0), torch.zeros_like(w_zp)
+    weight = ctx.call(ONNX.dequantize_linear.default, ctx.constant("w_codes", codes),
+                      ctx.constant("w_scale", w_scale.float()), ctx.constant("w_zero_point", zero_point.to(torch.int8)),
+                      0, 0, "int8")
+    y = ctx.call(ONNX.conv.default, x, weight, list(stride), padding, list(dilation), groups, ctx.layer)
+    correction = offset * weight_matrix(w_codes, w_scale, w_zp).flatten(1).sum(1) if offset else None
+    return add_bias(ctx, y, bias, correction, shape=channels)
+
+
+def _conv_integer(ctx: LoweringContext, x: fx.Node, centred: Tensor, w_scale: Tensor, a_scale: Tensor,
+                  a_zp: Tensor, bits: int, conv_args: list) -> tuple[fx.Node, Tensor]:
+    """``acc = ConvInteger(q_x + 128, q_w + 128; z_x + 128, 128)`` and its rescale ``s_x s_w`` per channel."""
+    s, z = float(a_scale), int(a_zp)
+    qmin, qmax = _signed_range(bits)
+    if bits < 8:
+        x = ctx.call(aten.clamp.default, x, (qmin - z) * s, (qmax - z) * s)
+    x_zero = ctx.constant("a_zero_point", torch.tensor(z + 128, dtype=torch.uint8))
+    codes = ctx.call(ONNX.quantize_linear.default, x, ctx.constant("a_scale", torch.tensor(s)), x_zero, 0, 0)
+    weight = ctx.constant("w_codes", (centred.to(torch.int16) + 128).to(torch.uint8))
+    acc = ctx.call(ONNX.conv_integer.default, codes, weight, x_zero,
+                   ctx.constant("w_zero_point", torch.tensor(128, dtype=torch.uint8)), *conv_args, ctx.layer)
+    return acc, s * w_scale.double().expand(centred.shape[0])
+
+
+def _try(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except LoweringError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- lowering a graph
+
+def lower_graph(gm: fx.GraphModule, target: Target) -> fx.GraphModule:
+    """A copy of ``gm`` with every registered op lowered; all nodes that cannot be are listed in one error."""
+    from ditq_compiler.passes.quantize_linears import _delete_unused_attrs
+
+    with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
+        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
+        gm = copy.deepcopy(gm)
+    problems = []
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(gm.get_submodule(node.target)).__module__.startswith("ditq_compiler"):
+            problems.append(f"node {node.name}: call of module '{node.target}' (a torch-int8 kernel? export the "
+                            "model compiled with backend='torch', the reference)")
+            continue
+        lowering = LOWERINGS.get(node.target) if node.op == "call_function" else None
+        if lowering is None:
+            if node.op == "call_function" and _needs_lowering(node.target):
+                problems.append(f"node {node.name} ({node.target}): no ONNX lowering is registered")
+            continue
+        ctx = LoweringContext(gm, node, target)
+        try:
+            replacement = lowering(ctx, node)
+        except LoweringError as e:
+            problems.append(f"layer '{ctx.layer}' (node {node.name}, {node.target}): {e}")
+            continue
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
+    if problems:
+        raise OnnxExportError(f"cannot export to target '{target.name}' ({len(problems)} node(s)):\n  "
+                              + "\n  ".join(problems))
+    gm.graph.eliminate_dead_code()
+    _delete_unused_attrs(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _needs_lowering(op: Any) -> bool:
+    """Custom ops (anything outside aten / prims and our ONNX mirrors) have no ONNX translation of their own."""
+    namespace = getattr(op, "namespace", None)
+    return namespace is not None and namespace not in ("aten", "prims", "ditq_onnx")
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+def export_compiled(compiled: Any, path: str | os.PathLike, target: str = "ort", *,
+                    activation_dtype: str | None = None, vnni: bool | None = None,
+                    external_data: bool | None = None) -> Path:
+    """Lower ``compiled`` (a ``CompiledModel``) for ``target`` and write it to ``path``; see the module doc."""
+    return export_graph(compiled.reference_graph_module, compiled._captured, path, target, activation_dtype=activation_dtype,
+                        vnni=vnni, external_data=external_data, metadata={"ditq.recipe": compiled.recipe.name})
+
+
+def export_float(model: torch.nn.Module, path: str | os.PathLike, *, example_inputs: Any = None,
+                 external_data: bool | None = None) -> Path:
+    """Export ``model`` unquantized through the same route (capture, dynamo export, checks)."""
+    captured = capture(model, example_inputs)
+    return export_graph(captured.graph_module, captured, path, None, external_data=external_data)
+
+
+def export_graph(gm: fx.GraphModule, captured: CapturedModel, path: str | os.PathLike, target: str | None, *,
+                 activation_dtype: str | None = None, vnni: bool | None = None, external_data: bool | None = None,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Lower ``gm`` for ``target`` (None: export as it is, in float), export, post-process, check, write."""
+    import onnx_ir as ir
+
+    resolved = make_target(target, activation_dtype, vnni) if target is not None else None
+    if resolved is not None:
+        gm = lower_graph(gm, resolved)
+    inputs = _example_inputs(gm)
+    batch = torch.export.Dim("batch")
+    dynamic = {name: ({0: batch} if value.dim() else None) for name, value in inputs.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*(training mode|axis name).*")
+        program = torch.onnx.export(gm, (), kwargs=inputs, dynamo=True, opset_version=OPSET,
+                                    custom_translation_table=onnx_ops.TRANSLATIONS, dynamic_shapes=dynamic,
+                                    verbose=False, optimize=True)
+    model: ir.Model = program.model
+    store_int4_codes(model)
+    for i, value in enumerate(model.graph.outputs):
+        value.name = f"output_{i}"
+    model.ir_version = IR_VERSION
+    model.metadata_props.update({
+        "ditq.target": resolved.name if resolved else "float",
+        "ditq.activation_dtype": str(resolved.activation_dtype).removeprefix("torch.") if resolved else "",
+        "ditq.needs_vnni": str(bool(gm.meta.get("ditq_needs_vnni"))).lower(),
+        "ditq.parameters": json.dumps(list(captured.signature.parameters)),
+        "ditq.inputs": json.dumps(list(inputs)),
+        "ditq.timestep": captured.timestep_input or "",
+        "ditq.sample": captured.sample_input,
+        "ditq.output": torch.utils._pytree.treespec_dumps(gm._out_spec),
+        "ditq.layers": json.dumps(layer_nodes(model)),
+        **(metadata or {}),
+    })
+    return write_checked(model, path, external_data, tensorrt=bool(resolved and resolved.symmetric_int8_only))
+
+
+def _example_inputs(gm: fx.GraphModule) -> dict[str, Tensor]:
+    """Concrete inputs from the placeholders' fake values (symbolic dims -> 2; integers -> 0)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta["val"]
+        shape = [d if isinstance(d, int) else 2 for d in val.shape]
+        inputs[node.name] = (torch.randn(shape, generator=generator, dtype=val.dtype) if val.is_floating_point()
+                             else torch.zeros(shape, dtype=val.dtype))
+    return inputs
+
+
+def store_int4_codes(model: Any) -> None:
+    """Replace the integer input of every DequantizeLinear tagged ``ditq.storage`` by an INT4 initializer.
+
+    ``int4``: the DequantizeLinear reads INT4 codes (and an INT4 zero point). ``int4-as-int8``: a Cast
+    widens the INT4 initializer to INT8 in front of it, which ONNX Runtime folds at load time.
+    """
+    import ml_dtypes
+    import onnx_ir as ir
+
+    graph = model.graph
+    for node in list(graph):
+        storage = node.metadata_props.get("ditq.storage")
+        if storage is None:
+            continue
+        wanted = [0, 2] if storage == "int4" else [0]
+        for index in wanted:
+            old = node.inputs[index]
+            if old is None or old.const_value is None:
+                raise OnnxExportError(f"{node.name}: input {index} of a DequantizeLinear tagged {storage} "
+                                      "is not an initializer")
+            codes = old.const_value.numpy()
+            if not _fits(torch.from_numpy(codes.astype("int16")), *INT4_RANGE):
+                raise OnnxExportError(f"{node.name}: codes tagged {storage} do not fit INT4")
+            new = ir.Value(name=f"{old.name}_int4", type=ir.TensorType(ir.DataType.INT4), shape=old.shape,
+                           const_value=ir.Tensor(codes.astype(ml_dtypes.int4), name=f"{old.name}_int4"))
+            graph.register_initializer(new)
+            if storage == "int4-as-int8":
+                cast = ir.node("Cast", inputs=[new], attributes={"to": ir.DataType.INT8}, name=f"{node.name}_widen")
+                cast.outputs[0].dtype, cast.outputs[0].shape = ir.DataType.INT8, old.shape
+                graph.insert_before(node, cast)
+                new = cast.outputs[0]
+            node.replace_input_with(index, new)
+            if not old.uses() and old.name in graph.initializers:
+                del graph.initializers[old.name]
+
+
+def layer_nodes(model: Any) -> dict[str, dict[str, str]]:
+    """Quantized layer -> {"node": ONNX node name, "op": op type} of the node doing its multiply."""
+    layers: dict[str, dict[str, str]] = {}
+    for node in model.graph:
+        layer = node.metadata_props.get("ditq.layer")
+        if layer is not None:
+            layers[layer] = {"node": node.name, "op": node.op_type}
+    return layers
+
+
+def check_tensorrt_qdq(model: onnx.ModelProto) -> list[str]:
+    """Every Q/DQ int8 with an explicit all-zero zero point (the ``tensorrt`` flavour); the violations."""
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    problems = []
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zero = initializers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zero is None:
+            problems.append(f"{node.name}: no constant zero point (the default is uint8)")
+        elif zero.data_type != onnx.TensorProto.INT8 or numpy_helper.to_array(zero).any():
+            problems.append(f"{node.name}: zero point {onnx.TensorProto.DataType.Name(zero.data_type)} "
+                            f"{numpy_helper.to_array(zero).ravel()[:4].tolist()}...")
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers \
+                and initializers[node.input[0]].data_type != onnx.TensorProto.INT8:
+            problems.append(f"{node.name}: weight codes are not int8")
+    return problems
+
+
+def write_checked(model: Any, path: str | os.PathLike, external_data: bool | None, tensorrt: bool = False) -> Path:
+    """Write ``model`` atomically: save to a temporary folder beside ``path``, run the full ONNX checker
+    (and the TensorRT Q/DQ check), then rename into place (the external data first, the model last)."""
+    import onnx_ir as ir
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    external = weights > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    data_name = f"{path.name}.data"
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        ir.save(model, tmp / path.name, external_data=data_name if external else None)
+        try:
+            onnx.checker.check_model(str(tmp / path.name), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            raise OnnxExportError(f"the exported model fails the ONNX checker: {e}") from e
+        if tensorrt:
+            problems = check_tensorrt_qdq(onnx.load(str(tmp / path.name), load_external_data=False))
+            if problems:
+                raise OnnxExportError("tensorrt flavour: Q/DQ that are not symmetric int8 with zero point 0:\n  "
+                                      + "\n  ".join(problems))
+        if external:
+            os.replace(tmp / data_name, path.parent / data_name)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Bytes of an ONNX model together with its external data file, if any."""
+    path = Path(path)
+    data = path.parent / f"{path.name}.data"
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+# ---------------------------------------------------------------------------------------------- calling an export
+
+class ExportedSignature:
+    """The original model's call signature, read back from an export's metadata (for ORT and TensorRT).
+
+    The export records the forward parameters in order, the graph inputs, the timestep input (a
+    Python number becomes a tensor of the batch size, as in ``capture``) and the output pytree (a
+    diffusers output, a tuple, a tensor). ``return_dict=False`` gives a tuple, as diffusers does.
+    Parameters that are not graph inputs must be left at None.
+    """
+
+    def __init__(self, parameters: list[str], inputs: list[str], timestep: str | None, out_spec: Any, name: str):
+        self.signature = inspect.Signature([inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+                                            for p in parameters])
+        self.inputs, self.timestep, self.out_spec, self.name = tuple(inputs), timestep, out_spec, name
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], name: str) -> ExportedSignature:
+        if "ditq.inputs" not in meta:
+            raise ValueError(f"{name} was not written by ditq_compiler's ONNX export (no ditq.* metadata)")
+        return cls(json.loads(meta["ditq.parameters"]), json.loads(meta["ditq.inputs"]),
+                   meta.get("ditq.timestep") or None, _load_treespec(meta["ditq.output"]), name)
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple[dict[str, Any], bool]:
+        """(graph input name -> value, return_dict) for a call of the original model."""
+        kwargs = dict(kwargs)
+        return_dict = kwargs.pop("return_dict", True) is not False
+        bound = bind_inputs(self.signature, args, kwargs, self.timestep, model_class=self.name)
+        bound.pop("return_dict", None)
+        extra = [name for name, value in bound.items() if name not in self.inputs and value is not None]
+        if extra:
+            raise TypeError(f"{self.name}: {extra} are not inputs of the exported graph {list(self.inputs)}")
+        missing = [name for name in self.inputs if bound.get(name) is None]
+        if missing:
+            raise TypeError(f"{self.name}: missing input(s) {missing}")
+        return {name: bound[name] for name in self.inputs}, return_dict
+
+    def structure(self, outputs: list[Tensor], return_dict: bool = True) -> Any:
+        """The outputs in the original model's output structure (a tuple when return_dict is False)."""
+        if not return_dict:
+            return tuple(outputs)
+        if self.out_spec is None:
+            return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        return torch.utils._pytree.tree_unflatten(outputs, self.out_spec)
+
+
+def _load_treespec(text: str) -> Any:
+    """The output pytree; None when its node type is unknown here (outputs then come back as a tuple).
+
+    A diffusers output class registers itself with pytree when its module is imported, so that module
+    is imported (diffusers' own modules only) before giving up.
+    """
+    pytree = torch.utils._pytree
+    try:
+        return pytree.treespec_loads(text)
+    except (KeyError, NotImplementedError, ValueError):
+        pass
+    for module in {t.rsplit(".", 1)[0] for t in _type_names(json.loads(text)[1])}:
+        if module.startswith("diffusers."):
+            importlib.import_module(module)
+    try:
+        return pytree.treespec_loads(text)
+    except (KeyError, NotImplementedError, ValueError):
+        return None
+
+
+def _type_names(spec: dict) -> list[str]:
+    names = [spec["type"]] if spec.get("type") and "." in spec["type"] else []
+    for child in spec.get("children_spec", []):
+        names += _type_names(child)
+    return names

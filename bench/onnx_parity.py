@@ -1,0 +1,122 @@
+"""ONNX Runtime against the fake-quant reference, for every preset, on the small models and dit-digits.
+
+For each (model, preset, flavour): compile on calibration batches, export, run the export in ONNX
+Runtime on held-out batches, and report the SQNR of its output against the reference
+(``compiled(...)``) next to the SQNR of the reference against FP (the quantization error itself),
+with the kernels ONNX Runtime ran for the quantized layers. TaQ-DiT presets run 5 reconstruction
+iterations per block (parity is about the lowering, not about the learned values).
+
+    python bench/onnx_parity.py [--models dit unet dit-digits] [--threads 1]
+Writes bench/results/onnx-parity.json and bench/results/onnx-parity.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import ditq_compiler as dq
+from ditq_compiler.backends.ort import OrtModel, profile
+
+FLAVOURS = {"dit": ("ort",), "unet": ("ort", "tensorrt"), "dit-digits": ("ort", "tensorrt")}
+
+
+def models(name: str):
+    """(model, calibration batches, held-out batches)."""
+    from ditq_compiler import toy
+
+    if name == "dit":
+        batches = toy.random_dit_batches()
+        return toy.small_dit(), batches[:6], batches[6:]
+    if name == "unet":
+        batches = toy.random_unet_batches()
+        return toy.small_unet(), batches[:6], batches[6:]
+    from ditq_compiler import zoo
+    from ditq_compiler.calibration import from_sampler
+
+    model, scheduler = zoo.load(name), zoo.scheduler(name)
+    batches = list(from_sampler(model, scheduler, num_inference_steps=20, guidance_scale=2.0, num_trajectories=8,
+                                steps=10, samples_per_step=4, batch_size=8, progress=False))
+    return model, batches[:-2], batches[-2:]
+
+
+def db(signal: float, noise: float) -> float:
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def measure(model, recipe: dq.Recipe, calibration, held_out, target: str, workdir: Path, threads: int) -> dict:
+    start = time.perf_counter()
+    compiled = dq.compile(model, recipe, calibration=calibration, progress=False)
+    path = compiled.export_onnx(workdir / f"{recipe.name}-{target}.onnx", target=target)
+    seconds = time.perf_counter() - start
+    deployed = OrtModel(path, threads=threads)
+    energy = dict(signal_q=0.0, noise_q=0.0, signal_fp=0.0, noise_fp=0.0)
+    with torch.no_grad():
+        for args, kwargs in held_out:
+            fp, ref = model(*args, **kwargs).sample.double(), compiled(*args, **kwargs).sample.double()
+            out = deployed(*args, **kwargs).sample.double()
+            energy["signal_q"] += float(ref.square().sum())
+            energy["noise_q"] += float((ref - out).square().sum())
+            energy["signal_fp"] += float(fp.square().sum())
+            energy["noise_fp"] += float((fp - ref).square().sum())
+    kernels = profile(path, held_out[0][0], held_out[0][1], threads=threads).kernel_counts()
+    return {"preset": recipe.name, "flavour": target, "ort_vs_reference_db": round(db(energy["signal_q"],
+                                                                                      energy["noise_q"]), 1),
+            "reference_vs_fp_db": round(db(energy["signal_fp"], energy["noise_fp"]), 1), "kernels": kernels,
+            "compile_and_export_s": round(seconds, 1)}
+
+
+def markdown(results: dict) -> str:
+    lines = ["| model | preset | flavour | ORT vs reference dB | reference vs FP dB | kernels of quantized layers |",
+             "|---|---|---|---|---|---|"]
+    for model, rows in results["models"].items():
+        for r in rows:
+            kernels = ", ".join(f"{n} {op}" for op, n in r["kernels"].items())
+            lines.append(f"| {model} | {r['preset']} | {r['flavour']} | {r['ort_vs_reference_db']} | "
+                         f"{r['reference_vs_fp_db']} | {kernels} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(FLAVOURS), choices=list(FLAVOURS))
+    parser.add_argument("--presets", nargs="+", default=sorted(dq.Recipe.presets()))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default="bench/results/onnx-parity.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {"threads": args.threads, "held_out": "the last 2 batches of each model's set", "models": {}}
+    path = Path(args.json)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            model, calibration, held_out = models(name)
+            results["models"][name] = []
+            for preset in args.presets:
+                recipe = dq.Recipe.load(preset)
+                if recipe.reconstruction is not None:
+                    recipe = dataclasses.replace(recipe, reconstruction=dataclasses.replace(
+                        recipe.reconstruction, iterations=5))
+                for target in FLAVOURS[name]:
+                    row = measure(model, recipe, calibration, held_out, target, Path(tmp), args.threads)
+                    results["models"][name].append(row)
+                    print(name, json.dumps(row), flush=True)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    staging = path.with_name(path.name + ".tmp")
+                    staging.write_text(json.dumps(results, indent=1))
+                    staging.replace(path)
+    md = path.with_suffix(".md")
+    md_tmp = md.with_name(md.name + ".tmp")
+    md_tmp.write_text(markdown(results))
+    md_tmp.replace(md)
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
