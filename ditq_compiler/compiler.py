@@ -11,16 +11,23 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 
+from ditq_compiler.activation_sites import plan_sites
 from ditq_compiler.annotate import LayerAnnotation, annotate
 from ditq_compiler.calibration import as_batches, observe_activations
 from ditq_compiler.calibration.channel_stats import plan_transforms
 from ditq_compiler.calibration.reconstruct import apply_factors, reconstruct
+from ditq_compiler.calibration.scale_search import noise_of, search_scales
+from ditq_compiler.calibration.time_groups import describe_groups
 from ditq_compiler.capture import CapturedModel, capture
 from ditq_compiler.graph import analyse
 from ditq_compiler.pipeline import PassPipeline
 from ditq_compiler.recipe import Recipe
-from ditq_compiler.report import LayerReport, layer_reports, measure, summary_table
+from ditq_compiler.report import (LayerReport, SiteReport, layer_reports, measure, site_reports, sites_table,
+                                  summary_table)
+from ditq_compiler.passes.attach_time_groups import AttachTimeGroups
+from ditq_compiler.passes.decompose_attention import DecomposeAttention
 from ditq_compiler.passes.migrate_outliers import channel_affine
+from ditq_compiler.passes.quantize_activations import QuantizeActivations
 from ditq_compiler.passes.quantize_linears import QuantizeLinears
 
 BACKENDS = ("torch", "torch-int8")
@@ -31,8 +38,11 @@ class CompiledModel(torch.nn.Module):
 
     def __init__(self, graph_module: fx.GraphModule, captured: CapturedModel, recipe: Recipe,
                  layers: list[LayerReport], output_sqnr_db: float | None, backend: str,
-                 stage_seconds: dict[str, float] | None = None):
+                 stage_seconds: dict[str, float] | None = None, sites: list[SiteReport] | None = None,
+                 time_groups: list[str] | None = None):
         super().__init__()
+        self.sites = list(sites or [])              # TQ-DiT activation sites (regions, time groups)
+        self.time_groups = list(time_groups or [])  # the timestep range of each time group
         self.graph_module = graph_module
         self.recipe = recipe
         self.layers = layers
@@ -53,7 +63,10 @@ class CompiledModel(torch.nn.Module):
                 f"output SQNR vs FP on the calibration data: {sqnr}")
         if self.stage_seconds:
             head += "\nstages: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
-        return head + "\n" + summary_table(self.layers)
+        table = head + "\n" + summary_table(self.layers)
+        if self.sites:
+            table += "\n\nactivation sites:\n" + sites_table(self.sites, self.time_groups)
+        return table
 
     def _captured_layers(self):
         return [n for n in self.graph_module.graph.nodes
@@ -79,23 +92,35 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
     batches = as_batches(calibration)
     captured = capture(model, example_inputs if example_inputs is not None else (batches[0] if batches else None))
     gm = captured.graph_module
+    if recipe.attention is not None:
+        gm = PassPipeline([DecomposeAttention()], debug=debug)(gm).graph_module
     analysis = analyse(gm, captured.sample_input, captured.timestep_input)
     annotations = annotate(gm, analysis, recipe)
+    plan = plan_sites(gm, analysis, annotations, recipe)
     flat_batches = [_flat(captured.bind(args, kwargs)) for args, kwargs in batches]
     clock.lap("capture")
     transforms = plan_transforms(gm, annotations, recipe, flat_batches, _timestep_index(captured), progress)
     if transforms:
         gm = PassPipeline(transforms, debug=debug)(gm).graph_module
-    act_qparams = observe_activations(gm, annotations, flat_batches, progress)
+    searched, weight_codes = None, None
+    if recipe.scale_search is not None:
+        searched = search_scales(gm, annotations, plan, flat_batches, recipe.scale_search, noise_of(calibration),
+                                 _timestep_index(captured), progress)
+        act_qparams, weight_codes = searched.linear_input_qparams(plan), searched.weights
+    else:
+        act_qparams = observe_activations(gm, annotations, flat_batches, progress)
     clock.lap("calibration")
-    weight_codes = None
     if recipe.reconstruction is not None:
         learned = reconstruct(gm, annotations, act_qparams, flat_batches, recipe.reconstruction, progress)
         apply_factors(gm, learned.factors)
         act_qparams, weight_codes = {**act_qparams, **learned.activations}, learned.weights
         clock.lap("reconstruction")
     float_graph = _copy_graph(gm)
-    quantized = PassPipeline([QuantizeLinears(act_qparams, weight_codes)], debug=debug)(gm).graph_module
+    rewrite = [QuantizeLinears(act_qparams, weight_codes)]
+    if plan.sites:
+        rewrite = [QuantizeActivations(plan.sites, searched.tables),
+                   AttachTimeGroups(searched.boundaries, captured.timestep_input), *rewrite]
+    quantized = PassPipeline(rewrite, debug=debug)(gm).graph_module
     reports = layer_reports(quantized, annotations)
     lowered, kernels = _lower(quantized, backend)
     clock.lap("rewrite")
@@ -105,7 +130,14 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
         report.kernel = kernels.get(source, "reference")
         report.sqnr_db = layer_sqnr.get(source)
         report.transforms = _transforms_of(float_graph, source)
-    return CompiledModel(lowered, captured, recipe, reports, output_sqnr, backend, clock.seconds)
+    sites = site_reports(plan.sites, searched.tables, searched.layer_sqnr) if plan.sites else []
+    for report, source in zip(reports, annotations, strict=True):
+        standalone = [s for s in plan.of(source) if s.standalone]
+        if standalone:   # its input quantizer is an op of its own: the search measured the layer with it
+            report.input_site = next(r.quantizer for r in sites if r.layer == report.name)
+            report.sqnr_db = searched.layer_sqnr[source]
+    groups = describe_groups(searched.boundaries) if searched is not None and searched.boundaries is not None else []
+    return CompiledModel(lowered, captured, recipe, reports, output_sqnr, backend, clock.seconds, sites, groups)
 
 
 class _StageClock:
