@@ -16,7 +16,7 @@ from ditq_compiler.annotate import LayerAnnotation, annotate
 from ditq_compiler.calibration import as_batches, observe_activations
 from ditq_compiler.calibration.channel_stats import plan_transforms
 from ditq_compiler.calibration.reconstruct import apply_factors, reconstruct
-from ditq_compiler.calibration.scale_search import noise_of, search_scales
+from ditq_compiler.calibration.scale_search import check_search_inputs, noise_of, search_scales
 from ditq_compiler.calibration.time_groups import describe_groups
 from ditq_compiler.capture import CapturedModel, capture
 from ditq_compiler.graph import analyse
@@ -90,6 +90,8 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     clock = _StageClock()
     batches = as_batches(calibration)
+    noise = noise_of(calibration)
+    check_search_inputs(recipe.scale_search, batches, noise)
     captured = capture(model, example_inputs if example_inputs is not None else (batches[0] if batches else None))
     gm = captured.graph_module
     if recipe.attention is not None:
@@ -104,7 +106,7 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
         gm = PassPipeline(transforms, debug=debug)(gm).graph_module
     searched, weight_codes = None, None
     if recipe.scale_search is not None:
-        searched = search_scales(gm, annotations, plan, flat_batches, recipe.scale_search, noise_of(calibration),
+        searched = search_scales(gm, annotations, plan, flat_batches, recipe.scale_search, noise,
                                  _timestep_index(captured), progress)
         act_qparams, weight_codes = searched.linear_input_qparams(plan), searched.weights
     else:

@@ -1,15 +1,15 @@
 """TQ-DiT's Hessian-guided scale search (Sec. III-B, Algorithm 1 phases 2 and 3).
 
-Phase 2, per unit (a DiT block, as in ``reconstruct.unit_of``): the float graph runs forward on the
-calibration set, recording every quantized layer's inputs and output Y; for ``metric: hessian`` a
-backward pass of the diffusion loss (Eq. 11)
+Phase 2: the float graph runs forward on the calibration set, recording every quantized layer's
+inputs and output Y; for ``metric: hessian`` a backward pass of the diffusion loss (Eq. 11)
 
     L = sum_rows || eps - eps_theta(x_t, t) ||^2
 
 gives each layer's output gradient g = dL/dY (the noise ``eps`` that produced ``x_t`` comes with the
 calibration set; ``from_sampler`` records it). Layers are the quantized linears/convs and the
 attention matmuls; every layer sees its float inputs (the paper's Algorithm 1: no sequential
-quantization).
+quantization). One pass records as many whole units (DiT blocks, ``reconstruct.unit_of``) as fit in
+``RECORD_BUDGET_BYTES``; larger models take one pass per group of units.
 
 Phase 3, per layer: a candidate quantizer is scored by the output error it causes, weighted by the
 diagonal Fisher approximation of the Hessian (Eqs. 15-16),
@@ -49,6 +49,7 @@ from ditq_compiler.quant.multi_region import gelu_two_region, levels, softmax_tw
 from ditq_compiler.recipe import ScaleSearchSpec
 
 TINY = torch.finfo(torch.float32).tiny
+RECORD_BUDGET_BYTES = 2**30   # layer inputs, outputs and gradients recorded per forward/backward pass
 
 
 @dataclass
@@ -373,13 +374,10 @@ def collect(gm: fx.GraphModule, layers: Mapping[str, Sequence[int]], batches: li
 
 # ---- the search ------------------------------------------------------------------------------------
 
-def search_scales(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation], plan: SitePlan,
-                  batches: list[list[Any]], spec: ScaleSearchSpec, noise: list[Tensor] | None = None,
-                  timestep_index: int | None = None, progress: bool = True) -> SearchResult:
-    """Search every quantized layer's weight scales and every site's parameters (see the module doc).
-
-    ``noise``: per batch, the eps of Eq. 11 (needed for ``metric: hessian``).
-    """
+def check_search_inputs(spec: ScaleSearchSpec | None, batches: Sequence[Any], noise: list[Tensor] | None) -> None:
+    """The errors ``search_scales`` would hit, raised before any work is done."""
+    if spec is None:
+        return
     if not batches:
         raise CalibrationError("the scale search needs calibration batches; the calibration set is empty")
     if spec.metric == "hessian" and noise is None:
@@ -388,6 +386,16 @@ def search_scales(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation]
                                "use dq.calibration.from_sampler(...) (its sets carry eps), or metric: mse")
     if noise is not None and len(noise) != len(batches):
         raise CalibrationError(f"{len(noise)} noise batches for {len(batches)} calibration batches")
+
+
+def search_scales(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation], plan: SitePlan,
+                  batches: list[list[Any]], spec: ScaleSearchSpec, noise: list[Tensor] | None = None,
+                  timestep_index: int | None = None, progress: bool = True) -> SearchResult:
+    """Search every quantized layer's weight scales and every site's parameters (see the module doc).
+
+    ``noise``: per batch, the eps of Eq. 11 (needed for ``metric: hessian``).
+    """
+    check_search_inputs(spec, batches, noise)
     alphas = candidate_alphas(spec)
     result = SearchResult()
     row_groups = None
@@ -404,12 +412,13 @@ def search_scales(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation]
         if node.name in names:
             units.setdefault(unit_of(names[node.name]), []).append(node.name)
     nodes = {n.name: n for n in gm.graph.nodes}
-    bar = tqdm(units.items(), desc=f"scale search ({spec.metric})", unit="block", disable=not progress)
-    for unit, members in bar:
-        bar.set_postfix_str(unit)
+    rows = sum(_batch(f) for f in batches)
+    bar = tqdm(total=len(names), desc=f"scale search ({spec.metric})", unit="layer", disable=not progress)
+    for members in _passes(units, nodes, plan, rows):
         wanted = {name: [s.arg for s in plan.of(name)] or [0] for name in members}
         inputs, outputs, grads = collect(gm, wanted, batches, noise if spec.metric == "hessian" else None)
         for name in members:
+            bar.set_postfix_str(names[name])
             sites = {s.arg: SiteQuantizer(s, inputs[(name, s.arg)], row_groups, plan.groups, alphas)
                      for s in plan.of(name)}
             grad = grads.get(name)
@@ -426,7 +435,32 @@ def search_scales(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation]
                 result.tables[site.site.key] = {k: v.to(torch.int32) if k == "zero_point" else v.clone()
                                                 for k, v in site.tables.items()}
             result.layer_sqnr[name] = layer.sqnr_db()
+            bar.update(1)
+        del inputs, outputs, grads
+    bar.close()
     return result
+
+
+def _passes(units: Mapping[str, list[str]], nodes: Mapping[str, fx.Node], plan: SitePlan, rows: int,
+            budget: int = RECORD_BUDGET_BYTES) -> list[list[str]]:
+    """Units grouped into forward/backward passes whose recorded tensors (inputs, output, gradient of every
+    layer, over all ``rows``) stay within ``budget`` bytes; a unit larger than the budget gets a pass alone."""
+    def size(name: str) -> int:
+        node = nodes[name]
+        args = [s.arg for s in plan.of(name)] or [0]
+        values = [node.meta.get("val")] * 2 + [node.args[i].meta.get("val") for i in args]
+        return sum(4 * rows * math.prod(int(d) for d in v.shape[1:]) for v in values if isinstance(v, Tensor))
+
+    passes: list[list[str]] = []
+    used = budget
+    for members in units.values():
+        cost = sum(size(name) for name in members)
+        if used + cost > budget:
+            passes.append([])
+            used = 0
+        passes[-1].extend(members)
+        used += cost
+    return passes
 
 
 def noise_of(calibration: Any) -> list[Tensor] | None:
@@ -439,5 +473,5 @@ def _batch(flat: list[Any]) -> int:
     return next(v.shape[0] for v in flat if isinstance(v, Tensor) and v.dim() > 0)
 
 
-__all__ = ["SearchResult", "SiteQuantizer", "WeightQuantizer", "candidate_alphas", "collect", "noise_of",
-           "search_scales"]
+__all__ = ["SearchResult", "SiteQuantizer", "WeightQuantizer", "candidate_alphas", "check_search_inputs", "collect",
+           "noise_of", "search_scales"]

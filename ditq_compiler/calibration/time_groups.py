@@ -2,10 +2,10 @@
 
 The paper splits the sampler's T timesteps into G groups of T / G consecutive timesteps. The
 compiler sees the sampler through the calibration set, so the groups are built from the distinct
-timestep values ``t_1 < ... < t_D`` present in it: they are split into G contiguous runs (sizes
-differ by at most one, like ``from_sampler``'s ``time_groups`` selection, so a set drawn with the
-same G and the sampler's steps lines up), and the boundary between runs i and i+1 is the midpoint
-``b_i = (last of run i + first of run i+1) / 2``. Group 0 holds the smallest timesteps (the
+timestep values present in it: taken in sampling order (largest first) they are split into G
+contiguous runs (sizes differ by at most one and the noisier runs are the larger, exactly like
+``from_sampler``'s ``time_groups`` selection, so a set drawn with the same G lines up). The boundary
+between neighbouring runs is the midpoint between them. Group 0 holds the smallest timesteps (the
 paper's G_1, the end of sampling). At run time a timestep t, seen or not, falls in
 
     group(t) = #{i : t > b_i}                      (``group_index``; in the graph: unsqueeze, gt, sum)
@@ -28,7 +28,7 @@ def group_boundaries(timesteps: Tensor, groups: int) -> Tensor:
         raise CalibrationError(f"time_groups.groups={groups}, but the calibration set has only {len(distinct)} "
                                f"distinct timesteps ({distinct.tolist()[:8]}...): draw it from more sampler steps "
                                "(from_sampler(selection='time_groups', groups=G)) or use fewer groups")
-    runs = distinct.tensor_split(groups)
+    runs = [run.flip(0) for run in distinct.flip(0).tensor_split(groups)][::-1]   # split in sampling order
     return torch.tensor([(runs[i][-1] + runs[i + 1][0]) / 2 for i in range(groups - 1)], dtype=torch.float32)
 
 
