@@ -23,9 +23,18 @@ Semantics, with n = 2^(bits-1) (``ditq_compiler.quant.multi_region`` carries the
     ditq::quant_gelu_mrq(x, group, s_neg, s_pos, bits)          one step per sign:
         q = s_neg * clamp(round(x / s_neg), -n, 0) + s_pos * clamp(round(x / s_pos), 0, n - 1)
 
-Lowering a time-grouped quantizer (DESIGN.md): s_g = Gather(table, group) is not a constant, so
-it becomes ``Mul(1/s_g) -> Q(scale 1, zero point z_g) -> DQ(scale 1) -> Mul(s_g)``; for the two-region
-ones each branch gets that treatment and the branches are joined by Where (softmax) or Add (GELU).
+Lowering (torch.round is round-half-to-even, as ONNX QuantizeLinear and Round are): a static
+uniform site is ``QuantizeLinear(s, z) -> DequantizeLinear(s, z)`` with the codes clipped to
+[-n, n-1] when bits < 8. A time-grouped one has s_g = Gather(table, group) and z_g likewise, which
+are not constants, so (DESIGN.md) it becomes
+
+    Mul(1/s_g) -> Add(z_g) -> Q(scale 1, zero point 0) -> Clip(-n, n-1) -> DQ(scale 1) -> Sub(z_g) -> Mul(s_g)
+
+and ``Mul(s_g)`` moves past the matmul it feeds (s_g is per sample, not along the reduction), so the
+int8 kernel sees constant scales. (The reference divides by s; multiplying by 1/s can move a value
+that sits exactly on a rounding tie by one code.) The two-region quantizers are two such branches: Where(x < n s1)
+selects between them for the softmax one (or the matmul is split into P1 V + P2 V), Add joins
+them for the GELU one. Their code counts: see ``ditq_compiler.quant.multi_region``.
 """
 
 from __future__ import annotations
