@@ -11,12 +11,12 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 
-from ditq_compiler.activation_sites import plan_sites
+from ditq_compiler.activation_sites import SitePlan, plan_sites
 from ditq_compiler.annotate import LayerAnnotation, annotate
 from ditq_compiler.calibration import as_batches, observe_activations
 from ditq_compiler.calibration.channel_stats import plan_transforms
 from ditq_compiler.calibration.reconstruct import apply_factors, reconstruct
-from ditq_compiler.calibration.scale_search import check_search_inputs, noise_of, search_scales
+from ditq_compiler.calibration.scale_search import SearchResult, check_search_inputs, noise_of, search_scales
 from ditq_compiler.calibration.time_groups import describe_groups
 from ditq_compiler.capture import CapturedModel, capture
 from ditq_compiler.graph import analyse
@@ -132,14 +132,22 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
         report.kernel = kernels.get(source, "reference")
         report.sqnr_db = layer_sqnr.get(source)
         report.transforms = _transforms_of(float_graph, source)
-    sites = site_reports(plan.sites, searched.tables, searched.layer_sqnr) if plan.sites else []
+    sites, groups = _site_summary(reports, annotations, plan, searched)
+    return CompiledModel(lowered, captured, recipe, reports, output_sqnr, backend, clock.seconds, sites, groups)
+
+
+def _site_summary(reports: list[LayerReport], annotations: dict[str, LayerAnnotation], plan: SitePlan,
+                  searched: SearchResult | None) -> tuple[list[SiteReport], list[str]]:
+    """The TQ-DiT site reports and time-group labels; layers whose input has an op of its own point to it
+    and take the layer SQNR the search measured with that quantizer."""
+    if searched is None or not plan.sites:
+        return [], []
+    sites = site_reports(plan.sites, searched.tables, searched.layer_sqnr)
     for report, source in zip(reports, annotations, strict=True):
-        standalone = [s for s in plan.of(source) if s.standalone]
-        if standalone:   # its input quantizer is an op of its own: the search measured the layer with it
+        if any(s.standalone for s in plan.of(source)):
             report.input_site = next(r.quantizer for r in sites if r.layer == report.name)
             report.sqnr_db = searched.layer_sqnr[source]
-    groups = describe_groups(searched.boundaries) if searched is not None and searched.boundaries is not None else []
-    return CompiledModel(lowered, captured, recipe, reports, output_sqnr, backend, clock.seconds, sites, groups)
+    return sites, [] if searched.boundaries is None else describe_groups(searched.boundaries)
 
 
 class _StageClock:
