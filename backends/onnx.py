@@ -6,8 +6,8 @@
 
 Route
 -----
-1. **Lower in FX.** A copy of ``compiled.reference_graph_module`` (the fake-quant graph) is rewritten: every quantized op
-   (``ditq::*``) is replaced, by the lowering registered for it, with plain aten ops and the
+1. **Lower in FX.** A copy of ``compiled.reference_graph_module`` (the fake-quant graph) is rewritten: every
+   quantized op (``ditq::*``) is replaced, by the lowering registered for it, with plain aten ops and the
    ONNX-mirror ops of ``ditq_compiler.backends.onnx_ops`` (``quantize_linear``, ``dequantize_linear``,
    ``matmul``, ``matmul_integer``, ``conv``, ``conv_integer``). Those run in torch with ONNX's
    semantics, so the lowered graph is itself a runnable check against the fake-quant reference.
@@ -514,8 +514,9 @@ def export_compiled(compiled: Any, path: str | os.PathLike, target: str = "ort",
                     activation_dtype: str | None = None, vnni: bool | None = None,
                     external_data: bool | None = None) -> Path:
     """Lower ``compiled`` (a ``CompiledModel``) for ``target`` and write it to ``path``; see the module doc."""
-    return export_graph(compiled.reference_graph_module, compiled._captured, path, target, activation_dtype=activation_dtype,
-                        vnni=vnni, external_data=external_data, metadata={"ditq.recipe": compiled.recipe.name})
+    return export_graph(compiled.reference_graph_module, compiled._captured, path, target,
+                        activation_dtype=activation_dtype, vnni=vnni, external_data=external_data,
+                        metadata={"ditq.recipe": compiled.recipe.name})
 
 
 def export_float(model: torch.nn.Module, path: str | os.PathLike, *, example_inputs: Any = None,

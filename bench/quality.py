@@ -14,6 +14,10 @@ against FP along the FP trajectory. Writes
 
     python bench/quality.py --model dit-digits [--samples 2000 --steps 100 --guidance 2.0]
     python bench/quality.py --model dit-digits --ablation --fp-seeds 1     # TaQ-DiT Table IV layout
+    python bench/quality.py --model dit-digits --tq-ablation --fp-seeds 1  # TQ-DiT Table III layout
+
+``--tq-ablation`` calibrates every recipe on a TQ-DiT calibration set (``selection="time_groups"``,
+10 groups x 32 samples, the paper's) and writes quality-<model>-tq-ablation.*.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ DEFAULT_RECIPES = ["w8a8-minmax", "w8a8", "w4a8-minmax", "w4a8", "w6a6-minmax", 
 # TaQ-DiT Table IV on our model: (joint reconstruction, static transformation) per recipe
 ABLATION = {"w4a8-minmax": None, "taq-dit-w4a8-separate": (False, False), "taq-dit-w4a8-noshift": (True, False),
             "taq-dit-w4a8": (True, True)}
+# TQ-DiT Table III on our model: (HO, MRQ, TGQ) per recipe; tq-dit-w8a8 is compared with FP seed to seed
+TQ_ABLATION = {"w6a6-minmax": None, "tq-dit-w6a6-baseline": (False, False, False),
+               "tq-dit-w6a6-ho": (True, False, False), "tq-dit-w6a6-ho-mrq": (True, True, False),
+               "tq-dit-w6a6": (True, True, True), "tq-dit-w8a8": None}
 
 
 def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: Path,
@@ -67,23 +75,34 @@ def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int) -
         to_fp = f"{r['fd_to_fp']:.2f}" if "fd_to_fp" in r else "-"
         lines.append(f"| {r['config']} | {r['fd_digits']:.2f} | {r['fd_digits'] - fp_fd:+.2f} | {to_fp} | "
                      f"{100 * r['class_accuracy']:.1f}% | {sqnr} |")
-    if any(r["config"] in ABLATION and ABLATION[r["config"]] for r in rows):
-        lines += ["", "TaQ-DiT ablation (the layout of the paper's Table IV; W4A8):", "",
-                  "| joint reconstruction | static transformation | FD-digits | FD gap | FD to FP samples "
-                  "| class accuracy | median noise SQNR dB |", "|---|---|---|---|---|---|---|",
-                  f"| - | - | {fp_fd:.2f} | +0.00 | - | {100 * rows[0]['class_accuracy']:.1f}% | - |"]
-        mark = {True: "✓", False: "✗"}
-        for r in rows:
-            flags = ABLATION.get(r["config"])
-            if flags:
-                to_fp = f"{r['fd_to_fp']:.2f}" if "fd_to_fp" in r else "-"
-                lines.append(f"| {mark[flags[0]]} | {mark[flags[1]]} | {r['fd_digits']:.2f} | "
-                             f"{r['fd_digits'] - fp_fd:+.2f} | {to_fp} | {100 * r['class_accuracy']:.1f}% | "
-                             f"{r['noise_sqnr_median_db']:.1f} |")
+    for table, title, columns in ((ABLATION, "TaQ-DiT ablation (the layout of the paper's Table IV; W4A8):",
+                                   ["joint reconstruction", "static transformation"]),
+                                  (TQ_ABLATION, "TQ-DiT ablation (the layout of the paper's Table III; W6A6):",
+                                   ["HO", "MRQ", "TGQ"])):
+        if any(table.get(r["config"]) for r in rows):
+            lines += ["", title, ""] + _ablation_rows(rows, table, columns)
     lines.append("")
     seed_gap = "" if math.isnan(fp_gap) else f"FP seed-to-seed FD difference (noise floor of the gap): {fp_gap:.2f}. "
     lines.append(f"{seed_gap}Real-vs-real FD floor ({floor_images} training digits vs the held-out set): {floor:.2f}.")
     return "\n".join(lines) + "\n"
+
+
+def _ablation_rows(rows: list[dict], flags_by_config: dict, columns: list[str]) -> list[str]:
+    """An ablation table: one check mark column per component, FP first, then the configs that have flags."""
+    fp_fd = rows[0]["fd_digits"]
+    mark = {True: "✓", False: "✗"}
+    lines = ["| " + " | ".join(columns) + " | FD-digits | FD gap | FD to FP samples | class accuracy "
+             "| median noise SQNR dB |", "|" + "---|" * (len(columns) + 5),
+             "| " + " | ".join("-" * len(columns)) + f" | {fp_fd:.2f} | +0.00 | - | "
+             f"{100 * rows[0]['class_accuracy']:.1f}% | - |"]
+    for r in rows:
+        flags = flags_by_config.get(r["config"])
+        if flags:
+            to_fp = f"{r['fd_to_fp']:.2f}" if "fd_to_fp" in r else "-"
+            lines.append("| " + " | ".join(mark[f] for f in flags) + f" | {r['fd_digits']:.2f} | "
+                         f"{r['fd_digits'] - fp_fd:+.2f} | {to_fp} | {100 * r['class_accuracy']:.1f}% | "
+                         f"{r['noise_sqnr_median_db']:.1f} |")
+    return lines
 
 
 def plot_sqnr(rows: list[dict], path: Path) -> None:
@@ -114,6 +133,9 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=None, help=f"default: {' '.join(DEFAULT_RECIPES)}")
     parser.add_argument("--ablation", action="store_true",
                         help=f"TaQ-DiT ablation ({' '.join(ABLATION)}), written to quality-<model>-taq-ablation.*")
+    parser.add_argument("--tq-ablation", action="store_true",
+                        help=f"TQ-DiT ablation ({' '.join(TQ_ABLATION)}) on a time-grouped calibration set, written "
+                             "to quality-<model>-tq-ablation.*")
     parser.add_argument("--fp-seeds", type=int, default=2, choices=[1, 2], help="FP runs (2 shows the noise floor)")
     parser.add_argument("--samples", type=int, default=2000, help="samples per configuration (FD and accuracy)")
     parser.add_argument("--steps", type=int, default=100, help="DDPM steps")
@@ -128,9 +150,12 @@ def main() -> None:
                         help="keep the rows already in the results file and add (or replace) these recipes; "
                              "FP is sampled again and must reproduce the stored FP row")
     args = parser.parse_args()
+    if args.ablation and args.tq_ablation:
+        parser.error("--ablation and --tq-ablation are separate runs")
     if args.recipes is None:  # `--recipes` with nothing after it measures FP only
-        args.recipes = list(ABLATION if args.ablation else DEFAULT_RECIPES)
-    args.stem = f"quality-{args.model}" + ("-taq-ablation" if args.ablation else "")
+        args.recipes = list(ABLATION if args.ablation else TQ_ABLATION if args.tq_ablation else DEFAULT_RECIPES)
+    args.stem = f"quality-{args.model}" + ("-taq-ablation" if args.ablation else "-tq-ablation" if args.tq_ablation
+                                           else "")
     for recipe in args.recipes:  # a typo fails now, not after an hour of FP sampling
         dq.Recipe.load(recipe)
     if args.threads:
@@ -138,9 +163,11 @@ def main() -> None:
 
     model, scheduler = zoo.load(args.model), zoo.scheduler(args.model)
     grids = args.out / args.stem
+    selection = (dict(selection="time_groups", groups=min(10, args.steps), samples_per_group=32) if args.tq_ablation
+                 else dict(steps=min(25, args.steps)))
     calibration = from_sampler(model, scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                               num_trajectories=args.calibration_trajectories, steps=min(25, args.steps), seed=123,
-                               progress=not args.quiet)
+                               num_trajectories=args.calibration_trajectories, seed=123, progress=not args.quiet,
+                               **selection)
     row, fp_samples = measure("fp", model, model, scheduler, args, 0, grids)
     rows = previous_rows(args, row) if args.append else [row]
     write_results(rows, args, final=False)

@@ -11,11 +11,14 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 
+from ditq_compiler.activation_sites import SitePlan, plan_sites
 from ditq_compiler.annotate import LayerAnnotation, annotate
 from ditq_compiler.calibration import as_batches, observe_activations
 from ditq_compiler.calibration.cache import WorkCache, open_cache, pack, unpack
 from ditq_compiler.calibration.channel_stats import calibrate_transforms, transform_passes
 from ditq_compiler.calibration.reconstruct import apply_factors, reconstruct
+from ditq_compiler.calibration.scale_search import SearchResult, check_search_inputs, noise_of, search_scales
+from ditq_compiler.calibration.time_groups import describe_groups
 from ditq_compiler.capture import CapturedModel, capture
 from ditq_compiler.graph import UnsupportedLayerError, analyse, unsupported_layers
 from ditq_compiler.inspection.activations import record_activation_stats
@@ -23,8 +26,12 @@ from ditq_compiler.inspection.summary import Summary
 from ditq_compiler.provenance import Provenance, provenance_of
 from ditq_compiler.pipeline import PassPipeline, copy_graph_sharing_tensors
 from ditq_compiler.recipe import Recipe
-from ditq_compiler.report import LayerReport, layer_reports, measure, summary_rows
+from ditq_compiler.report import (LayerReport, SiteReport, layer_reports, measure, site_reports, sites_table,
+                                  summary_rows)
+from ditq_compiler.passes.attach_time_groups import AttachTimeGroups
+from ditq_compiler.passes.decompose_attention import DecomposeAttention
 from ditq_compiler.passes.migrate_outliers import channel_affine
+from ditq_compiler.passes.quantize_activations import QuantizeActivations
 from ditq_compiler.passes.quantize_linears import QuantizeLinears
 
 BACKENDS = ("torch", "torch-int8")
@@ -43,8 +50,11 @@ class CompiledModel(torch.nn.Module):
 
     def __init__(self, graph_module: fx.GraphModule, captured: CapturedModel, recipe: Recipe,
                  layers: list[LayerReport], output_sqnr_db: float | None, backend: str,
-                 stage_seconds: dict[str, float] | None = None):
+                 stage_seconds: dict[str, float] | None = None, sites: list[SiteReport] | None = None,
+                 time_groups: list[str] | None = None):
         super().__init__()
+        self.sites = list(sites or [])              # TQ-DiT activation sites (regions, time groups)
+        self.time_groups = list(time_groups or [])  # the timestep range of each time group
         self.graph_module = graph_module
         self.recipe = recipe
         self.layers = layers
@@ -104,7 +114,8 @@ class CompiledModel(torch.nn.Module):
                      ", ".join(f"{u.name} (aten.{u.op})" for u in self.unsupported))
         if self.resumed_from_cache:
             head += "\nresumed an interrupted compile: " + ", ".join(self.resumed_from_cache) + " taken from the cache"
-        return Summary(head, *summary_rows(self.layers))
+        sites = "activation sites:\n" + sites_table(self.sites, self.time_groups) if self.sites else ""
+        return Summary(head, *summary_rows(self.layers), tail=sites)
 
     def _captured_layers(self):
         return [n for n in self.graph_module.graph.nodes
@@ -158,9 +169,13 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     clock = _StageClock()
     batches = as_batches(calibration)
+    noise = noise_of(calibration)
+    check_search_inputs(recipe.scale_search, batches, noise)
     captured = capture(model, example_inputs if example_inputs is not None else (batches[0] if batches else None),
                        dynamic_shapes)
     gm = captured.graph_module
+    if recipe.attention is not None:
+        gm = PassPipeline([DecomposeAttention()], debug=debug)(gm).graph_module
     analysis = analyse(gm, captured.sample_input, captured.timestep_input)
     unsupported = unsupported_layers(gm)
     if strict and unsupported:
@@ -168,14 +183,16 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
                                     "weights the compiler cannot quantize:\n  - " +
                                     "\n  - ".join(u.describe() for u in unsupported))
     annotations = annotate(gm, analysis, recipe)
+    plan = plan_sites(gm, analysis, annotations, recipe)
     flat_batches = [_flat(captured.bind(args, kwargs)) for args, kwargs in batches]
     cache = open_cache(cache_dir, dict(graph_code=gm.code, state=gm.state_dict(), recipe=recipe.to_dict(),
                                        batches=flat_batches, versions=_versions()))
     clock.lap("capture")
-    gm, act_qparams = _calibrate(gm, annotations, recipe, flat_batches, _timestep_index(captured), cache,
-                                 debug, progress)
+    gm, act_qparams, searched = _calibrate(gm, annotations, plan, recipe, flat_batches, noise,
+                                           _timestep_index(captured), cache, debug, progress)
     clock.lap("calibration")
-    weight_codes, unit_seconds = None, {}
+    weight_codes = None if searched is None else searched.weights
+    unit_seconds = {}
     if recipe.reconstruction is not None:
         learned = reconstruct(gm, annotations, act_qparams, flat_batches, recipe.reconstruction, progress, cache)
         unit_seconds = {unit: {"total": total, "learning": learned.train_seconds.get(unit, 0.0)}
@@ -184,7 +201,11 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
         act_qparams, weight_codes = {**act_qparams, **learned.activations}, learned.weights
         clock.lap("reconstruction")
     float_graph = copy_graph_sharing_tensors(gm)
-    quantized = PassPipeline([QuantizeLinears(act_qparams, weight_codes)], debug=debug)(gm).graph_module
+    rewrite = [QuantizeLinears(act_qparams, weight_codes)]
+    if plan.sites:
+        rewrite = [QuantizeActivations(plan.sites, searched.tables),
+                   AttachTimeGroups(searched.boundaries, captured.timestep_input), *rewrite]
+    quantized = PassPipeline(rewrite, debug=debug)(gm).graph_module
     reports = layer_reports(quantized, annotations)
     reference = None if backend == "torch" else _copy_graph(quantized)
     lowered, kernels = _lower(quantized, backend)
@@ -199,7 +220,9 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
         report.sqnr_db = layer_sqnr.get(source)
         report.transforms = _transforms_of(float_graph, source)
     cache.finish()
-    compiled = CompiledModel(lowered, captured, recipe, reports, output_sqnr, backend, clock.seconds)
+    sites, groups = _site_summary(reports, annotations, plan, searched)
+    compiled = CompiledModel(lowered, captured, recipe, reports, output_sqnr, backend, clock.seconds, sites,
+                             groups)
     compiled.resumed_from_cache = list(cache.loaded)
     compiled.unsupported = unsupported
     compiled.unit_seconds = unit_seconds
@@ -209,12 +232,16 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
     return compiled
 
 
-def _calibrate(gm: fx.GraphModule, annotations: dict[str, LayerAnnotation], recipe: Recipe,
-               flat_batches: list[list[Any]], timestep_index: int | None, cache: WorkCache, debug: bool,
-               progress: bool) -> tuple[fx.GraphModule, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def _calibrate(gm: fx.GraphModule, annotations: dict[str, LayerAnnotation], plan: SitePlan, recipe: Recipe,
+               flat_batches: list[list[Any]], noise: Any, timestep_index: int | None, cache: WorkCache, debug: bool,
+               progress: bool) -> tuple[fx.GraphModule, dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                        SearchResult | None]:
     """Shift/migration constants put in place, and every static input quantizer's (scale, zero point).
 
-    Taken from ``cache`` when an interrupted compile of the same inputs finished this stage.
+    With a ``scale_search`` section (TQ-DiT) the scales come from the Hessian-guided search, which also
+    fixes the weights and every activation site's table (returned as the ``SearchResult``); it is not
+    cached (minutes, not the hour a reconstruction takes). Otherwise the observers' ranges, taken from
+    ``cache`` when an interrupted compile of the same inputs finished this stage.
     """
     finished = cache.load("calibration")
     if finished is not None:
@@ -225,19 +252,37 @@ def _calibrate(gm: fx.GraphModule, annotations: dict[str, LayerAnnotation], reci
     passes = transform_passes(shifts, factors)
     if passes:
         gm = PassPipeline(passes, debug=debug)(gm).graph_module
+    if recipe.scale_search is not None:
+        searched = search_scales(gm, annotations, plan, flat_batches, recipe.scale_search, noise, timestep_index,
+                                 progress)
+        return gm, searched.linear_input_qparams(plan), searched
     if finished is not None:
         scales, zero_points = unpack("act_scale", tensors), unpack("act_zero_point", tensors)
-        return gm, {name: (scales[name], zero_points[name]) for name in scales}
+        return gm, {name: (scales[name], zero_points[name]) for name in scales}, None
     act_qparams = observe_activations(gm, annotations, flat_batches, progress, timestep_index)
     cache.save("calibration", {**pack("shift", shifts), **pack("factors", factors),
                                **pack("act_scale", {n: q[0] for n, q in act_qparams.items()}),
                                **pack("act_zero_point", {n: q[1] for n, q in act_qparams.items()})})
-    return gm, act_qparams
+    return gm, act_qparams, None
 
 
 def _versions() -> dict[str, str]:
     from ditq_compiler import __version__
     return {"ditq-compiler": __version__, "torch": torch.__version__}
+
+
+def _site_summary(reports: list[LayerReport], annotations: dict[str, LayerAnnotation], plan: SitePlan,
+                  searched: SearchResult | None) -> tuple[list[SiteReport], list[str]]:
+    """The TQ-DiT site reports and time-group labels; layers whose input has an op of its own point to it
+    and take the layer SQNR the search measured with that quantizer."""
+    if searched is None or not plan.sites:
+        return [], []
+    sites = site_reports(plan.sites, searched.tables, searched.layer_sqnr)
+    for report, source in zip(reports, annotations, strict=True):
+        if any(s.standalone for s in plan.of(source)):
+            report.input_site = next(r.quantizer for r in sites if r.layer == report.name)
+            report.sqnr_db = searched.layer_sqnr[source]
+    return sites, [] if searched.boundaries is None else describe_groups(searched.boundaries)
 
 
 class _StageClock:

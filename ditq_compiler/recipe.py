@@ -14,6 +14,12 @@ Optional method sections (version 2) switch on TaQ-DiT's transformations and cal
 ``shift`` (momentum-based shifting folded into the bias), ``migration`` (outlier channels
 migrated into the weights; needs ``shift``) and ``reconstruction`` (block-wise AdaRound + LSQ,
 joint with QDrop or separate). Their fields and defaults are the dataclasses below.
+
+TQ-DiT's sections: ``attention`` (decompose SDPA and quantize both operands of both attention
+matmuls), ``scale_search`` (weight and activation scales chosen from a candidate grid by the
+Hessian-weighted output error, or the plain output MSE), ``multi_region`` (two-region post-softmax
+and post-GELU quantizers) and ``time_groups`` (G time groups with their own activation parameters
+at the chosen sites). The last three need ``scale_search``, which fits their parameters.
 """
 
 from __future__ import annotations
@@ -193,6 +199,126 @@ class ReconstructionSpec:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """TQ-DiT attention (Sec. III-D): SDPA decomposed into matmul, scale, softmax, matmul
+    (``passes/decompose_attention.py``); with ``matmuls`` both operands of both matmuls (q, k^T and
+    the post-softmax P, v) are quantized per tensor with the recipe's activation spec."""
+
+    matmuls: bool = True
+
+
+@dataclass(frozen=True)
+class ScaleSearchSpec:
+    """TQ-DiT scale search (Eqs. 14-17, Algorithm 1 phase 3), replacing the observers.
+
+    Candidates ``alpha * s0`` with ``s0`` the min/max step of the layer's (or time group's) data and
+    ``alpha = eq_alpha + i (eq_beta - eq_alpha) / eq_n``, i = 0..eq_n (the authors' code: 0.01, 1.2,
+    100). ``metric``: "hessian" scores a candidate by the layer-output error weighted with squared
+    gradients of the diffusion loss (Eq. 16; the calibration set must carry the noise, as
+    ``from_sampler`` sets do), "mse" by the plain output error (the ablation baseline). Weight and
+    activation scales are searched alternately for ``rounds`` rounds (paper: R = 3).
+    """
+
+    metric: str = "hessian"
+    rounds: int = 3
+    eq_alpha: float = 0.01
+    eq_beta: float = 1.2
+    eq_n: int = 100
+
+
+@dataclass(frozen=True)
+class MultiRegionSpec:
+    """TQ-DiT MRQ (Sec. III-C): two regions for the post-softmax probabilities (needs ``attention``)
+    and separate negative / positive steps for the post-GELU inputs of fc2."""
+
+    post_softmax: bool = True
+    post_gelu: bool = True
+
+
+TIME_GROUP_SITES = ("post_softmax", "post_gelu", "linear_inputs", "attention_operands")
+
+
+@dataclass(frozen=True)
+class TimeGroupSpec:
+    """TQ-DiT TGQ (Sec. III-A): the calibration timesteps split into ``groups`` contiguous groups, each
+    with its own activation parameters at ``sites``: "post_softmax" (paper), "post_gelu" (fc2 inputs),
+    "linear_inputs" (the other quantized linears' inputs), "attention_operands" (q, k, v)."""
+
+    groups: int = 10
+    sites: tuple[str, ...] = ("post_softmax",)
+
+
+TQ_SECTIONS = {"attention": AttentionSpec, "scale_search": ScaleSearchSpec, "multi_region": MultiRegionSpec,
+               "time_groups": TimeGroupSpec}
+
+
+def _check_tq_spec(spec: Any, path: str) -> Any:
+    if isinstance(spec, AttentionSpec):
+        if not isinstance(spec.matmuls, bool):
+            raise RecipeError(f"{path}.matmuls: expected true or false, got {spec.matmuls!r}")
+    elif isinstance(spec, ScaleSearchSpec):
+        if spec.metric not in ("hessian", "mse"):
+            raise RecipeError(f"{path}.metric: expected 'hessian' or 'mse', got {spec.metric!r}")
+        _number(spec.rounds, f"{path}.rounds", 1, 100, integer=True)
+        _number(spec.eq_n, f"{path}.eq_n", 1, 10**4, integer=True)
+        _number(spec.eq_alpha, f"{path}.eq_alpha", 0.0, 10.0, open_lo=True)
+        _number(spec.eq_beta, f"{path}.eq_beta", 0.0, 10.0, open_lo=True)
+        if spec.eq_beta <= spec.eq_alpha:
+            raise RecipeError(f"{path}.eq_beta: must be larger than eq_alpha ({spec.eq_alpha}), got {spec.eq_beta}")
+    elif isinstance(spec, MultiRegionSpec):
+        for name in ("post_softmax", "post_gelu"):
+            if not isinstance(getattr(spec, name), bool):
+                raise RecipeError(f"{path}.{name}: expected true or false, got {getattr(spec, name)!r}")
+    elif isinstance(spec, TimeGroupSpec):
+        _number(spec.groups, f"{path}.groups", 1, 10**4, integer=True)
+        sites = spec.sites
+        if isinstance(sites, str) or not isinstance(sites, (list, tuple)) or not sites:
+            raise RecipeError(f"{path}.sites: expected a non-empty list of sites, got {sites!r}")
+        for i, site in enumerate(sites):
+            if site not in TIME_GROUP_SITES:
+                raise RecipeError(f"{path}.sites[{i}]: unknown site {site!r} (sites: {', '.join(TIME_GROUP_SITES)})")
+        if len(set(sites)) != len(sites):
+            raise RecipeError(f"{path}.sites: lists a site twice: {list(sites)}")
+        spec = dataclasses.replace(spec, sites=tuple(sites))
+    return spec
+
+
+def _check_tq_sections(recipe_path: str, weights: QuantSpec, acts: QuantSpec | None, sections: dict) -> None:
+    """Rules between TQ-DiT's sections and the rest of the recipe (the message names the field)."""
+    attention, search = sections["attention"], sections["scale_search"]
+    multi, groups = sections["multi_region"], sections["time_groups"]
+    matmuls = attention is not None and attention.matmuls
+    for name in ("attention", "multi_region", "time_groups"):
+        if sections[name] is not None and acts is None:
+            raise RecipeError(f"{recipe_path}.{name}: needs quantized activations (activations is false)")
+    if matmuls and search is None:
+        raise RecipeError(f"{recipe_path}.attention: the attention operands are calibrated by the scale search; "
+                          "add a 'scale_search' section (metric: mse for the plain output error)")
+    for name, section in (("multi_region", multi), ("time_groups", groups)):
+        if section is not None and search is None:
+            raise RecipeError(f"{recipe_path}.{name}: its parameters are fitted by the scale search; add a "
+                              "'scale_search' section")
+    if multi is not None and multi.post_softmax and not matmuls:
+        raise RecipeError(f"{recipe_path}.multi_region.post_softmax: the probabilities are quantized only where "
+                          "the attention matmuls are; add 'attention: {matmuls: true}' or set post_softmax: false")
+    if groups is not None and not matmuls:
+        for i, site in enumerate(groups.sites):
+            if site in ("post_softmax", "attention_operands"):
+                raise RecipeError(f"{recipe_path}.time_groups.sites[{i}]: '{site}' needs the attention matmuls "
+                                  "quantized; add 'attention: {matmuls: true}'")
+    if search is not None:
+        if weights.granularity == "group":
+            raise RecipeError(f"{recipe_path}.scale_search: searches per-channel or per-tensor weight scales; "
+                              "weights.granularity is 'group'")
+        if acts is not None and acts.granularity == "token":
+            raise RecipeError(f"{recipe_path}.scale_search: searches static activation scales; "
+                              "activations.granularity is 'token' (dynamic)")
+        if sections["reconstruction"] is not None:
+            raise RecipeError(f"{recipe_path}.scale_search: the recipe also has a 'reconstruction' section; "
+                              "both would set the same scales, keep one")
+
+
 def _method_spec(cls, data: Any, path: str):
     if data is None or data is False:
         return None
@@ -200,6 +326,8 @@ def _method_spec(cls, data: Any, path: str):
         data = {}
     _check_keys(data, {f.name for f in dataclasses.fields(cls)}, path)
     spec = cls(**data)
+    if cls in (AttentionSpec, ScaleSearchSpec, MultiRegionSpec, TimeGroupSpec):
+        return _check_tq_spec(spec, path)
     if cls is ShiftSpec:
         if spec.statistic not in ("mean", "midrange"):
             raise RecipeError(f"{path}.statistic: expected 'mean' or 'midrange', got {spec.statistic!r}")
@@ -242,6 +370,10 @@ class Recipe:
     shift: ShiftSpec | None = None
     migration: MigrationSpec | None = None
     reconstruction: ReconstructionSpec | None = None
+    attention: AttentionSpec | None = None
+    scale_search: ScaleSearchSpec | None = None
+    multi_region: MultiRegionSpec | None = None
+    time_groups: TimeGroupSpec | None = None
     version: int = RECIPE_VERSION
 
     # ---- construction -------------------------------------------------------------------
@@ -277,9 +409,12 @@ class Recipe:
         if (shift is not None or reconstruction is not None) and acts is None:
             section = "shift" if shift is not None else "reconstruction"
             raise RecipeError(f"{path}.{section}: needs quantized activations (activations is false)")
+        tq = {name: _method_spec(spec_class, data.get(name), f"{path}.{name}")
+              for name, spec_class in TQ_SECTIONS.items()}
+        _check_tq_sections(path, weights, acts, {**tq, "reconstruction": reconstruction})
         return cls(name=data.get("name", "custom"), description=data.get("description", ""),
                    weights=weights, activations=acts, quantize_roles=roles, overrides=overrides,
-                   shift=shift, migration=migration, reconstruction=reconstruction, version=version)
+                   shift=shift, migration=migration, reconstruction=reconstruction, version=version, **tq)
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> Recipe:
@@ -316,8 +451,8 @@ class Recipe:
             "activations": self.activations.to_dict() if self.activations else False,
             "quantize_roles": list(self.quantize_roles),
             "overrides": [o.to_dict() for o in self.overrides],
-            **{key: dataclasses.asdict(getattr(self, key)) for key in ("shift", "migration", "reconstruction")
-               if getattr(self, key) is not None},
+            **{key: _plain(dataclasses.asdict(getattr(self, key)))
+               for key in ("shift", "migration", "reconstruction", *TQ_SECTIONS) if getattr(self, key) is not None},
         }
 
     def save(self, path: str | Path) -> Path:
@@ -347,6 +482,11 @@ class Recipe:
                 base = acts.to_dict() if acts else {}
                 acts = QuantSpec(**{**base, **dict(override.activations)})
         return LayerPlan(weights, acts) if quantize else None
+
+
+def _plain(data: dict[str, Any]) -> dict[str, Any]:
+    """Tuples as lists, so YAML's safe dumper writes them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
 def _parse(text: str, suffix: str) -> dict:

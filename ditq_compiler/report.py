@@ -34,6 +34,7 @@ class LayerReport:
     sqnr_db: float | None = None
     kernel: str = "reference"
     transforms: str = ""          # "shift" / "shift+migrate" in front of the layer (TaQ-DiT)
+    input_site: str = ""          # its input's standalone quantizer (TQ-DiT), e.g. 'int6 2-region'; see the sites
 
 
 class _Energy:
@@ -123,8 +124,9 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
 
 def summary_rows(reports: list[LayerReport]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the per-layer table, as ``summary_table`` and the rich view show it."""
-    rows = [[r.name, r.role, r.weights, r.activations,
+    rows = [[r.name, r.role, r.weights, r.input_site or r.activations,
              f"{r.weight_scale[0]:.2e}..{r.weight_scale[1]:.2e}",
+             "(sites)" if r.input_site else
              "dynamic" if r.activation_scale is None and r.activations != "fp32" else
              ("-" if r.activation_scale is None else f"{r.activation_scale:.2e}"),
              "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}", r.kernel] for r in reports]
@@ -138,3 +140,53 @@ def summary_rows(reports: list[LayerReport]) -> tuple[list[str], list[list[str]]
 def summary_table(reports: list[LayerReport]) -> str:
     header, rows = summary_rows(reports)
     return format_table(rows, header)
+
+
+@dataclass
+class SiteReport:
+    """One TQ-DiT activation site: the quantizer of one input of a linear or an attention matmul."""
+
+    layer: str
+    operand: str                  # input | q | k^T | P | v
+    kind: str                     # post_softmax | post_gelu | linear_input | attention_operand
+    quantizer: str                # e.g. 'int6 asym', 'int6 2-region'
+    regions: str                  # '1' or the two regions
+    groups: int                   # time groups (1: one parameter set for all timesteps)
+    parameters: str               # the searched values (range over the groups)
+    sqnr_db: float | None = None  # the layer's output SQNR with both operands quantized, on the calibration data
+
+
+def _span(values: Tensor) -> str:
+    lo, hi = float(values.min()), float(values.max())
+    return f"{lo:.2e}" if lo == hi else f"{lo:.2e}..{hi:.2e}"
+
+
+def site_reports(sites: list, tables: dict[str, dict[str, Tensor]], layer_sqnr: dict[str, float]) -> list[SiteReport]:
+    """Reports for ``ActivationSite`` s with their searched ``tables`` (``SearchResult``)."""
+    reports = []
+    for site in sites:
+        table, bits = tables[site.key], site.spec.bits
+        n = 2 ** (bits - 1)
+        if site.quantizer == "softmax_mrq":
+            quantizer, regions = f"int{bits} 2-region", f"[0, {n} s1) step s1 | [{n} s1, 1] step 1/{n}"
+            parameters = f"s1 {_span(table['s1'])}"
+        elif site.quantizer == "gelu_mrq":
+            quantizer, regions = f"int{bits} 2-region", f"[-{n} s-, 0] step s- | [0, {n - 1} s+] step s+"
+            parameters = f"s- {_span(table['s_neg'])}, s+ {_span(table['s_pos'])}"
+        else:
+            quantizer = f"int{bits} {'sym' if site.spec.symmetric else 'asym'}"
+            regions, parameters = "1", f"s {_span(table['scale'])}"
+        groups = len(next(iter(table.values())))
+        reports.append(SiteReport(site.layer, site.operand, site.kind, quantizer, regions, groups, parameters,
+                                  layer_sqnr.get(site.consumer)))
+    return reports
+
+
+def sites_table(reports: list[SiteReport], group_labels: list[str] | None = None) -> str:
+    rows = [[r.layer, r.operand, r.kind, r.quantizer, r.regions, str(r.groups), r.parameters,
+             "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"] for r in reports]
+    header = ["layer", "input", "site", "quantizer", "regions", "time groups", "parameters", "layer SQNR dB"]
+    text = format_table(rows, header)
+    if group_labels and len(group_labels) > 1:
+        text += "\ntime groups (by timestep): " + " | ".join(f"{i}: {g}" for i, g in enumerate(group_labels))
+    return text

@@ -10,8 +10,10 @@ with the calibrated input-activation parameters ``(s_a, z_a)``. The rewrite pres
 
     op(x) = linear(x_hat, (q_w - z_w) s_w, b)
 
-which is the fake-quant reference every backend is checked against. Float weights that no
-other node uses are deleted from the module.
+which is the fake-quant reference every backend is checked against. A layer whose input already
+passes through a standalone quantizer op (``meta['ditq_input_site']``, set by
+``quantize_activations``) gets ``a_bits = 0``. Float weights that no other node uses are deleted
+from the module.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class QuantizeLinears:
                 register_constant(gm, f"{prefix}_w_zero_point", w_zero_point, node),
                 bias_node]
         acts = annotation.activations
-        if acts is None:
+        if acts is None or node.meta.get("ditq_input_site"):   # weight-only, or a quantizer op feeds it
             args += [None, None, 0, False]
         elif acts.granularity == "token":
             args += [None, None, acts.bits, True]

@@ -46,3 +46,48 @@ def _cache_in_a_temporary_folder(tmp_path_factory):
         os.environ.pop("DITQ_CACHE_DIR", None)
     else:
         os.environ["DITQ_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def planned_dit():
+    """A factory: the small DiT captured, attention decomposed, annotated and planned for a TQ-DiT recipe, with the
+    parameter tables from a small scale search (plain MSE, 5 candidates, 1 round) on two random batches. Built once
+    per recipe; each call gets its own copy of the graph."""
+    import copy
+    import dataclasses
+
+    import ditq_compiler as dq
+    from ditq_compiler.activation_sites import plan_sites
+    from ditq_compiler.annotate import annotate
+    from ditq_compiler.calibration.scale_search import search_scales
+    from ditq_compiler.capture import capture
+    from ditq_compiler.compiler import _flat
+    from ditq_compiler.graph import analyse
+    from ditq_compiler.passes.decompose_attention import DecomposeAttention
+
+    built = {}
+
+    def build(**sections):
+        key = repr(sorted(sections.items()))
+        if key not in built:
+            built[key] = _build(**sections)
+        captured, gm, *rest = built[key]
+        return (captured, copy.deepcopy(gm), *rest)
+
+    def _build(**sections):
+        recipe = dq.Recipe.from_dict({**dq.Recipe.load("tq-dit-w8a8").to_dict(), **sections})
+        recipe = dataclasses.replace(recipe, scale_search=dataclasses.replace(recipe.scale_search, metric="mse",
+                                                                              eq_n=4, rounds=1))
+        batches = random_dit_batches(count=2)
+        captured = capture(small_dit(), batches[0])
+        gm = DecomposeAttention()(captured.graph_module).graph_module
+        analysis = analyse(gm, captured.sample_input, captured.timestep_input)
+        annotations = annotate(gm, analysis, recipe)
+        plan = plan_sites(gm, analysis, annotations, recipe)
+        flat = [_flat(captured.bind(a, k)) for a, k in batches]
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        searched = search_scales(gm, annotations, plan, flat, recipe.scale_search, None,
+                                 names.index(captured.timestep_input), progress=False)
+        return captured, gm, annotations, plan, flat, searched
+
+    return build

@@ -115,3 +115,62 @@ def test_taq_dit_presets_carry_the_papers_defaults_and_round_trip(tmp_path):
     for suffix in (".yaml", ".json"):
         assert Recipe.load(taq.save(tmp_path / f"taq{suffix}")) == taq
     assert Recipe.from_dict({"version": 1, "name": "old"}).shift is None   # version-1 recipes still read
+
+
+TQ_PRESETS = ["tq-dit-w8a8", "tq-dit-w6a6", "tq-dit-w6a6-ho", "tq-dit-w6a6-ho-mrq", "tq-dit-w6a6-baseline"]
+
+
+@pytest.mark.parametrize("name", TQ_PRESETS)
+def test_tq_dit_presets_round_trip(name, tmp_path):
+    recipe = Recipe.load(name)
+    for suffix in (".yaml", ".json"):
+        assert Recipe.load(recipe.save(tmp_path / f"r{suffix}")) == recipe
+
+
+def test_tq_dit_presets_are_the_rows_of_table_iii():
+    full = Recipe.load("tq-dit-w6a6")
+    s = full.scale_search
+    assert (s.metric, s.rounds, s.eq_alpha, s.eq_beta, s.eq_n) == ("hessian", 3, 0.01, 1.2, 100)
+    assert full.attention.matmuls and full.multi_region.post_softmax and full.multi_region.post_gelu
+    assert full.time_groups.groups == 10 and set(full.time_groups.sites) == {"post_softmax", "post_gelu",
+                                                                             "linear_inputs", "attention_operands"}
+    assert (full.weights.bits, full.activations.bits) == (6, 6) and Recipe.load("tq-dit-w8a8").weights.bits == 8
+    ho_mrq, ho, baseline = (Recipe.load(f"tq-dit-w6a6-{x}") for x in ("ho-mrq", "ho", "baseline"))
+    assert ho_mrq.time_groups is None and ho_mrq.multi_region == full.multi_region
+    assert ho.multi_region is None and ho.scale_search == full.scale_search
+    assert baseline.scale_search.metric == "mse" and baseline.attention == full.attention
+
+
+@pytest.mark.parametrize("data, path", [
+    ({"scale_search": {"metric": "fisher"}}, "recipe.scale_search.metric"),
+    ({"scale_search": {"rounds": 0}}, "recipe.scale_search.rounds"),
+    ({"scale_search": {"eq_alpha": 0.5, "eq_beta": 0.4}}, "recipe.scale_search.eq_beta"),
+    ({"scale_search": {"eq_n": 2.5}}, "recipe.scale_search.eq_n"),
+    ({"scale_search": {}, "time_groups": {"groups": 0}}, "recipe.time_groups.groups"),
+    ({"scale_search": {}, "time_groups": {"sites": ["post_relu"]}}, "recipe.time_groups.sites[0]"),
+    ({"scale_search": {}, "time_groups": {"sites": "post_gelu"}}, "recipe.time_groups.sites"),
+    ({"scale_search": {}, "time_groups": {"sites": ["post_gelu", "post_gelu"]}}, "recipe.time_groups.sites"),
+    ({"scale_search": {}, "time_groups": {"sites": ["post_gelu", "post_softmax"]}}, "recipe.time_groups.sites[1]"),
+    ({"scale_search": {}, "multi_region": {}}, "recipe.multi_region.post_softmax"),
+    ({"scale_search": {}, "multi_region": {"post_gelu": "yes", "post_softmax": False}},
+     "recipe.multi_region.post_gelu"),
+    ({"multi_region": {"post_softmax": False}}, "recipe.multi_region"),
+    ({"time_groups": {"sites": ["post_gelu"]}}, "recipe.time_groups"),
+    ({"attention": {}}, "recipe.attention"),
+    ({"attention": {"heads": 2}}, "recipe.attention.heads"),
+    ({"activations": False, "attention": {}, "scale_search": {}}, "recipe.attention"),
+    ({"scale_search": {}, "weights": {"granularity": "group", "group_size": 32}}, "recipe.scale_search"),
+    ({"scale_search": {}, "activations": {"granularity": "token"}}, "recipe.scale_search"),
+    ({"scale_search": {}, "reconstruction": {}}, "recipe.scale_search"),
+])
+def test_bad_tq_dit_sections_name_the_field(data, path):
+    with pytest.raises(RecipeError) as err:
+        Recipe.from_dict(data)
+    assert str(err.value).startswith(path), str(err.value)
+
+
+def test_one_time_group_and_weight_only_search_are_valid():
+    recipe = Recipe.from_dict({"activations": False, "scale_search": {"metric": "mse"}})
+    assert recipe.scale_search.metric == "mse" and recipe.attention is None
+    grouped = Recipe.from_dict({"attention": True, "scale_search": True, "time_groups": {"groups": 1}})
+    assert grouped.time_groups.groups == 1 and grouped.attention.matmuls

@@ -20,6 +20,15 @@ Step index 0 is the first, noisiest step. Everything is deterministic under ``se
 noise comes from ``Generator().manual_seed(seed)`` and the selection's draws from
 ``Generator().manual_seed(seed + 1)``.
 
+Each row also carries the noise that the diffusion loss (TQ-DiT Eq. 11) pairs with it: with ``x_0`` the
+final sample of the row's trajectory and ``abar_t`` the training schedule's cumulative alpha,
+
+    noise = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)        so that  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise
+
+i.e. ``(x_0, noise)`` is a forward-process pair that produces exactly the recorded ``x_t``; with an exact
+model, ancestral sampling makes these pairs distributed as in training. The Hessian-guided scale search
+backpropagates ``|| noise - eps_theta(x_t, t) ||^2`` through the FP model.
+
 A ``CalibrationSet`` is an iterable of ``(args, kwargs)`` batches, so it goes straight into
 ``ditq_compiler.compile(model, recipe, calibration=...)``. It saves to one safetensors file: the four
 tensors, and the sample input's name, the batch size and the selection settings in the metadata.
@@ -44,6 +53,7 @@ SELECTIONS = ("uniform", "time_groups")
 FORMAT = "ditq-calibration-set"
 FORMAT_VERSION = "1"
 TENSOR_NAMES = ("inputs", "timesteps", "class_labels", "step_index")
+OPTIONAL_TENSOR_NAMES = ("noise",)
 
 
 @dataclass
@@ -57,6 +67,7 @@ class CalibrationSet:
     step_index: Tensor      # (M,) long, position along the sampler trajectory, 0 = first/noisiest step
     batch_size: int = 32
     selection: dict[str, Any] = field(default_factory=dict)   # how the rows were chosen (JSON-able)
+    noise: Tensor | None = None   # (M, C, ...) the diffusion-loss noise of each row (module docs); optional
 
     def __post_init__(self) -> None:
         if not isinstance(self.sample_name, str) or not self.sample_name:
@@ -73,6 +84,8 @@ class CalibrationSet:
                 raise ValueError(f"CalibrationSet.{name} must be a 1-D long tensor")
             if len(value) != len(self.inputs):
                 raise ValueError(f"CalibrationSet.{name} has {len(value)} rows but inputs has {len(self.inputs)}")
+        if self.noise is not None and (not isinstance(self.noise, Tensor) or self.noise.shape != self.inputs.shape):
+            raise ValueError(f"CalibrationSet.noise must be a tensor of the inputs' shape {tuple(self.inputs.shape)}")
 
     @property
     def num_samples(self) -> int:
@@ -87,12 +100,19 @@ class CalibrationSet:
             yield (), {self.sample_name: self.inputs[rows], "timestep": self.timesteps[rows],
                        "class_labels": self.class_labels[rows]}
 
+    def noise_batches(self) -> list[Tensor] | None:
+        """The noise of each batch, in iteration order; None when the set has none."""
+        if self.noise is None:
+            return None
+        return list(self.noise.split(self.batch_size))
+
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file atomically (a temporary file next to ``path``, then ``os.replace``)."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in TENSOR_NAMES}
+        tensors = {name: getattr(self, name).detach().cpu().contiguous()
+                   for name in TENSOR_NAMES + OPTIONAL_TENSOR_NAMES if getattr(self, name) is not None}
         metadata = {"format": FORMAT, "version": FORMAT_VERSION, "sample_name": self.sample_name,
                     "batch_size": str(self.batch_size), "selection": json.dumps(self.selection, sort_keys=True)}
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -114,7 +134,8 @@ class CalibrationSet:
             missing += [f"metadata '{key}'" for key in ("sample_name", "batch_size") if key not in metadata]
             if missing:
                 raise ValueError(f"{path}: calibration set is missing {', '.join(missing)}")
-            tensors = {name: file.get_tensor(name) for name in TENSOR_NAMES}
+            tensors = {name: file.get_tensor(name)
+                       for name in TENSOR_NAMES + OPTIONAL_TENSOR_NAMES if name in file.keys()}
         try:
             return cls(sample_name=metadata["sample_name"], batch_size=int(metadata["batch_size"]),
                        selection=json.loads(metadata.get("selection", "{}")), **tensors)
@@ -154,6 +175,7 @@ def from_sampler(model: Any, scheduler: Any, *, num_inference_steps: int = 100, 
     recorded = _record_inputs(model, scheduler, labels, set(wanted), num_inference_steps=num_steps, method=method,
                               guidance_scale=guidance_scale, null_class=null_class, shape=shape, seed=seed,
                               progress=progress)
+    noise = _diffusion_noise(scheduler, recorded)
     draws, shortfalls = torch.Generator().manual_seed(seed + 1), []
     if selection == "uniform":
         rows = _select_uniform(recorded["step_index"], wanted, samples_per_step, draws, shortfalls)
@@ -168,21 +190,38 @@ def from_sampler(model: Any, scheduler: Any, *, num_inference_steps: int = 100, 
     info.update({"steps": steps, "samples_per_step": samples_per_step} if selection == "uniform"
                 else {"groups": groups, "samples_per_group": samples_per_group})
     return CalibrationSet(sample_name=sample_name, batch_size=batch_size, selection=info,
+                          noise=None if noise is None else noise[rows],
                           **{name: recorded[name][rows] for name in TENSOR_NAMES})
 
 
 def _record_inputs(model: Any, scheduler: Any, labels: Tensor, wanted_steps: set[int], **sampling: Any
                    ) -> dict[str, Tensor]:
-    """Run the sampler and keep every model input at ``wanted_steps``, in call order, as flat tensors."""
-    calls: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    """Run the sampler and keep every model input at ``wanted_steps``, in call order, as flat tensors,
+    with the final sample of each row's trajectory (``final``). ``sample`` runs the labels as one chunk,
+    and a guided call is the doubled batch ``[x, x]``, so call row i belongs to trajectory i mod N."""
+    calls: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = []
 
     def record(step_index: int, timesteps: Tensor, x: Tensor, call_labels: Tensor, output: Tensor) -> None:
         if step_index in wanted_steps:
             calls.append((x.detach().cpu().clone(), timesteps.cpu().clone(), call_labels.cpu().clone(),
-                          torch.full((len(x),), step_index, dtype=torch.long)))
+                          torch.full((len(x),), step_index, dtype=torch.long), torch.arange(len(x)) % len(labels)))
 
-    sample(model, scheduler, labels, record=record, **sampling)
-    return {name: torch.cat(column) for name, column in zip(TENSOR_NAMES, zip(*calls, strict=True), strict=True)}
+    final = sample(model, scheduler, labels, record=record, **sampling).cpu()
+    columns = dict(zip((*TENSOR_NAMES, "trajectory"), zip(*calls, strict=True), strict=True))
+    recorded = {name: torch.cat(column) for name, column in columns.items()}
+    recorded["final"] = final[recorded.pop("trajectory")]
+    return recorded
+
+
+def _diffusion_noise(scheduler: Any, recorded: dict[str, Tensor]) -> Tensor | None:
+    """(x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t) per row (module docs); None without ``alphas_cumprod``."""
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is None:
+        return None
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)[recorded["timesteps"]]
+    abar = abar.reshape(-1, *[1] * (recorded["inputs"].dim() - 1))
+    x_t, x_0 = recorded["inputs"].double(), recorded["final"].double()
+    return ((x_t - abar.sqrt() * x_0) / (1 - abar).sqrt()).to(recorded["inputs"].dtype)
 
 
 def _uniform_steps(num_steps: int, steps: int) -> list[int]:

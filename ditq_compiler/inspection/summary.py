@@ -51,14 +51,17 @@ class Summary(str):
     header: list[str]
     rows: list[list[str]]
 
-    def __new__(cls, head: str, header: list[str], rows: list[list[str]]) -> Summary:
-        text = head + "\n" + render_plain(_table(header, rows, colour=False))
+    tail: str
+
+    def __new__(cls, head: str, header: list[str], rows: list[list[str]], tail: str = "") -> Summary:
+        text = head + "\n" + render_plain(_table(header, rows, colour=False)) + (f"\n\n{tail}" if tail else "")
         self = super().__new__(cls, text)
-        self.head, self.header, self.rows = head, header, rows
+        self.head, self.header, self.rows, self.tail = head, header, rows, tail
         return self
 
     def __rich__(self) -> Group:
-        return Group(Text(self.head), _table(self.header, self.rows, colour=True))
+        parts = [Text(self.head), _table(self.header, self.rows, colour=True)]
+        return Group(*parts, Text("\n" + self.tail)) if self.tail else Group(*parts)
 
 
 __all__ = ["SQNR_BAD_DB", "SQNR_GOOD_DB", "Summary", "render_plain", "sqnr_style"]

@@ -64,3 +64,31 @@ def test_ablation_table_has_the_papers_table_iv_layout():
                              "| ✓ | ✗ | 15.00 | +5.00 | - | 100.0% | 20.0 |",
                              "| ✓ | ✓ | 12.50 | +2.50 | - | 100.0% | 20.0 |"]
     assert "seed-to-seed" not in table and "Real-vs-real FD floor (1438 training digits" in table
+
+
+def test_tq_ablation_table_has_the_papers_table_iii_layout():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "bench" / "quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = dict(class_accuracy=1.0, noise_sqnr_median_db=25.0, fd_to_fp=0.5)
+    fds = {"fp": 10.0, "w6a6-minmax": 8.0, "tq-dit-w6a6-baseline": 12.0, "tq-dit-w6a6-ho": 11.0,
+           "tq-dit-w6a6-ho-mrq": 10.5, "tq-dit-w6a6": 10.25, "tq-dit-w8a8": 10.1}
+    rows = [dict(row, config=config, fd_digits=fd) for config, fd in fds.items()]
+    table = bench.markdown(rows, 1.3, 1.6, 1438)
+    assert "TaQ-DiT ablation" not in table and "| tq-dit-w8a8 | 10.10 | +0.10 | 0.50 |" in table
+    ablation = table[table.index("TQ-DiT ablation"):].splitlines()
+    assert ablation[2] == ("| HO | MRQ | TGQ | FD-digits | FD gap | FD to FP samples | class accuracy "
+                           "| median noise SQNR dB |")
+    assert ablation[4:9] == ["| - | - | - | 10.00 | +0.00 | - | 100.0% | - |",
+                             "| ✗ | ✗ | ✗ | 12.00 | +2.00 | 0.50 | 100.0% | 25.0 |",
+                             "| ✓ | ✗ | ✗ | 11.00 | +1.00 | 0.50 | 100.0% | 25.0 |",
+                             "| ✓ | ✓ | ✗ | 10.50 | +0.50 | 0.50 | 100.0% | 25.0 |",
+                             "| ✓ | ✓ | ✓ | 10.25 | +0.25 | 0.50 | 100.0% | 25.0 |"]
+
+
+def test_the_two_ablations_are_separate_runs(tmp_path):
+    done = subprocess.run([sys.executable, "bench/quality.py", "--ablation", "--tq-ablation", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--ablation and --tq-ablation are separate runs" in done.stderr

@@ -165,3 +165,35 @@ def test_shape_is_required_without_a_config(scheduler):
     cal = from_sampler(Bare(), scheduler, num_inference_steps=2, num_trajectories=2, steps=2, samples_per_step=2,
                        shape=(2, 4, 4), progress=False)
     assert cal.sample_name == "x" and cal.inputs.shape == (4, 2, 4, 4)
+
+
+def test_each_row_carries_the_noise_that_pairs_it_with_its_trajectorys_final_sample(dit, scheduler):
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, with x_0 the final sample of the row's trajectory."""
+    labels = torch.arange(TRAJECTORIES) % 10
+    cal = from_sampler(dit, scheduler, num_inference_steps=STEPS, class_labels=labels, guidance_scale=2.0,
+                       selection="time_groups", groups=2, samples_per_group=STEPS * TRAJECTORIES, seed=3,
+                       progress=False)
+    final = sample(dit, scheduler, labels, num_inference_steps=STEPS, guidance_scale=2.0, shape=(4, 8, 8), seed=3,
+                   progress=False)
+    abar = scheduler.alphas_cumprod[cal.timesteps].reshape(-1, 1, 1, 1)
+    x0 = (cal.inputs - (1 - abar).sqrt() * cal.noise) / abar.sqrt()
+    matches = (x0[:, None] - final[None]).flatten(2).abs().amax(-1) < 1e-3    # (rows, trajectories)
+    assert bool((matches.sum(1) == 1).all())                                   # every row: exactly one trajectory
+    trajectory = matches.float().argmax(1)
+    assert torch.equal(labels[trajectory][cal.class_labels != NULL], cal.class_labels[cal.class_labels != NULL])
+    assert cal.noise_batches()[0].shape == (cal.batch_size, 4, 8, 8)
+    assert torch.equal(torch.cat(cal.noise_batches()), cal.noise)
+
+
+def test_noise_round_trips_and_files_without_it_still_load(uniform_set, tmp_path):
+    assert uniform_set.noise is not None
+    path = tmp_path / "calibration.safetensors"
+    uniform_set.save(path)
+    assert torch.equal(CalibrationSet.load(path).noise, uniform_set.noise)
+    metadata = {"format": "ditq-calibration-set", "version": "1", "sample_name": "hidden_states", "batch_size": "4"}
+    old = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in _tensors(uniform_set).items()}, str(old), metadata=metadata)
+    loaded = CalibrationSet.load(old)
+    assert loaded.noise is None and loaded.noise_batches() is None
+    with pytest.raises(ValueError, match="noise must be a tensor of the inputs' shape"):
+        CalibrationSet(**_tensors(uniform_set), sample_name="x", noise=uniform_set.noise[:3])

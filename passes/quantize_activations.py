@@ -1,0 +1,76 @@
+"""Insert standalone activation quantizers in front of TQ-DiT's sites (attention operands, two-region
+and time-grouped linear inputs).
+
+For a site (argument ``arg`` of node ``consumer``, ``ditq_compiler.activation_sites``) with parameter
+tables fitted by the scale search, the consumer's input ``x`` is replaced by
+
+    x_hat = ditq::quant_act(x, None, scale, zero_point, bits)            uniform
+    x_hat = ditq::quant_softmax_mrq(x, None, s1, bits)                   two-region post-softmax
+    x_hat = ditq::quant_gelu_mrq(x, None, s_neg, s_pos, bits)            two-region post-GELU
+
+(``ditq_compiler.activation_ops`` defines them), each table a get_attr constant with one row per
+time group. The ``group`` argument stays None here; ``attach_time_groups`` wires the run-time group
+index into the time-grouped ones (marked ``meta['ditq_time_grouped']``). A linear whose input gets
+such a quantizer is marked ``meta['ditq_input_site']``, so ``quantize_linears`` leaves its own
+activation quantizer off. Not an identity: it is the quantization the sites ask for, and with the
+searched tables it reproduces the scale search's quantizers exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+import ditq_compiler.activation_ops  # noqa: F401  (registers the ditq:: activation ops)
+from ditq_compiler.activation_sites import ActivationSite
+from ditq_compiler.pipeline import copy_location, register_constant
+
+OPS = {"uniform": torch.ops.ditq.quant_act.default, "softmax_mrq": torch.ops.ditq.quant_softmax_mrq.default,
+       "gelu_mrq": torch.ops.ditq.quant_gelu_mrq.default}
+
+
+class QuantizeActivations:
+    """The pass; ``tables`` maps site key -> parameter name -> (G,) table (``SearchResult.tables``)."""
+
+    __name__ = "quantize_activations"
+
+    def __init__(self, sites: Sequence[ActivationSite], tables: Mapping[str, Mapping[str, Tensor]]):
+        self.sites = [s for s in sites if s.standalone]
+        self.tables = tables
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for site in self.sites:
+            if site.consumer not in nodes:
+                raise ValueError(f"site {site.layer} ({site.operand}): node '{site.consumer}' is not in the graph")
+            if site.key not in self.tables:
+                raise KeyError(f"site {site.layer} ({site.operand}) has no calibrated parameters")
+            self._rewrite(gm, nodes[site.consumer], site, self.tables[site.key])
+        if self.sites:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, bool(self.sites))
+
+    @staticmethod
+    def _rewrite(gm: fx.GraphModule, consumer: fx.Node, site: ActivationSite, table: Mapping[str, Tensor]) -> None:
+        x = consumer.args[site.arg]
+        rows = {len(table[name]) for name in site.parameters}
+        if len(rows) != 1:
+            raise ValueError(f"site {site.layer} ({site.operand}): its tables have different numbers of rows {rows}")
+        constants = [register_constant(gm, f"ditq_{consumer.name}_in{site.arg}_{name}", table[name], consumer)
+                     for name in site.parameters]
+        with gm.graph.inserting_before(consumer):
+            quantized = gm.graph.call_function(OPS[site.quantizer], (x, None, *constants, site.spec.bits))
+        quantized.meta["val"] = x.meta.get("val")
+        quantized.meta["ditq_activation_site"] = site
+        if site.time_grouped:
+            quantized.meta["ditq_time_grouped"] = True
+        copy_location(quantized, consumer)
+        args = list(consumer.args)
+        args[site.arg] = quantized
+        consumer.args = tuple(args)
+        if consumer.target in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
+            consumer.meta["ditq_input_site"] = site.key
