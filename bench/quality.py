@@ -14,13 +14,21 @@ against FP along the FP trajectory. Writes
 
     python bench/quality.py --model dit-digits [--samples 2000 --steps 100 --guidance 2.0]
     python bench/quality.py --model dit-digits --ablation --fp-seeds 1     # TaQ-DiT Table IV layout
+    python bench/quality.py --model dit-digits --robuq --fp-seeds 1        # RobuQ recipes + AMPN table
+
+``--robuq`` measures the RobuQ recipes and the AMPN variants (``ampn-a<B>``: robuq-w1.58a3 with an
+average budget of B activation bits; ``-ptq``: sensitivities measured before distillation), written
+to quality-<model>-robuq.*; distillation draws its inputs from a larger calibration set (all
+``--steps`` steps, 16 inputs each) unless ``--calibration-steps`` / ``--samples-per-step`` say otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import re
 import statistics
 import time
 from pathlib import Path
@@ -37,6 +45,33 @@ DEFAULT_RECIPES = ["w8a8-minmax", "w8a8", "w4a8-minmax", "w4a8", "w6a6-minmax", 
 # TaQ-DiT Table IV on our model: (joint reconstruction, static transformation) per recipe
 ABLATION = {"w4a8-minmax": None, "taq-dit-w4a8-separate": (False, False), "taq-dit-w4a8-noshift": (True, False),
             "taq-dit-w4a8": (True, True)}
+ROBUQ = ["hadamard-only", "w1.58a4-minmax", "robuq-w1.58a4", "robuq-w1.58a3", "w4a4-minmax", "robuq-w4a4",
+         "ampn-a2", "ampn-a4", "ampn-a3-ptq", "ampn-a4-ptq"]
+AMPN = re.compile(r"ampn-a(\d+(?:\.\d+)?)(-ptq)?")
+
+
+def recipe_for(name: str, iterations: int | None = None) -> dq.Recipe:
+    """A preset, or an AMPN variant of robuq-w1.58a3: ``ampn-a<budget>[-ptq]``; ``iterations`` overrides the
+    distillation's (and the AMPN search's) iteration counts, for smoke runs."""
+    match = AMPN.fullmatch(name)
+    recipe = dq.Recipe.load(name if match is None else "robuq-w1.58a3")
+    if match is not None:
+        mixed = dataclasses.replace(recipe.mixed_precision, budget=float(match.group(1)),
+                                    sensitivity="ptq" if match.group(2) else "distilled")
+        recipe = dataclasses.replace(recipe, name=name, mixed_precision=mixed)
+    if iterations is not None and recipe.distillation is not None:
+        recipe = dataclasses.replace(recipe, distillation=dataclasses.replace(recipe.distillation,
+                                                                              iterations=iterations))
+    if iterations is not None and recipe.mixed_precision is not None:
+        recipe = dataclasses.replace(recipe, mixed_precision=dataclasses.replace(recipe.mixed_precision,
+                                                                                 search_iterations=iterations))
+    return recipe
+
+
+def ampn_budget(row: dict) -> tuple[float, str] | None:
+    """(budget, sensitivity) of an AMPN row, None for others."""
+    ampn = row.get("ampn")
+    return None if ampn is None else (ampn["budget"], ampn["sensitivity_from"])
 
 
 def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: Path,
@@ -58,13 +93,58 @@ def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: 
     return row, samples
 
 
+def robuq_markdown(rows: list[dict]) -> list[str]:
+    """The RobuQ summary: the issue's FD-gap criterion, compile times, and the AMPN tables."""
+    by_name = {r["config"]: r for r in rows}
+    fp_fd = rows[0]["fd_digits"]
+    lines = []
+    if "robuq-w1.58a4" in by_name and "w1.58a4-minmax" in by_name:
+        ours, base = (by_name[n]["fd_digits"] - fp_fd for n in ("robuq-w1.58a4", "w1.58a4-minmax"))
+        lines += ["", f"FD-digits gap: robuq-w1.58a4 {ours:+.2f} vs w1.58a4-minmax {base:+.2f}: |ratio| "
+                      f"{abs(ours) / abs(base):.3f} (must be <= 0.5); class accuracy "
+                      f"{100 * by_name['robuq-w1.58a4']['class_accuracy']:.1f}% (must be >= 80%)."]
+    timed = [r for r in rows if "compile_seconds" in r]
+    if timed:
+        stages = sorted({k for r in timed for k in r["stage_seconds"]}, key=lambda k: list(
+            next(r for r in timed if k in r["stage_seconds"])["stage_seconds"]).index(k))
+        lines += ["", "Compile time, one thread (wall seconds; CPU seconds of the process in brackets):", "",
+                  "| config | compile s (CPU s) | " + " | ".join(stages) + " |", "|---|---|" + "---|" * len(stages)]
+        for r in timed:
+            lines.append(f"| {r['config']} | {r['compile_seconds']:.0f} ({r['compile_cpu_seconds']:.0f}) | "
+                         + " | ".join(f"{r['stage_seconds'].get(k, 0):.1f}" for k in stages) + " |")
+    ampn = [r for r in rows if ampn_budget(r)]
+    if ampn:
+        lines += ["", "AMPN (ternary weights everywhere; activation bits per layer from {2, 3, 4, 6, 8} under an "
+                      "average budget weighted by multiply-adds):", "",
+                  "| budget | sensitivity | average bits (by MACs / by layer) | FD-digits | FD to FP samples | "
+                  "class accuracy | median noise SQNR dB |", "|---|---|---|---|---|---|---|"]
+        if "robuq-w1.58a4" in by_name:
+            r = by_name["robuq-w1.58a4"]
+            lines.append(f"| 4 (uniform, robuq-w1.58a4) | - | 4.00 / 4.00 | {r['fd_digits']:.2f} | "
+                         f"{r.get('fd_to_fp', float('nan')):.2f} | {100 * r['class_accuracy']:.1f}% | "
+                         f"{r['noise_sqnr_median_db']:.1f} |")
+        for r in sorted(ampn, key=lambda r: (ampn_budget(r)[0], ampn_budget(r)[1])):
+            a = r["ampn"]
+            lines.append(f"| {a['budget']:g} | {a['sensitivity_from']} | {a['average_bits']:.2f} / "
+                         f"{a['layer_average_bits']:.2f} | {r['fd_digits']:.2f} | {r.get('fd_to_fp', float('nan')):.2f} "
+                         f"| {100 * r['class_accuracy']:.1f}% | {r['noise_sqnr_median_db']:.1f} |")
+        columns = sorted(ampn, key=lambda r: (ampn_budget(r)[1] != "distilled", ampn_budget(r)[0]))
+        layers = list(columns[0]["ampn"]["bits"])
+        lines += ["", "Activation bits chosen per layer:", "",
+                  "| layer | " + " | ".join(f"A{ampn_budget(r)[0]:g} {ampn_budget(r)[1]}" for r in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for layer in layers:
+            lines.append(f"| {layer} | " + " | ".join(str(r["ampn"]["bits"].get(layer, "-")) for r in columns) + " |")
+    return lines
+
+
 def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int) -> str:
     lines = ["| config | FD-digits | FD gap vs FP seed 0 | FD to FP samples | class accuracy | median noise SQNR dB |",
              "|---|---|---|---|---|---|"]
     fp_fd = rows[0]["fd_digits"]
     for r in rows:
         sqnr = f"{r['noise_sqnr_median_db']:.1f}" if "noise_sqnr_median_db" in r else "-"
-        to_fp = f"{r['fd_to_fp']:.2f}" if "fd_to_fp" in r else "-"
+        to_fp = f"{max(r['fd_to_fp'], 0.0):.2f}" if "fd_to_fp" in r else "-"   # FD >= 0; -1e-5 is sqrtm noise
         lines.append(f"| {r['config']} | {r['fd_digits']:.2f} | {r['fd_digits'] - fp_fd:+.2f} | {to_fp} | "
                      f"{100 * r['class_accuracy']:.1f}% | {sqnr} |")
     if any(r["config"] in ABLATION and ABLATION[r["config"]] for r in rows):
@@ -80,6 +160,8 @@ def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int) -
                 lines.append(f"| {mark[flags[0]]} | {mark[flags[1]]} | {r['fd_digits']:.2f} | "
                              f"{r['fd_digits'] - fp_fd:+.2f} | {to_fp} | {100 * r['class_accuracy']:.1f}% | "
                              f"{r['noise_sqnr_median_db']:.1f} |")
+    if any(r["config"] in ROBUQ or ampn_budget(r) for r in rows):
+        lines += robuq_markdown(rows)
     lines.append("")
     seed_gap = "" if math.isnan(fp_gap) else f"FP seed-to-seed FD difference (noise floor of the gap): {fp_gap:.2f}. "
     lines.append(f"{seed_gap}Real-vs-real FD floor ({floor_images} training digits vs the held-out set): {floor:.2f}.")
@@ -114,6 +196,8 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=None, help=f"default: {' '.join(DEFAULT_RECIPES)}")
     parser.add_argument("--ablation", action="store_true",
                         help=f"TaQ-DiT ablation ({' '.join(ABLATION)}), written to quality-<model>-taq-ablation.*")
+    parser.add_argument("--robuq", action="store_true",
+                        help=f"RobuQ recipes and AMPN variants ({' '.join(ROBUQ)}), written to quality-<model>-robuq.*")
     parser.add_argument("--fp-seeds", type=int, default=2, choices=[1, 2], help="FP runs (2 shows the noise floor)")
     parser.add_argument("--samples", type=int, default=2000, help="samples per configuration (FD and accuracy)")
     parser.add_argument("--steps", type=int, default=100, help="DDPM steps")
@@ -121,23 +205,33 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--sqnr-samples", type=int, default=50, help="trajectories for the per-step SQNR")
     parser.add_argument("--calibration-trajectories", type=int, default=32)
+    parser.add_argument("--calibration-steps", type=int, default=None,
+                        help="sampler steps the calibration set draws from (default: 25; --robuq: all)")
+    parser.add_argument("--samples-per-step", type=int, default=None,
+                        help="calibration inputs per step (default: 10; --robuq: 16)")
+    parser.add_argument("--distillation-iterations", type=int, default=None,
+                        help="override the recipes' distillation and AMPN search iterations (smoke runs)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     if args.recipes is None:  # `--recipes` with nothing after it measures FP only
-        args.recipes = list(ABLATION if args.ablation else DEFAULT_RECIPES)
-    args.stem = f"quality-{args.model}" + ("-taq-ablation" if args.ablation else "")
+        args.recipes = list(ROBUQ if args.robuq else ABLATION if args.ablation else DEFAULT_RECIPES)
+    args.stem = f"quality-{args.model}" + ("-taq-ablation" if args.ablation else "-robuq" if args.robuq else "")
+    if args.calibration_steps is None:
+        args.calibration_steps = args.steps if args.robuq else min(25, args.steps)
+    if args.samples_per_step is None:
+        args.samples_per_step = 16 if args.robuq else 10
     for recipe in args.recipes:  # a typo fails now, not after an hour of FP sampling
-        dq.Recipe.load(recipe)
+        recipe_for(recipe)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, scheduler = zoo.load(args.model), zoo.scheduler(args.model)
     grids = args.out / args.stem
     calibration = from_sampler(model, scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                               num_trajectories=args.calibration_trajectories, steps=min(25, args.steps), seed=123,
-                               progress=not args.quiet)
+                               num_trajectories=args.calibration_trajectories, steps=args.calibration_steps,
+                               samples_per_step=args.samples_per_step, seed=123, progress=not args.quiet)
     row, fp_samples = measure("fp", model, model, scheduler, args, 0, grids)
     rows = [row]
     write_results(rows, args, final=False)
@@ -147,19 +241,37 @@ def main() -> None:
     print("fp: FD " + " / ".join(f"{r['fd_digits']:.2f}" for r in rows) +
           f", accuracy {rows[0]['class_accuracy']:.3f}", flush=True)
     for recipe in args.recipes:
-        start = time.perf_counter()
-        compiled = dq.compile(model, recipe, calibration=calibration, progress=not args.quiet)
-        compile_seconds = time.perf_counter() - start
+        start, cpu = time.perf_counter(), time.process_time()
+        compiled = dq.compile(model, recipe_for(recipe, args.distillation_iterations), calibration=calibration,
+                              progress=not args.quiet)
+        compile_seconds, compile_cpu = time.perf_counter() - start, time.process_time() - cpu
         rows.append(measure(recipe, compiled, model, scheduler, args, 0, grids, fp_samples)[0])
         r = rows[-1]
-        r.update(compile_seconds=round(compile_seconds, 1),
+        r.update(compile_seconds=round(compile_seconds, 1), compile_cpu_seconds=round(compile_cpu, 1),
+                 output_sqnr_db=compiled.output_sqnr_db,
                  stage_seconds={k: round(v, 1) for k, v in compiled.stage_seconds.items()})
+        if compiled.rotations:
+            r["rotations"] = {r_.layer: r_.placement for r_ in compiled.rotations}
+        if compiled.allocation is not None:
+            r["ampn"] = ampn_row(compiled)
         print(f"{recipe}: FD {r['fd_digits']:.2f}, accuracy {r['class_accuracy']:.3f}, "
               f"median noise SQNR {r['noise_sqnr_median_db']:.1f} dB", flush=True)
         write_results(rows, args, final=False)
 
     write_results(rows, args, final=True)
     print((args.out / f"{args.stem}.md").read_text())
+
+
+def ampn_row(compiled) -> dict:
+    """Per-layer bits (by layer name), the averages and the sensitivities of an AMPN compile."""
+    allocation = compiled.allocation
+    name = allocation.layer_names
+    return {"budget": compiled.recipe.mixed_precision.budget, "sensitivity_from": allocation.sensitivity_from,
+            "average_bits": allocation.average_bits,
+            "layer_average_bits": sum(allocation.bits.values()) / len(allocation.bits),
+            "bits": {name[n]: b for n, b in allocation.bits.items()},
+            "sensitivity": {name[n]: s for n, s in allocation.sensitivity.items()},
+            "base_loss": allocation.base_loss}
 
 
 def write_results(rows: list[dict], args, final: bool) -> None:

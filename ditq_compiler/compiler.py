@@ -19,9 +19,11 @@ from ditq_compiler.capture import CapturedModel, capture
 from ditq_compiler.graph import analyse
 from ditq_compiler.pipeline import PassPipeline
 from ditq_compiler.recipe import Recipe
-from ditq_compiler.report import LayerReport, layer_reports, measure, summary_table
+from ditq_compiler.report import LayerReport, layer_reports, measure, rotation_table, summary_table
+from ditq_compiler.passes.insert_hadamard import InsertHadamard, Rotation
 from ditq_compiler.passes.migrate_outliers import channel_affine
 from ditq_compiler.passes.quantize_linears import QuantizeLinears
+from ditq_compiler.train import Allocation, choose_activation_bits, distill
 
 BACKENDS = ("torch", "torch-int8")
 
@@ -40,6 +42,8 @@ class CompiledModel(torch.nn.Module):
         self.backend = backend
         self.stage_seconds = dict(stage_seconds or {})
         self._captured = captured
+        self.rotations: list[Rotation] = []           # RobuQ: where each rotation runs
+        self.allocation: Allocation | None = None     # AMPN: chosen activation bits and sensitivities
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.graph_module(**self._captured.bind(args, kwargs))
@@ -53,7 +57,13 @@ class CompiledModel(torch.nn.Module):
                 f"output SQNR vs FP on the calibration data: {sqnr}")
         if self.stage_seconds:
             head += "\nstages: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
-        return head + "\n" + summary_table(self.layers)
+        if self.allocation is not None:
+            head += (f"\nmixed precision (AMPN, sensitivity {self.allocation.sensitivity_from}): average activation "
+                     f"bits {self.allocation.average_bits:.2f}")
+        text = head + "\n" + summary_table(self.layers)
+        if self.rotations:
+            text += "\n\nHadamard rotations:\n" + rotation_table(self.rotations)
+        return text
 
     def _captured_layers(self):
         return [n for n in self.graph_module.graph.nodes
@@ -81,8 +91,15 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
     gm = captured.graph_module
     analysis = analyse(gm, captured.sample_input, captured.timestep_input)
     annotations = annotate(gm, analysis, recipe)
-    flat_batches = [_flat(captured.bind(args, kwargs)) for args, kwargs in batches]
+    inputs = [captured.bind(args, kwargs) for args, kwargs in batches]
+    flat_batches = [_flat(call) for call in inputs]
+    reference = _copy_graph(gm) if recipe.rotation is not None else None
     clock.lap("capture")
+    rotations = []
+    if recipe.rotation is not None:
+        rotate = InsertHadamard({n: info for n, info in analysis.layers.items() if info.role in recipe.rotation.roles},
+                                {n: info.name for n, info in analysis.layers.items()}, fuse=recipe.rotation.fuse)
+        gm, rotations = PassPipeline([rotate], debug=debug)(gm).graph_module, rotate.rotations
     transforms = plan_transforms(gm, annotations, recipe, flat_batches, _timestep_index(captured), progress)
     if transforms:
         gm = PassPipeline(transforms, debug=debug)(gm).graph_module
@@ -94,18 +111,34 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
         apply_factors(gm, learned.factors)
         act_qparams, weight_codes = {**act_qparams, **learned.activations}, learned.weights
         clock.lap("reconstruction")
+    allocation = None
+    if recipe.mixed_precision is not None:
+        annotations, allocation = choose_activation_bits(gm, annotations, act_qparams, inputs, recipe,
+                                                         analysis.sample_dependent, progress)
+        clock.lap("mixed precision")
+    token_clips, biases = {}, {}
+    if recipe.distillation is not None:
+        trained = distill(gm, annotations, act_qparams, inputs, recipe.distillation, analysis.sample_dependent,
+                          progress)
+        act_qparams, weight_codes = {**act_qparams, **trained.activations}, trained.weights
+        token_clips, biases = trained.token_clips, trained.biases
+        clock.lap("distillation")
     float_graph = _copy_graph(gm)
-    quantized = PassPipeline([QuantizeLinears(act_qparams, weight_codes)], debug=debug)(gm).graph_module
+    quantized = PassPipeline([QuantizeLinears(act_qparams, weight_codes, token_clips, biases)],
+                             debug=debug)(gm).graph_module
     reports = layer_reports(quantized, annotations)
     lowered, kernels = _lower(quantized, backend)
     clock.lap("rewrite")
-    layer_sqnr, output_sqnr = measure(float_graph, lowered, flat_batches) if flat_batches else ({}, None)
+    layer_sqnr, output_sqnr = measure(float_graph, lowered, flat_batches, reference) if flat_batches else ({}, None)
     clock.lap("measure")
+    placement = {r.layer: f"hadamard {r.placement}" for r in rotations}
     for report, source in zip(reports, annotations, strict=True):
         report.kernel = kernels.get(source, "reference")
         report.sqnr_db = layer_sqnr.get(source)
-        report.transforms = _transforms_of(float_graph, source)
-    return CompiledModel(lowered, captured, recipe, reports, output_sqnr, backend, clock.seconds)
+        report.transforms = _transforms_of(float_graph, source) or placement.get(report.name, "")
+    compiled = CompiledModel(lowered, captured, recipe, reports, output_sqnr, backend, clock.seconds)
+    compiled.rotations, compiled.allocation = rotations, allocation
+    return compiled
 
 
 class _StageClock:

@@ -14,6 +14,14 @@ Optional method sections (version 2) switch on TaQ-DiT's transformations and cal
 ``shift`` (momentum-based shifting folded into the bias), ``migration`` (outlier channels
 migrated into the weights; needs ``shift``) and ``reconstruction`` (block-wise AdaRound + LSQ,
 joint with QDrop or separate). Their fields and defaults are the dataclasses below.
+
+RobuQ's sections: ``rotation`` (Hadamard rotation of the inputs of linears chosen by role,
+``passes/insert_hadamard.py``), ``distillation`` (quantization-aware distillation against the
+FP model on the calibration inputs: STE, learnable scales, AdamW, output MSE plus the optional
+BiDM+ salience-weighted block mimicking; ``ditq_compiler/train/distill.py``) and
+``mixed_precision`` (AMPN: per-layer activation bits under an average budget,
+``ditq_compiler/train/mixed_precision.py``). Ternary weights (W1.58) are ``weights: {bits: 1.58,
+observer: absmean}`` (see ``ditq_compiler.quant.spec``).
 """
 
 from __future__ import annotations
@@ -65,6 +73,15 @@ def _check_weight_spec(spec: QuantSpec, path: str) -> None:
         raise RecipeError(f"{path}.granularity: weights cannot be quantized per token (tokens are activations)")
     if spec.granularity == "channel" and spec.axis != 0:
         raise RecipeError(f"{path}.axis: per-channel weights use the output channel, axis 0 (got {spec.axis})")
+
+
+def _activation_spec(data: Any, path: str, base: QuantSpec | None) -> QuantSpec:
+    if isinstance(data, Mapping) and isinstance(data.get("bits"), float):
+        raise RecipeError(f"{path}.bits: activations take an integer 2..8 bits (ternary, 1.58, is for weights), "
+                          f"got {data['bits']!r}")
+    spec = _spec(data, path, base)
+    _check_activation_spec(spec, path)
+    return spec
 
 
 def _check_activation_spec(spec: QuantSpec, path: str) -> None:
@@ -132,7 +149,7 @@ def _override(data: Any, path: str, recipe_weights: QuantSpec, recipe_acts: Quan
         if recipe_acts is None and "bits" not in acts:
             raise RecipeError(f"{path}.activations: the recipe quantizes no activations, so an override "
                               "that enables them must give at least 'bits'")
-        _check_activation_spec(_spec(acts, f"{path}.activations", recipe_acts), f"{path}.activations")
+        _activation_spec(acts, f"{path}.activations", recipe_acts)
         acts = tuple(sorted(acts.items()))
     return Override(role=data.get("role"), name=data.get("name"), quantize=data.get("quantize"),
                     weights=weights, activations=acts)
@@ -224,6 +241,113 @@ def _method_spec(cls, data: Any, path: str):
 
 
 @dataclass(frozen=True)
+class RotationSpec:
+    """RobuQ's Hadamard rotation in front of the linears with these roles (``passes/insert_hadamard.py``).
+
+    ``fuse``: fold a rotation into the previous linear where nothing nonlinear lies between
+    (false keeps every rotation online; same function, for checking).
+    """
+
+    roles: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2")
+    fuse: bool = True
+
+
+@dataclass(frozen=True)
+class DistillationSpec:
+    """Quantization-aware distillation against the FP model (``ditq_compiler/train/distill.py``).
+
+    AdamW on the quantized layers' latent weights and biases (``lr``, ``weight_decay``) and on
+    their weight scales and activation scales / per-token clipping ratios (``scale_lr``), cosine
+    decay to 0 over ``iterations``, minibatches of ``batch_size`` calibration inputs. Loss:
+    ``output_weight * MSE(out_q, out_fp) + block_weight * mean_blocks mean(r_SBM^2)`` with BiDM+'s
+    salience-weighted residual (Eqs. 18-19) and ``leniency`` its percentile (10 in the paper);
+    ``block_weight: 0`` drops the block term. Our defaults, chosen on dit-digits (the papers give
+    no CPU-sized schedule): see the README.
+    """
+
+    iterations: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-4
+    scale_lr: float = 1e-3
+    weight_decay: float = 0.0
+    output_weight: float = 1.0
+    block_weight: float = 0.0
+    leniency: float = 10.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MixedPrecisionSpec:
+    """AMPN: each quantized layer's activation bits from ``candidates`` under an average ``budget``.
+
+    ``sensitivity``: "distilled" measures, after ``search_iterations`` of distillation at the
+    recipe's activation bits, how much the distillation loss rises when one layer's activation
+    bits change; "ptq" measures the same on the model before any distillation (the PTQ metric the
+    RobuQ paper argues against). ``weighting``: the average is over layers weighted by their
+    multiply-adds per token ("macs") or unweighted ("layers").
+    """
+
+    budget: float = 3.0
+    candidates: tuple[int, ...] = (2, 3, 4, 6, 8)
+    sensitivity: str = "distilled"
+    search_iterations: int = 1000
+    weighting: str = "macs"
+
+
+def _section(cls, data: Any, path: str):
+    """A RobuQ section (rotation / distillation / mixed_precision), validated; None if absent."""
+    if data is None or data is False:
+        return None
+    if data is True:
+        data = {}
+    _check_keys(data, {f.name for f in dataclasses.fields(cls)}, path)
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    spec = cls(**data)
+    _SECTION_CHECKS[cls](spec, path)
+    return spec
+
+
+def _check_rotation(spec: RotationSpec, path: str) -> None:
+    _check_roles(spec.roles, f"{path}.roles")
+    if not spec.roles:
+        raise RecipeError(f"{path}.roles: rotate at least one role (or drop the section)")
+    if not isinstance(spec.fuse, bool):
+        raise RecipeError(f"{path}.fuse: expected true or false, got {spec.fuse!r}")
+
+
+def _check_distillation(spec: DistillationSpec, path: str) -> None:
+    _number(spec.iterations, f"{path}.iterations", 0, 10**7, integer=True)
+    _number(spec.batch_size, f"{path}.batch_size", 1, 10**6, integer=True)
+    _number(spec.seed, f"{path}.seed", 0, 2**63 - 1, integer=True)
+    _number(spec.leniency, f"{path}.leniency", 0.0, 100.0)
+    for name in ("lr", "scale_lr", "weight_decay", "output_weight", "block_weight"):
+        _number(getattr(spec, name), f"{path}.{name}", 0.0, 1e6)
+    if spec.output_weight == 0 and spec.block_weight == 0:
+        raise RecipeError(f"{path}.output_weight: output_weight and block_weight are both 0: nothing to learn from")
+
+
+def _check_mixed_precision(spec: MixedPrecisionSpec, path: str) -> None:
+    candidates = spec.candidates
+    if not isinstance(candidates, tuple) or not candidates:
+        raise RecipeError(f"{path}.candidates: expected a non-empty list of bit widths, got {candidates!r}")
+    for i, bits in enumerate(candidates):
+        _number(bits, f"{path}.candidates[{i}]", 2, 8, integer=True)
+    if len(set(candidates)) != len(candidates):
+        raise RecipeError(f"{path}.candidates: repeated bit widths in {list(candidates)}")
+    _number(spec.budget, f"{path}.budget", min(candidates), max(candidates))
+    if spec.sensitivity not in ("distilled", "ptq"):
+        raise RecipeError(f"{path}.sensitivity: expected 'distilled' or 'ptq', got {spec.sensitivity!r}")
+    if spec.weighting not in ("macs", "layers"):
+        raise RecipeError(f"{path}.weighting: expected 'macs' or 'layers', got {spec.weighting!r}")
+    _number(spec.search_iterations, f"{path}.search_iterations", 0, 10**7, integer=True)
+
+
+_SECTION_CHECKS = {RotationSpec: _check_rotation, DistillationSpec: _check_distillation,
+                   MixedPrecisionSpec: _check_mixed_precision}
+ROBUQ_SECTIONS = {"rotation": RotationSpec, "distillation": DistillationSpec, "mixed_precision": MixedPrecisionSpec}
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """What the recipe decided for one layer."""
 
@@ -242,6 +366,9 @@ class Recipe:
     shift: ShiftSpec | None = None
     migration: MigrationSpec | None = None
     reconstruction: ReconstructionSpec | None = None
+    rotation: RotationSpec | None = None
+    distillation: DistillationSpec | None = None
+    mixed_precision: MixedPrecisionSpec | None = None
     version: int = RECIPE_VERSION
 
     # ---- construction -------------------------------------------------------------------
@@ -257,8 +384,7 @@ class Recipe:
         acts_data = data.get("activations", {})
         acts = None
         if acts_data is not None and acts_data is not False:
-            acts = _spec(acts_data, f"{path}.activations", QuantSpec(8, False, "tensor", axis=-1))
-            _check_activation_spec(acts, f"{path}.activations")
+            acts = _activation_spec(acts_data, f"{path}.activations", QuantSpec(8, False, "tensor", axis=-1))
         roles = _check_roles(data.get("quantize_roles", DEFAULT_QUANTIZED_ROLES), f"{path}.quantize_roles")
         raw_overrides = data.get("overrides") or []
         if not isinstance(raw_overrides, list):
@@ -277,9 +403,11 @@ class Recipe:
         if (shift is not None or reconstruction is not None) and acts is None:
             section = "shift" if shift is not None else "reconstruction"
             raise RecipeError(f"{path}.{section}: needs quantized activations (activations is false)")
+        robuq = {key: _section(spec_class, data.get(key), f"{path}.{key}") for key, spec_class in ROBUQ_SECTIONS.items()}
+        _check_robuq_combinations(robuq, shift, reconstruction, acts, path)
         return cls(name=data.get("name", "custom"), description=data.get("description", ""),
                    weights=weights, activations=acts, quantize_roles=roles, overrides=overrides,
-                   shift=shift, migration=migration, reconstruction=reconstruction, version=version)
+                   shift=shift, migration=migration, reconstruction=reconstruction, version=version, **robuq)
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> Recipe:
@@ -318,6 +446,8 @@ class Recipe:
             "overrides": [o.to_dict() for o in self.overrides],
             **{key: dataclasses.asdict(getattr(self, key)) for key in ("shift", "migration", "reconstruction")
                if getattr(self, key) is not None},
+            **{key: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(self, key)).items()}
+               for key in ROBUQ_SECTIONS if getattr(self, key) is not None},
         }
 
     def save(self, path: str | Path) -> Path:
@@ -347,6 +477,24 @@ class Recipe:
                 base = acts.to_dict() if acts else {}
                 acts = QuantSpec(**{**base, **dict(override.activations)})
         return LayerPlan(weights, acts) if quantize else None
+
+
+def _check_robuq_combinations(robuq: dict[str, Any], shift: ShiftSpec | None,
+                              reconstruction: ReconstructionSpec | None, acts: QuantSpec | None, path: str) -> None:
+    if robuq["rotation"] is not None and shift is not None:
+        raise RecipeError(f"{path}.rotation: the Hadamard rotation and TaQ-DiT's shift both rewrite the input of "
+                          "the same linears; use one of them")
+    if robuq["distillation"] is not None and reconstruction is not None:
+        raise RecipeError(f"{path}.distillation: distillation and block reconstruction both fit the quantized "
+                          "model; use one of them")
+    mixed = robuq["mixed_precision"]
+    if mixed is not None:
+        if acts is None or acts.granularity != "token":
+            raise RecipeError(f"{path}.mixed_precision: chooses per-token activation bits (dynamic ranges, so "
+                              "any width runs without recalibration); set activations.granularity: token")
+        if mixed.sensitivity == "distilled" and robuq["distillation"] is None:
+            raise RecipeError(f"{path}.mixed_precision.sensitivity: 'distilled' measures sensitivity after "
+                              "distillation; add a 'distillation' section (or use sensitivity: ptq)")
 
 
 def _parse(text: str, suffix: str) -> dict:
