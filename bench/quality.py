@@ -45,8 +45,8 @@ DEFAULT_RECIPES = ["w8a8-minmax", "w8a8", "w4a8-minmax", "w4a8", "w6a6-minmax", 
 # TaQ-DiT Table IV on our model: (joint reconstruction, static transformation) per recipe
 ABLATION = {"w4a8-minmax": None, "taq-dit-w4a8-separate": (False, False), "taq-dit-w4a8-noshift": (True, False),
             "taq-dit-w4a8": (True, True)}
-ROBUQ = ["hadamard-only", "w1.58a4-minmax", "robuq-w1.58a4", "robuq-w1.58a3", "w4a4-minmax", "robuq-w4a4",
-         "ampn-a2", "ampn-a4", "ampn-a3-ptq", "ampn-a4-ptq"]
+ROBUQ = ["w1.58a4-minmax", "robuq-w1.58a4", "robuq-w1.58a3", "ampn-a3-ptq", "ampn-a2", "ampn-a4", "ampn-a4-ptq",
+         "w4a4-minmax", "robuq-w4a4", "hadamard-only"]
 AMPN = re.compile(r"ampn-a(\d+(?:\.\d+)?)(-ptq)?")
 
 
@@ -135,7 +135,19 @@ def robuq_markdown(rows: list[dict]) -> list[str]:
                   "|---|" + "---|" * len(columns)]
         for layer in layers:
             lines.append(f"| {layer} | " + " | ".join(str(r["ampn"]["bits"].get(layer, "-")) for r in columns) + " |")
+        measured = {a["sensitivity_from"]: a["sensitivity"] for a in (r["ampn"] for r in ampn) if "sensitivity" in a}
+        if {"ptq", "distilled"} <= set(measured):
+            rho = {bits: spearman([measured["ptq"][n][str(bits)] for n in layers],
+                                  [measured["distilled"][n][str(bits)] for n in layers]) for bits in (2, 3)}
+            lines += ["", "Rank correlation (Spearman) of the layers' sensitivity measured before vs after distillation: "
+                          + ", ".join(f"{rho[b]:.2f} at {b} bits" for b in rho) + "."]
     return lines
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (ties broken by order)."""
+    ranks = [torch.tensor(v).argsort().argsort().double() for v in (a, b)]
+    return float(torch.corrcoef(torch.stack(ranks))[0, 1])
 
 
 def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int) -> str:
@@ -270,7 +282,7 @@ def ampn_row(compiled) -> dict:
             "average_bits": allocation.average_bits,
             "layer_average_bits": sum(allocation.bits.values()) / len(allocation.bits),
             "bits": {name[n]: b for n, b in allocation.bits.items()},
-            "sensitivity": {name[n]: s for n, s in allocation.sensitivity.items()},
+            "sensitivity": {name[n]: {str(b): v for b, v in s.items()} for n, s in allocation.sensitivity.items()},
             "base_loss": allocation.base_loss}
 
 

@@ -102,6 +102,10 @@ def test_robuq_tables_state_the_gap_criterion_and_the_chosen_bits():
     assert "| 3 | distilled | 3.00 / 2.50 | 40.00 | 1.00 | 90.0% | 15.0 |" in table
     assert "| layer | A3 distilled | A3 ptq |" in table
     assert "| blocks.0.q | 2 | 4 |" in table and "| blocks.0.fc1 | 4 | 3 |" in table
+    rows[3]["ampn"]["sensitivity"] = {"blocks.0.q": {"2": 0.1, "3": 0.05}, "blocks.0.fc1": {"2": 0.3, "3": 0.01}}
+    rows[4]["ampn"]["sensitivity"] = {"blocks.0.q": {"2": 0.5, "3": 0.02}, "blocks.0.fc1": {"2": 0.2, "3": 0.03}}
+    table = bench.markdown(rows, float("nan"), 1.6, 1438)
+    assert "before vs after distillation: -1.00 at 2 bits, -1.00 at 3 bits." in table
 
 
 @pytest.mark.slow
