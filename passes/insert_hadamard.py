@@ -23,6 +23,7 @@ quantizer sees: every channel a +-1/sqrt(n) mix of all channels, outliers spread
   The rest of the full rotation ``H_heads (x) H_dh = (H_heads (x) I)(I (x) H_dh)`` mixes heads,
   which attention does not commute with, and stays online as ``ditq::hadamard(x, H_heads, None)``
   (``n * heads`` multiply-adds per token). The layer's weight takes the full ``H_heads (x) H_dh``.
+  Where ``heads`` or ``dh`` has no Hadamard matrix, the full ``H_n`` runs online instead.
 
 With ``fuse=False`` every rotation is online (the full ``H_n``); the two graphs compute the same
 function. Each rotated layer gets a ``Rotation`` record (``pass.rotations``) that says which of
@@ -152,23 +153,17 @@ class InsertHadamard:
                 or plans.get(producer, _Plan()).output_rotation is not None):
             return None
         heads = width // head_dim
-        try:
+        try:   # both factors must exist; otherwise the full rotation runs online (never a block-diagonal one)
             per_head = hadamard_matrix(head_dim)
-        except ValueError:
-            return None
-        try:
             across = hadamard_matrix(heads) if heads > 1 else None
         except ValueError:
-            across = None
+            return None
         plans.setdefault(producer, _Plan()).output_rotation = torch.kron(torch.eye(heads, dtype=torch.float64),
                                                                           per_head)
         where = self.names.get(producer.name, producer.name)
         if across is None:
-            plans[node].input_rotation = torch.block_diag(*[per_head] * heads)
-            if heads == 1:
-                return {node.name: f"fused into {where}"}
-            return {node.name: f"per-head H{head_dim} fused into {where} (block-diagonal: no Hadamard matrix "
-                               f"of order {heads} for the heads)"}
+            plans[node].input_rotation = per_head
+            return {node.name: f"fused into {where}"}
         plans[node].input_rotation = torch.kron(across, per_head)
         online.setdefault(node.args[0], []).append((node, across.float(), None))
         return {node.name: f"per-head H{head_dim} fused into {where} + online H{heads} across heads"}

@@ -163,3 +163,16 @@ def test_rotated_quantized_graph_reexports_with_the_rotation_as_an_op(dit, dit_b
     blocks = [n for n in program.graph.nodes if n.op == "call_function" and str(n.target) == "ditq.hadamard.default"]
     assert all(a is None or a.op == "get_attr" or a.op == "placeholder" for n in blocks for a in n.args[1:])
     torch.testing.assert_close(program.module()(**inputs)[0], compiled(*args, **kwargs).sample)
+
+
+def test_heads_without_a_hadamard_order_keep_the_full_rotation_online():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)   # 6 heads x 32: width 192 = H12 x H16 exists, but no Hadamard matrix of order 6
+    model = DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=32, in_channels=4, num_layers=1,
+                                  sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    rotate, gm, before, after = _rotated(model)
+    placement = {r.layer: r.placement for r in rotate.rotations}
+    assert placement["transformer_blocks.0.attn1.to_out.0"] == "online"
+    assert {r.construction for r in rotate.rotations if r.width == 192} == {"H192 = H12 x H16"}
+    assert sqnr_db(before, after) >= 100
