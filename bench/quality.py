@@ -15,6 +15,12 @@ against FP along the FP trajectory. Writes
     python bench/quality.py --model dit-digits [--samples 2000 --steps 100 --guidance 2.0]
     python bench/quality.py --model dit-digits --ablation --fp-seeds 1     # TaQ-DiT Table IV layout
     python bench/quality.py --model dit-digits --tq-ablation --fp-seeds 1  # TQ-DiT Table III layout
+    python bench/quality.py --model dit-digits --robuq --fp-seeds 1        # RobuQ recipes + AMPN table
+
+``--robuq`` measures the RobuQ recipes and the AMPN variants (``ampn-a<B>``: robuq-w1.58a3 with an
+average budget of B activation bits; ``-ptq``: sensitivities measured before distillation), written
+to quality-<model>-robuq.*; distillation draws its inputs from a larger calibration set (all
+``--steps`` steps, 16 inputs each) unless ``--calibration-steps`` / ``--samples-per-step`` say otherwise.
 
 ``--tq-ablation`` calibrates every recipe on a TQ-DiT calibration set (``selection="time_groups"``,
 10 groups x 32 samples, the paper's) and writes quality-<model>-tq-ablation.*.
@@ -23,8 +29,10 @@ against FP along the FP trajectory. Writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import re
 import statistics
 import time
 from pathlib import Path
@@ -45,6 +53,33 @@ ABLATION = {"w4a8-minmax": None, "taq-dit-w4a8-separate": (False, False), "taq-d
 TQ_ABLATION = {"w6a6-minmax": None, "tq-dit-w6a6-baseline": (False, False, False),
                "tq-dit-w6a6-ho": (True, False, False), "tq-dit-w6a6-ho-mrq": (True, True, False),
                "tq-dit-w6a6": (True, True, True), "tq-dit-w8a8": None}
+ROBUQ = ["w1.58a4-minmax", "robuq-w1.58a4", "robuq-w1.58a3", "ampn-a3-ptq", "ampn-a2", "ampn-a4", "ampn-a4-ptq",
+         "w4a4-minmax", "robuq-w4a4", "hadamard-only"]
+AMPN = re.compile(r"ampn-a(\d+(?:\.\d+)?)(-ptq)?")
+
+
+def recipe_for(name: str, iterations: int | None = None) -> dq.Recipe:
+    """A preset, or an AMPN variant of robuq-w1.58a3: ``ampn-a<budget>[-ptq]``; ``iterations`` overrides the
+    distillation's (and the AMPN search's) iteration counts, for smoke runs."""
+    match = AMPN.fullmatch(name)
+    recipe = dq.Recipe.load(name if match is None else "robuq-w1.58a3")
+    if match is not None:
+        mixed = dataclasses.replace(recipe.mixed_precision, budget=float(match.group(1)),
+                                    sensitivity="ptq" if match.group(2) else "distilled")
+        recipe = dataclasses.replace(recipe, name=name, mixed_precision=mixed)
+    if iterations is not None and recipe.distillation is not None:
+        recipe = dataclasses.replace(recipe, distillation=dataclasses.replace(recipe.distillation,
+                                                                              iterations=iterations))
+    if iterations is not None and recipe.mixed_precision is not None:
+        recipe = dataclasses.replace(recipe, mixed_precision=dataclasses.replace(recipe.mixed_precision,
+                                                                                 search_iterations=iterations))
+    return recipe
+
+
+def ampn_budget(row: dict) -> tuple[float, str] | None:
+    """(budget, sensitivity) of an AMPN row, None for others."""
+    ampn = row.get("ampn")
+    return None if ampn is None else (ampn["budget"], ampn["sensitivity_from"])
 
 
 def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: Path,
@@ -66,13 +101,72 @@ def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: 
     return row, samples
 
 
+def robuq_markdown(rows: list[dict]) -> list[str]:
+    """The RobuQ summary: the issue's FD-gap criterion, compile times, and the AMPN tables."""
+    by_name = {r["config"]: r for r in rows}
+    fp_fd = rows[0]["fd_digits"]
+    lines = []
+    if "robuq-w1.58a4" in by_name and "w1.58a4-minmax" in by_name:
+        ours, base = (by_name[n]["fd_digits"] - fp_fd for n in ("robuq-w1.58a4", "w1.58a4-minmax"))
+        lines += ["", f"FD-digits gap: robuq-w1.58a4 {ours:+.2f} vs w1.58a4-minmax {base:+.2f}: |ratio| "
+                      f"{abs(ours) / abs(base):.3f} (must be <= 0.5); class accuracy "
+                      f"{100 * by_name['robuq-w1.58a4']['class_accuracy']:.1f}% (must be >= 80%)."]
+    timed = [r for r in rows if "compile_seconds" in r]
+    if timed:
+        stages = sorted({k for r in timed for k in r["stage_seconds"]}, key=lambda k: list(
+            next(r for r in timed if k in r["stage_seconds"])["stage_seconds"]).index(k))
+        lines += ["", "Compile time, one thread (wall seconds; CPU seconds of the process in brackets):", "",
+                  "| config | compile s (CPU s) | " + " | ".join(stages) + " |", "|---|---|" + "---|" * len(stages)]
+        for r in timed:
+            lines.append(f"| {r['config']} | {r['compile_seconds']:.0f} ({r['compile_cpu_seconds']:.0f}) | "
+                         + " | ".join(f"{r['stage_seconds'].get(k, 0):.1f}" for k in stages) + " |")
+    ampn = [r for r in rows if ampn_budget(r)]
+    if ampn:
+        lines += ["", "AMPN (ternary weights everywhere; activation bits per layer from {2, 3, 4, 6, 8} under an "
+                      "average budget weighted by multiply-adds):", "",
+                  "| budget | sensitivity | average bits (by MACs / by layer) | FD-digits | FD to FP samples | "
+                  "class accuracy | median noise SQNR dB |", "|---|---|---|---|---|---|---|"]
+        if "robuq-w1.58a4" in by_name:
+            r = by_name["robuq-w1.58a4"]
+            lines.append(f"| 4 (uniform, robuq-w1.58a4) | - | 4.00 / 4.00 | {r['fd_digits']:.2f} | "
+                         f"{r.get('fd_to_fp', float('nan')):.2f} | {100 * r['class_accuracy']:.1f}% | "
+                         f"{r['noise_sqnr_median_db']:.1f} |")
+        for r in sorted(ampn, key=lambda r: (ampn_budget(r)[0], ampn_budget(r)[1])):
+            a = r["ampn"]
+            lines.append(f"| {a['budget']:g} | {a['sensitivity_from']} | {a['average_bits']:.2f} / "
+                         f"{a['layer_average_bits']:.2f} | {r['fd_digits']:.2f} | "
+                         f"{r.get('fd_to_fp', float('nan')):.2f} "
+                         f"| {100 * r['class_accuracy']:.1f}% | {r['noise_sqnr_median_db']:.1f} |")
+        columns = sorted(ampn, key=lambda r: (ampn_budget(r)[1] != "distilled", ampn_budget(r)[0]))
+        layers = list(columns[0]["ampn"]["bits"])
+        lines += ["", "Activation bits chosen per layer:", "",
+                  "| layer | " + " | ".join(f"A{ampn_budget(r)[0]:g} {ampn_budget(r)[1]}" for r in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for layer in layers:
+            lines.append(f"| {layer} | " + " | ".join(str(r["ampn"]["bits"].get(layer, "-")) for r in columns) + " |")
+        measured = {a["sensitivity_from"]: a["sensitivity"] for a in (r["ampn"] for r in ampn) if "sensitivity" in a}
+        if {"ptq", "distilled"} <= set(measured):
+            rho = {bits: spearman([measured["ptq"][n][str(bits)] for n in layers],
+                                  [measured["distilled"][n][str(bits)] for n in layers]) for bits in (2, 3)}
+            lines += ["", "Rank correlation (Spearman) of the layers' sensitivity measured before vs after "
+                                  "distillation: "
+                          + ", ".join(f"{rho[b]:.2f} at {b} bits" for b in rho) + "."]
+    return lines
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (ties broken by order)."""
+    ranks = [torch.tensor(v).argsort().argsort().double() for v in (a, b)]
+    return float(torch.corrcoef(torch.stack(ranks))[0, 1])
+
+
 def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int) -> str:
     lines = ["| config | FD-digits | FD gap vs FP seed 0 | FD to FP samples | class accuracy | median noise SQNR dB |",
              "|---|---|---|---|---|---|"]
     fp_fd = rows[0]["fd_digits"]
     for r in rows:
         sqnr = f"{r['noise_sqnr_median_db']:.1f}" if "noise_sqnr_median_db" in r else "-"
-        to_fp = f"{r['fd_to_fp']:.2f}" if "fd_to_fp" in r else "-"
+        to_fp = f"{max(r['fd_to_fp'], 0.0):.2f}" if "fd_to_fp" in r else "-"   # FD >= 0; -1e-5 is sqrtm noise
         lines.append(f"| {r['config']} | {r['fd_digits']:.2f} | {r['fd_digits'] - fp_fd:+.2f} | {to_fp} | "
                      f"{100 * r['class_accuracy']:.1f}% | {sqnr} |")
     for table, title, columns in ((ABLATION, "TaQ-DiT ablation (the layout of the paper's Table IV; W4A8):",
@@ -81,6 +175,8 @@ def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int) -
                                    ["HO", "MRQ", "TGQ"])):
         if any(table.get(r["config"]) for r in rows):
             lines += ["", title, ""] + _ablation_rows(rows, table, columns)
+    if any(r["config"] in ROBUQ or ampn_budget(r) for r in rows):
+        lines += robuq_markdown(rows)
     lines.append("")
     seed_gap = "" if math.isnan(fp_gap) else f"FP seed-to-seed FD difference (noise floor of the gap): {fp_gap:.2f}. "
     lines.append(f"{seed_gap}Real-vs-real FD floor ({floor_images} training digits vs the held-out set): {floor:.2f}.")
@@ -136,6 +232,8 @@ def main() -> None:
     parser.add_argument("--tq-ablation", action="store_true",
                         help=f"TQ-DiT ablation ({' '.join(TQ_ABLATION)}) on a time-grouped calibration set, written "
                              "to quality-<model>-tq-ablation.*")
+    parser.add_argument("--robuq", action="store_true",
+                        help=f"RobuQ recipes and AMPN variants ({' '.join(ROBUQ)}), written to quality-<model>-robuq.*")
     parser.add_argument("--fp-seeds", type=int, default=2, choices=[1, 2], help="FP runs (2 shows the noise floor)")
     parser.add_argument("--samples", type=int, default=2000, help="samples per configuration (FD and accuracy)")
     parser.add_argument("--steps", type=int, default=100, help="DDPM steps")
@@ -143,6 +241,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--sqnr-samples", type=int, default=50, help="trajectories for the per-step SQNR")
     parser.add_argument("--calibration-trajectories", type=int, default=32)
+    parser.add_argument("--calibration-steps", type=int, default=None,
+                        help="sampler steps the calibration set draws from (default: 25; --robuq: all)")
+    parser.add_argument("--samples-per-step", type=int, default=None,
+                        help="calibration inputs per step (default: 10; --robuq: 16)")
+    parser.add_argument("--distillation-iterations", type=int, default=None,
+                        help="override the recipes' distillation and AMPN search iterations (smoke runs)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true")
@@ -150,21 +254,26 @@ def main() -> None:
                         help="keep the rows already in the results file and add (or replace) these recipes; "
                              "FP is sampled again and must reproduce the stored FP row")
     args = parser.parse_args()
-    if args.ablation and args.tq_ablation:
-        parser.error("--ablation and --tq-ablation are separate runs")
+    if args.ablation + args.tq_ablation + args.robuq > 1:
+        parser.error("--ablation, --tq-ablation and --robuq are separate runs")
     if args.recipes is None:  # `--recipes` with nothing after it measures FP only
-        args.recipes = list(ABLATION if args.ablation else TQ_ABLATION if args.tq_ablation else DEFAULT_RECIPES)
+        args.recipes = list(ROBUQ if args.robuq else ABLATION if args.ablation else TQ_ABLATION if args.tq_ablation
+                            else DEFAULT_RECIPES)
     args.stem = f"quality-{args.model}" + ("-taq-ablation" if args.ablation else "-tq-ablation" if args.tq_ablation
-                                           else "")
+                                           else "-robuq" if args.robuq else "")
+    if args.calibration_steps is None:
+        args.calibration_steps = args.steps if args.robuq else min(25, args.steps)
+    if args.samples_per_step is None:
+        args.samples_per_step = 16 if args.robuq else 10
     for recipe in args.recipes:  # a typo fails now, not after an hour of FP sampling
-        dq.Recipe.load(recipe)
+        recipe_for(recipe)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, scheduler = zoo.load(args.model), zoo.scheduler(args.model)
     grids = args.out / args.stem
     selection = (dict(selection="time_groups", groups=min(10, args.steps), samples_per_group=32) if args.tq_ablation
-                 else dict(steps=min(25, args.steps)))
+                 else dict(steps=args.calibration_steps, samples_per_step=args.samples_per_step))
     calibration = from_sampler(model, scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance,
                                num_trajectories=args.calibration_trajectories, seed=123, progress=not args.quiet,
                                **selection)
@@ -177,13 +286,19 @@ def main() -> None:
     print("fp: FD " + " / ".join(f"{r['fd_digits']:.2f}" for r in rows) +
           f", accuracy {rows[0]['class_accuracy']:.3f}", flush=True)
     for recipe in args.recipes:
-        start = time.perf_counter()
-        compiled = dq.compile(model, recipe, calibration=calibration, progress=not args.quiet)
-        compile_seconds = time.perf_counter() - start
+        start, cpu = time.perf_counter(), time.process_time()
+        compiled = dq.compile(model, recipe_for(recipe, args.distillation_iterations), calibration=calibration,
+                              progress=not args.quiet)
+        compile_seconds, compile_cpu = time.perf_counter() - start, time.process_time() - cpu
         r = measure(recipe, compiled, model, scheduler, args, 0, grids, fp_samples)[0]
         rows = [old for old in rows if old["config"] != recipe] + [r]
-        r.update(compile_seconds=round(compile_seconds, 1),
+        r.update(compile_seconds=round(compile_seconds, 1), compile_cpu_seconds=round(compile_cpu, 1),
+                 output_sqnr_db=compiled.output_sqnr_db,
                  stage_seconds={k: round(v, 1) for k, v in compiled.stage_seconds.items()})
+        if compiled.rotations:
+            r["rotations"] = {r_.layer: r_.placement for r_ in compiled.rotations}
+        if compiled.allocation is not None:
+            r["ampn"] = ampn_row(compiled)
         print(f"{recipe}: FD {r['fd_digits']:.2f}, accuracy {r['class_accuracy']:.3f}, "
               f"median noise SQNR {r['noise_sqnr_median_db']:.1f} dB", flush=True)
         write_results(rows, args, final=False)
@@ -207,6 +322,18 @@ def previous_rows(args, fp_row: dict) -> list[dict]:
         raise SystemExit(f"--append: FP does not reproduce {path} (FD {fp_row['fd_digits']:.4f}, "
                          f"stored {stored['fd_digits']:.4f}); rerun without --append")
     return old["rows"]
+
+
+def ampn_row(compiled) -> dict:
+    """Per-layer bits (by layer name), the averages and the sensitivities of an AMPN compile."""
+    allocation = compiled.allocation
+    name = allocation.layer_names
+    return {"budget": compiled.recipe.mixed_precision.budget, "sensitivity_from": allocation.sensitivity_from,
+            "average_bits": allocation.average_bits,
+            "layer_average_bits": sum(allocation.bits.values()) / len(allocation.bits),
+            "bits": {name[n]: b for n, b in allocation.bits.items()},
+            "sensitivity": {name[n]: {str(b): v for b, v in s.items()} for n, s in allocation.sensitivity.items()},
+            "base_loss": allocation.base_loss}
 
 
 def write_results(rows: list[dict], args, final: bool) -> None:

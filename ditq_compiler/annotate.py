@@ -40,7 +40,7 @@ def annotate(gm: fx.GraphModule, analysis: GraphAnalysis, recipe: Recipe) -> dic
         annotation = LayerAnnotation(layer.name, layer.role, layer.op, plan.weights, plan.activations)
         nodes[node_name].meta["ditq"] = annotation
         plans[node_name] = annotation
-    if not plans:
+    if not plans and recipe.rotation is None:   # a rotation-only recipe (hadamard-only) quantizes nothing
         found = sorted({layer.role for layer in analysis.layers.values()})
         raise RecipeError(f"recipe '{recipe.name}' selects no layer: it quantizes roles "
                           f"{list(recipe.quantize_roles)}, the model has layers with roles {found}")

@@ -26,13 +26,15 @@ from ditq_compiler.inspection.summary import Summary
 from ditq_compiler.provenance import Provenance, provenance_of
 from ditq_compiler.pipeline import PassPipeline, copy_graph_sharing_tensors
 from ditq_compiler.recipe import Recipe
-from ditq_compiler.report import (LayerReport, SiteReport, layer_reports, measure, site_reports, sites_table,
-                                  summary_rows)
+from ditq_compiler.report import (LayerReport, SiteReport, layer_reports, measure, rotation_table, site_reports,
+                                  sites_table, summary_rows)
 from ditq_compiler.passes.attach_time_groups import AttachTimeGroups
 from ditq_compiler.passes.decompose_attention import DecomposeAttention
+from ditq_compiler.passes.insert_hadamard import InsertHadamard, Rotation
 from ditq_compiler.passes.migrate_outliers import channel_affine
 from ditq_compiler.passes.quantize_activations import QuantizeActivations
 from ditq_compiler.passes.quantize_linears import QuantizeLinears
+from ditq_compiler.train import Allocation, choose_activation_bits, distill
 
 BACKENDS = ("torch", "torch-int8")
 
@@ -65,6 +67,8 @@ class CompiledModel(torch.nn.Module):
         self.unsupported: list = []                  # weighted ops left in float (graph.UnsupportedLayer)
         self.unit_seconds: dict[str, dict[str, float]] = {}   # phase:block -> {"total", "learning"} s (0: cached)
         self._captured = captured
+        self.rotations: list[Rotation] = []           # RobuQ: where each rotation runs
+        self.allocation: Allocation | None = None     # AMPN: chosen activation bits and sensitivities
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.graph_module(**self._captured.bind(args, kwargs))
@@ -114,8 +118,15 @@ class CompiledModel(torch.nn.Module):
                      ", ".join(f"{u.name} (aten.{u.op})" for u in self.unsupported))
         if self.resumed_from_cache:
             head += "\nresumed an interrupted compile: " + ", ".join(self.resumed_from_cache) + " taken from the cache"
-        sites = "activation sites:\n" + sites_table(self.sites, self.time_groups) if self.sites else ""
-        return Summary(head, *summary_rows(self.layers), tail=sites)
+        if self.allocation is not None:
+            head += (f"\nmixed precision (AMPN, sensitivity {self.allocation.sensitivity_from}): average activation "
+                     f"bits {self.allocation.average_bits:.2f}")
+        tail = []
+        if self.sites:
+            tail.append("activation sites:\n" + sites_table(self.sites, self.time_groups))
+        if self.rotations:
+            tail.append("Hadamard rotations:\n" + rotation_table(self.rotations))
+        return Summary(head, *summary_rows(self.layers), tail="\n\n".join(tail))
 
     def _captured_layers(self):
         return [n for n in self.graph_module.graph.nodes
@@ -184,10 +195,17 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
                                     "\n  - ".join(u.describe() for u in unsupported))
     annotations = annotate(gm, analysis, recipe)
     plan = plan_sites(gm, analysis, annotations, recipe)
-    flat_batches = [_flat(captured.bind(args, kwargs)) for args, kwargs in batches]
+    inputs = [captured.bind(args, kwargs) for args, kwargs in batches]
+    flat_batches = [_flat(call) for call in inputs]
     cache = open_cache(cache_dir, dict(graph_code=gm.code, state=gm.state_dict(), recipe=recipe.to_dict(),
                                        batches=flat_batches, versions=_versions()))
+    unrotated = copy_graph_sharing_tensors(gm) if recipe.rotation is not None else None
     clock.lap("capture")
+    rotations = []
+    if recipe.rotation is not None:
+        rotate = InsertHadamard({n: info for n, info in analysis.layers.items() if info.role in recipe.rotation.roles},
+                                {n: info.name for n, info in analysis.layers.items()}, fuse=recipe.rotation.fuse)
+        gm, rotations = PassPipeline([rotate], debug=debug)(gm).graph_module, rotate.rotations
     gm, act_qparams, searched = _calibrate(gm, annotations, plan, recipe, flat_batches, noise,
                                            _timestep_index(captured), cache, debug, progress)
     clock.lap("calibration")
@@ -200,8 +218,20 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
         apply_factors(gm, learned.factors)
         act_qparams, weight_codes = {**act_qparams, **learned.activations}, learned.weights
         clock.lap("reconstruction")
+    allocation = None
+    if recipe.mixed_precision is not None:
+        annotations, allocation = choose_activation_bits(gm, annotations, act_qparams, inputs, recipe,
+                                                         analysis.sample_dependent, progress)
+        clock.lap("mixed precision")
+    token_clips, biases = {}, {}
+    if recipe.distillation is not None:
+        trained = distill(gm, annotations, act_qparams, inputs, recipe.distillation, analysis.sample_dependent,
+                          progress)
+        act_qparams, weight_codes = {**act_qparams, **trained.activations}, trained.weights
+        token_clips, biases = trained.token_clips, trained.biases
+        clock.lap("distillation")
     float_graph = copy_graph_sharing_tensors(gm)
-    rewrite = [QuantizeLinears(act_qparams, weight_codes)]
+    rewrite = [QuantizeLinears(act_qparams, weight_codes, token_clips, biases)]
     if plan.sites:
         rewrite = [QuantizeActivations(plan.sites, searched.tables),
                    AttachTimeGroups(searched.boundaries, captured.timestep_input), *rewrite]
@@ -210,19 +240,21 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
     reference = None if backend == "torch" else _copy_graph(quantized)
     lowered, kernels = _lower(quantized, backend)
     clock.lap("rewrite")
-    layer_sqnr, output_sqnr = measure(float_graph, lowered, flat_batches) if flat_batches else ({}, None)
+    layer_sqnr, output_sqnr = measure(float_graph, lowered, flat_batches, unrotated) if flat_batches else ({}, None)
     clock.lap("measure")
     activations = record_activation_stats(float_graph, list(annotations), flat_batches, _timestep_index(captured),
                                           {name for name, a in annotations.items() if a.op == "conv2d"})
     clock.lap("inspect")
+    placement = {r.layer: f"hadamard {r.placement}" for r in rotations}
     for report, source in zip(reports, annotations, strict=True):
         report.kernel = kernels.get(source, "reference")
         report.sqnr_db = layer_sqnr.get(source)
-        report.transforms = _transforms_of(float_graph, source)
+        report.transforms = _transforms_of(float_graph, source) or placement.get(report.name, "")
     cache.finish()
     sites, groups = _site_summary(reports, annotations, plan, searched)
     compiled = CompiledModel(lowered, captured, recipe, reports, output_sqnr, backend, clock.seconds, sites,
                              groups)
+    compiled.rotations, compiled.allocation = rotations, allocation
     compiled.resumed_from_cache = list(cache.loaded)
     compiled.unsupported = unsupported
     compiled.unit_seconds = unit_seconds

@@ -10,8 +10,19 @@ Their reference (fake-quant) semantics, with a signed ``a_bits`` grid
     y     = linear(x_hat, W_hat, b)   or   conv2d(x_hat, W_hat, b, stride, padding, dilation, groups)
 
 The weight granularity is read from the shape of ``s_w``: a scalar is per-tensor, a vector
-per output channel, a matrix ``(out, in / g)`` per group of ``g`` input elements. With
-``a_per_token`` the activation scale is computed per token at run time (``s_a`` unused).
+per output channel, a matrix ``(out, in / g)`` per group of ``g`` input elements. Ternary
+weights (W1.58) are the same op with codes in {-1, 0, 1} and a per-channel ``s_w``.
+
+With ``a_per_token`` the activation range is computed per token at run time, on the affine
+``a_bits`` grid: ``[lo, hi] = c [min_token x, max_token x]``, ``s = (hi - lo) / (2^a - 1)``,
+``z = round(qmin - lo / s)`` (``lo`` and ``hi`` first widened to contain 0). ``c`` is the
+clipping ratio: ``s_a`` when given (a scalar learned by distillation), else 1; ``z_a`` is unused.
+
+``ditq::hadamard(x, L, R)`` is an online rotation (RobuQ): ``y = x (L (x) R)^T`` along the
+last dim, computed as ``L X R^T`` on ``x`` viewed as ``(..., |L|, |R|)``; either factor may be
+None (identity). Lowering: Reshape, MatMul by the constant ``R^T``, MatMul by the constant
+``L``, Reshape. It has a backward (the transposed rotation), so distillation trains through it.
+
 The fake implementations only compute output shapes, so the ops trace under FakeTensor.
 """
 
@@ -24,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ditq_compiler.quant import QuantSpec, dequantize, fake_quantize, fake_quantize_per_token
+from ditq_compiler.quant.hadamard import rotate
 
 
 def weight_spec_for(codes: Tensor, scale: Tensor, bits: int = 8) -> QuantSpec:
@@ -44,7 +56,7 @@ def quantize_activation(x: Tensor, scale: Optional[Tensor], zero_point: Optional
     if bits == 0:
         return x
     if per_token:
-        return fake_quantize_per_token(x, QuantSpec(bits, False, "token"))
+        return fake_quantize_per_token(x, QuantSpec(bits, False, "token"), clip=scale)
     return fake_quantize(x, scale, zero_point, QuantSpec(bits, False, "tensor"))
 
 
@@ -76,3 +88,27 @@ def quant_conv2d(x: Tensor, w_codes: Tensor, w_scale: Tensor, w_zero_point: Tens
 def _(x, w_codes, w_scale, w_zero_point, bias, a_scale, a_zero_point, a_bits, a_per_token,
       stride, padding, dilation, groups):
     return F.conv2d(x, w_codes.to(x.dtype), bias, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("ditq::hadamard", mutates_args=())
+def hadamard(x: Tensor, left: Optional[Tensor], right: Optional[Tensor]) -> Tensor:
+    return rotate(x, left, right)
+
+
+@hadamard.register_fake
+def _(x, left, right):
+    return torch.empty_like(x)
+
+
+def _hadamard_setup(ctx, inputs, output):
+    _, ctx.left, ctx.right = inputs
+
+
+def _hadamard_backward(ctx, grad):
+    # y = x M^T with M = L (x) R orthogonal, so dx = grad M = grad (L^T (x) R^T)^T
+    left = None if ctx.left is None else ctx.left.T.contiguous()
+    right = None if ctx.right is None else ctx.right.T.contiguous()
+    return hadamard(grad, left, right), None, None
+
+
+hadamard.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)

@@ -55,6 +55,40 @@ def register_constant(gm: fx.GraphModule, name: str, value: Tensor, anchor: fx.N
     return node
 
 
+def delete_unused_attrs(gm: fx.GraphModule) -> None:
+    """Erase get_attr nodes nobody uses, and their attributes once no get_attr points to them."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            target = node.target
+            gm.graph.erase_node(node)
+            if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+                owner_path, _, attr = target.rpartition(".")
+                owner = gm.get_submodule(owner_path) if owner_path else gm
+                delattr(owner, attr)
+
+
+def layer_parameters(gm: fx.GraphModule, node: fx.Node) -> tuple[Tensor, Tensor | None, tuple | None]:
+    """(weight, bias, conv args (stride, padding, dilation, groups) or None for a linear) of a layer node."""
+    weight = fetch_attr(gm, node.args[1].target)
+    bias = fetch_attr(gm, node.args[2].target) if len(node.args) > 2 and node.args[2] is not None else None
+    conv = None
+    if node.target is torch.ops.aten.conv2d.default:
+        stride, padding, dilation, groups = (list(node.args) + [None] * 7)[3:7]
+        conv = (stride or [1, 1], padding or [0, 0], dilation or [1, 1], groups or 1)
+    return weight, bias, conv
+
+
+def swap_for_module(gm: fx.GraphModule, node: fx.Node, name: str, module: torch.nn.Module, x: fx.Node) -> fx.Node:
+    """Replace ``node`` by a call of ``module`` (registered as ``name``) on ``x``, keeping its meta."""
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(name, (x,))
+    call.meta.update(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return call
+
+
 def linear_node(gm: fx.GraphModule, name: str, what: str) -> fx.Node:
     """The ``aten.linear`` node called ``name``; a pass given constants for anything else is an error."""
     node = next((n for n in gm.graph.nodes if n.name == name), None)

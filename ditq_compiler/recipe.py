@@ -20,6 +20,14 @@ matmuls), ``scale_search`` (weight and activation scales chosen from a candidate
 Hessian-weighted output error, or the plain output MSE), ``multi_region`` (two-region post-softmax
 and post-GELU quantizers) and ``time_groups`` (G time groups with their own activation parameters
 at the chosen sites). The last three need ``scale_search``, which fits their parameters.
+
+RobuQ's sections: ``rotation`` (Hadamard rotation of the inputs of linears chosen by role,
+``passes/insert_hadamard.py``), ``distillation`` (quantization-aware distillation against the
+FP model on the calibration inputs: STE, learnable scales, AdamW, output MSE plus the optional
+BiDM+ salience-weighted block mimicking; ``ditq_compiler/train/distill.py``) and
+``mixed_precision`` (AMPN: per-layer activation bits under an average budget,
+``ditq_compiler/train/mixed_precision.py``). Ternary weights (W1.58) are ``weights: {bits: 1.58,
+observer: absmean}`` (see ``ditq_compiler.quant.spec``).
 """
 
 from __future__ import annotations
@@ -71,6 +79,15 @@ def _check_weight_spec(spec: QuantSpec, path: str) -> None:
         raise RecipeError(f"{path}.granularity: weights cannot be quantized per token (tokens are activations)")
     if spec.granularity == "channel" and spec.axis != 0:
         raise RecipeError(f"{path}.axis: per-channel weights use the output channel, axis 0 (got {spec.axis})")
+
+
+def _activation_spec(data: Any, path: str, base: QuantSpec | None) -> QuantSpec:
+    if isinstance(data, Mapping) and isinstance(data.get("bits"), float):
+        raise RecipeError(f"{path}.bits: activations take an integer 2..8 bits (ternary, 1.58, is for weights), "
+                          f"got {data['bits']!r}")
+    spec = _spec(data, path, base)
+    _check_activation_spec(spec, path)
+    return spec
 
 
 def _check_activation_spec(spec: QuantSpec, path: str) -> None:
@@ -138,7 +155,7 @@ def _override(data: Any, path: str, recipe_weights: QuantSpec, recipe_acts: Quan
         if recipe_acts is None and "bits" not in acts:
             raise RecipeError(f"{path}.activations: the recipe quantizes no activations, so an override "
                               "that enables them must give at least 'bits'")
-        _check_activation_spec(_spec(acts, f"{path}.activations", recipe_acts), f"{path}.activations")
+        _activation_spec(acts, f"{path}.activations", recipe_acts)
         acts = tuple(sorted(acts.items()))
     return Override(role=data.get("role"), name=data.get("name"), quantize=data.get("quantize"),
                     weights=weights, activations=acts)
@@ -352,6 +369,114 @@ def _method_spec(cls, data: Any, path: str):
 
 
 @dataclass(frozen=True)
+class RotationSpec:
+    """RobuQ's Hadamard rotation in front of the linears with these roles (``passes/insert_hadamard.py``).
+
+    ``fuse``: fold a rotation into the previous linear where nothing nonlinear lies between
+    (false keeps every rotation online; same function, for checking).
+    """
+
+    roles: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2")
+    fuse: bool = True
+
+
+@dataclass(frozen=True)
+class DistillationSpec:
+    """Quantization-aware distillation against the FP model (``ditq_compiler/train/distill.py``).
+
+    AdamW on the quantized layers' latent weights and biases (``lr``, ``weight_decay``) and on
+    their weight scales and activation scales / per-token clipping ratios (``scale_lr``), cosine
+    decay to 0 over ``iterations``, minibatches of ``batch_size`` calibration inputs. Loss:
+    ``output_weight * MSE(out_q, out_fp) + block_weight * mean_blocks mean(r_SBM^2)`` with BiDM+'s
+    salience-weighted residual (Eqs. 18-19) and ``leniency`` its percentile (10 in the paper);
+    ``block_weight: 0`` drops the block term. Defaults chosen on dit-digits (the papers give no
+    CPU-sized schedule; the README has the sweep): ``block_weight`` puts the block term at about a
+    third of the output term at the start, where it added 0.6 dB of held-out noise SQNR.
+    """
+
+    iterations: int = 3000
+    batch_size: int = 32
+    lr: float = 3e-4
+    scale_lr: float = 1e-3
+    weight_decay: float = 0.0
+    output_weight: float = 1.0
+    block_weight: float = 5e-3
+    leniency: float = 10.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MixedPrecisionSpec:
+    """AMPN: each quantized layer's activation bits from ``candidates`` under an average ``budget``.
+
+    ``sensitivity``: "distilled" measures, after ``search_iterations`` of distillation at the
+    recipe's activation bits, how much the distillation loss rises when one layer's activation
+    bits change; "ptq" measures the same on the model before any distillation (the PTQ metric the
+    RobuQ paper argues against). ``weighting``: the average is over layers weighted by their
+    multiply-adds per token ("macs") or unweighted ("layers").
+    """
+
+    budget: float = 3.0
+    candidates: tuple[int, ...] = (2, 3, 4, 6, 8)
+    sensitivity: str = "distilled"
+    search_iterations: int = 500
+    weighting: str = "macs"
+
+
+def _section(cls, data: Any, path: str):
+    """A RobuQ section (rotation / distillation / mixed_precision), validated; None if absent."""
+    if data is None or data is False:
+        return None
+    if data is True:
+        data = {}
+    _check_keys(data, {f.name for f in dataclasses.fields(cls)}, path)
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    spec = cls(**data)
+    _SECTION_CHECKS[cls](spec, path)
+    return spec
+
+
+def _check_rotation(spec: RotationSpec, path: str) -> None:
+    _check_roles(spec.roles, f"{path}.roles")
+    if not spec.roles:
+        raise RecipeError(f"{path}.roles: rotate at least one role (or drop the section)")
+    if not isinstance(spec.fuse, bool):
+        raise RecipeError(f"{path}.fuse: expected true or false, got {spec.fuse!r}")
+
+
+def _check_distillation(spec: DistillationSpec, path: str) -> None:
+    _number(spec.iterations, f"{path}.iterations", 0, 10**7, integer=True)
+    _number(spec.batch_size, f"{path}.batch_size", 1, 10**6, integer=True)
+    _number(spec.seed, f"{path}.seed", 0, 2**63 - 1, integer=True)
+    _number(spec.leniency, f"{path}.leniency", 0.0, 100.0)
+    for name in ("lr", "scale_lr", "weight_decay", "output_weight", "block_weight"):
+        _number(getattr(spec, name), f"{path}.{name}", 0.0, 1e6)
+    if spec.output_weight == 0 and spec.block_weight == 0:
+        raise RecipeError(f"{path}.output_weight: output_weight and block_weight are both 0: nothing to learn from")
+
+
+def _check_mixed_precision(spec: MixedPrecisionSpec, path: str) -> None:
+    candidates = spec.candidates
+    if not isinstance(candidates, tuple) or not candidates:
+        raise RecipeError(f"{path}.candidates: expected a non-empty list of bit widths, got {candidates!r}")
+    for i, bits in enumerate(candidates):
+        _number(bits, f"{path}.candidates[{i}]", 2, 8, integer=True)
+    if len(set(candidates)) != len(candidates):
+        raise RecipeError(f"{path}.candidates: repeated bit widths in {list(candidates)}")
+    _number(spec.budget, f"{path}.budget", min(candidates), max(candidates))
+    if spec.sensitivity not in ("distilled", "ptq"):
+        raise RecipeError(f"{path}.sensitivity: expected 'distilled' or 'ptq', got {spec.sensitivity!r}")
+    if spec.weighting not in ("macs", "layers"):
+        raise RecipeError(f"{path}.weighting: expected 'macs' or 'layers', got {spec.weighting!r}")
+    _number(spec.search_iterations, f"{path}.search_iterations", 0, 10**7, integer=True)
+
+
+_SECTION_CHECKS = {RotationSpec: _check_rotation, DistillationSpec: _check_distillation,
+                   MixedPrecisionSpec: _check_mixed_precision}
+ROBUQ_SECTIONS = {"rotation": RotationSpec, "distillation": DistillationSpec, "mixed_precision": MixedPrecisionSpec}
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """What the recipe decided for one layer."""
 
@@ -374,6 +499,9 @@ class Recipe:
     scale_search: ScaleSearchSpec | None = None
     multi_region: MultiRegionSpec | None = None
     time_groups: TimeGroupSpec | None = None
+    rotation: RotationSpec | None = None
+    distillation: DistillationSpec | None = None
+    mixed_precision: MixedPrecisionSpec | None = None
     version: int = RECIPE_VERSION
 
     # ---- construction -------------------------------------------------------------------
@@ -389,8 +517,7 @@ class Recipe:
         acts_data = data.get("activations", {})
         acts = None
         if acts_data is not None and acts_data is not False:
-            acts = _spec(acts_data, f"{path}.activations", QuantSpec(8, False, "tensor", axis=-1))
-            _check_activation_spec(acts, f"{path}.activations")
+            acts = _activation_spec(acts_data, f"{path}.activations", QuantSpec(8, False, "tensor", axis=-1))
         roles = _check_roles(data.get("quantize_roles", DEFAULT_QUANTIZED_ROLES), f"{path}.quantize_roles")
         raw_overrides = data.get("overrides") or []
         if not isinstance(raw_overrides, list):
@@ -412,9 +539,17 @@ class Recipe:
         tq = {name: _method_spec(spec_class, data.get(name), f"{path}.{name}")
               for name, spec_class in TQ_SECTIONS.items()}
         _check_tq_sections(path, weights, acts, {**tq, "reconstruction": reconstruction})
+        robuq = {key: _section(spec_class, data.get(key), f"{path}.{key}")
+                 for key, spec_class in ROBUQ_SECTIONS.items()}
+        _check_robuq_combinations(robuq, shift, reconstruction, acts, path)
+        if tq["scale_search"] is not None and any(v is not None for v in robuq.values()):
+            used = next(k for k, v in robuq.items() if v is not None)
+            raise RecipeError(f"{path}.{used}: RobuQ's sections and TQ-DiT's scale_search are not combined "
+                              "(the search fits scales on the unrotated graph, distillation refits them); use one "
+                              "method per recipe")
         return cls(name=data.get("name", "custom"), description=data.get("description", ""),
                    weights=weights, activations=acts, quantize_roles=roles, overrides=overrides,
-                   shift=shift, migration=migration, reconstruction=reconstruction, version=version, **tq)
+                   shift=shift, migration=migration, reconstruction=reconstruction, version=version, **tq, **robuq)
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> Recipe:
@@ -452,7 +587,8 @@ class Recipe:
             "quantize_roles": list(self.quantize_roles),
             "overrides": [o.to_dict() for o in self.overrides],
             **{key: _plain(dataclasses.asdict(getattr(self, key)))
-               for key in ("shift", "migration", "reconstruction", *TQ_SECTIONS) if getattr(self, key) is not None},
+               for key in ("shift", "migration", "reconstruction", *TQ_SECTIONS, *ROBUQ_SECTIONS)
+               if getattr(self, key) is not None},
         }
 
     def save(self, path: str | Path) -> Path:
@@ -487,6 +623,24 @@ class Recipe:
 def _plain(data: dict[str, Any]) -> dict[str, Any]:
     """Tuples as lists, so YAML's safe dumper writes them."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+def _check_robuq_combinations(robuq: dict[str, Any], shift: ShiftSpec | None,
+                              reconstruction: ReconstructionSpec | None, acts: QuantSpec | None, path: str) -> None:
+    if robuq["rotation"] is not None and shift is not None:
+        raise RecipeError(f"{path}.rotation: the Hadamard rotation and TaQ-DiT's shift both rewrite the input of "
+                          "the same linears; use one of them")
+    if robuq["distillation"] is not None and reconstruction is not None:
+        raise RecipeError(f"{path}.distillation: distillation and block reconstruction both fit the quantized "
+                          "model; use one of them")
+    mixed = robuq["mixed_precision"]
+    if mixed is not None:
+        if acts is None or acts.granularity != "token":
+            raise RecipeError(f"{path}.mixed_precision: chooses per-token activation bits (dynamic ranges, so "
+                              "any width runs without recalibration); set activations.granularity: token")
+        if mixed.sensitivity == "distilled" and robuq["distillation"] is None:
+            raise RecipeError(f"{path}.mixed_precision.sensitivity: 'distilled' measures sensitivity after "
+                              "distillation; add a 'distillation' section (or use sensitivity: ptq)")
 
 
 def _parse(text: str, suffix: str) -> dict:

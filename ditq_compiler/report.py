@@ -33,8 +33,9 @@ class LayerReport:
     activation_scale: float | None
     sqnr_db: float | None = None
     kernel: str = "reference"
-    transforms: str = ""          # "shift" / "shift+migrate" in front of the layer (TaQ-DiT)
+    transforms: str = ""          # "shift" / "shift+migrate" in front of the layer (TaQ-DiT), "hadamard ..." (RobuQ)
     input_site: str = ""          # its input's standalone quantizer (TQ-DiT), e.g. 'int6 2-region'; see the sites
+    activation_clip: float | None = None   # per-token range clipping ratio (learned by distillation)
 
 
 class _Energy:
@@ -82,14 +83,20 @@ class _MeasuringInterpreter(fx.Interpreter):
         return out
 
 
-def measure(fp_gm: fx.GraphModule, q_gm: fx.GraphModule,
-            flat_batches: list[list[Any]]) -> tuple[dict[str, float], float]:
-    """Per-layer local SQNR (dB) by source node name, and the model output's SQNR."""
+def measure(fp_gm: fx.GraphModule, q_gm: fx.GraphModule, flat_batches: list[list[Any]],
+            reference: fx.GraphModule | None = None) -> tuple[dict[str, float], float]:
+    """Per-layer local SQNR (dB) by source node name, and the model output's SQNR.
+
+    The output is compared with ``reference`` when given (the captured FP graph, when exact
+    rewrites such as rotations changed ``fp_gm``), else with ``fp_gm``.
+    """
     layer_energy: dict[str, _Energy] = {}
     output_energy = _Energy()
     with torch.no_grad():
         for flat in flat_batches:
             fp_out = _MeasuringInterpreter(fp_gm, q_gm, layer_energy).run(*flat)
+            if reference is not None:
+                fp_out = fx.Interpreter(reference).run(*flat)
             q_out = fx.Interpreter(q_gm).run(*flat)
             for ref, test in zip(tree_leaves(fp_out), tree_leaves(q_out), strict=True):
                 if isinstance(ref, Tensor) and ref.is_floating_point():
@@ -103,13 +110,16 @@ def layer_reports(q_gm: fx.GraphModule, annotations: dict[str, LayerAnnotation])
     for source, annotation in annotations.items():
         node = nodes[source]
         w_scale = fetch_attr(q_gm, node.args[2].target)
-        a_scale = node.args[5]
+        a_scale, per_token = node.args[5], node.args[8]
+        clip = float(fetch_attr(q_gm, a_scale.target)) if per_token and isinstance(a_scale, fx.Node) else None
+        a_scale = None if per_token else a_scale
         reports.append(LayerReport(
             name=annotation.name, role=annotation.role, op=annotation.op,
             weights=annotation.weights.describe(),
             activations=annotation.activations.describe() if annotation.activations else "fp32",
             weight_scale=(float(w_scale.min()), float(w_scale.max())),
-            activation_scale=float(fetch_attr(q_gm, a_scale.target)) if isinstance(a_scale, fx.Node) else None))
+            activation_scale=float(fetch_attr(q_gm, a_scale.target)) if isinstance(a_scale, fx.Node) else None,
+            activation_clip=clip))
     return reports
 
 
@@ -127,7 +137,8 @@ def summary_rows(reports: list[LayerReport]) -> tuple[list[str], list[list[str]]
     rows = [[r.name, r.role, r.weights, r.input_site or r.activations,
              f"{r.weight_scale[0]:.2e}..{r.weight_scale[1]:.2e}",
              "(sites)" if r.input_site else
-             "dynamic" if r.activation_scale is None and r.activations != "fp32" else
+             (f"dynamic x{r.activation_clip:.2f}" if r.activation_clip is not None else "dynamic")
+             if r.activation_scale is None and r.activations != "fp32" else
              ("-" if r.activation_scale is None else f"{r.activation_scale:.2e}"),
              "-" if r.sqnr_db is None else f"{r.sqnr_db:.1f}", r.kernel] for r in reports]
     header = ["layer", "role", "weights", "activations", "w scale", "a scale", "SQNR dB", "kernel"]
@@ -190,3 +201,9 @@ def sites_table(reports: list[SiteReport], group_labels: list[str] | None = None
     if group_labels and len(group_labels) > 1:
         text += "\ntime groups (by timestep): " + " | ".join(f"{i}: {g}" for i, g in enumerate(group_labels))
     return text
+
+
+def rotation_table(rotations: list) -> str:
+    """One row per rotated linear (``passes.insert_hadamard.Rotation``): where its rotation runs."""
+    rows = [[r.layer, r.role, str(r.width), r.construction, r.placement] for r in rotations]
+    return format_table(rows, ["layer", "role", "width", "Hadamard", "rotation"])

@@ -26,34 +26,28 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 import ditq_compiler.ops  # noqa: F401  (registers the ditq:: ops)
 from ditq_compiler.annotate import LayerAnnotation
-from ditq_compiler.pipeline import fetch_attr, record_applied, register_constant
+from ditq_compiler.pipeline import delete_unused_attrs, fetch_attr, record_applied, register_constant
 from ditq_compiler.quant import quantize, weight_qparams
-
-
-def _delete_unused_attrs(gm: fx.GraphModule) -> None:
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            target = node.target
-            gm.graph.erase_node(node)
-            if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
-                owner_path, _, attr = target.rpartition(".")
-                owner = gm.get_submodule(owner_path) if owner_path else gm
-                delattr(owner, attr)
 
 
 class QuantizeLinears:
     """The pass; ``activation_qparams`` maps node name -> calibrated (scale, zero_point).
 
     ``weight_codes`` (node name -> codes, scale, zero_point) replaces the observer's rounding for
-    the layers it names, e.g. with the learned rounding of reconstruction.
+    the layers it names, e.g. with the learned rounding of reconstruction. ``token_clips`` (node
+    name -> scalar) gives per-token activation quantizers a clipping ratio, and ``biases`` (node
+    name -> tensor) replaces biases; distillation learns both.
     """
 
     __name__ = "quantize_linears"
 
     def __init__(self, activation_qparams: Mapping[str, tuple[Tensor, Tensor]],
-                 weight_codes: Mapping[str, tuple[Tensor, Tensor, Tensor]] | None = None):
+                 weight_codes: Mapping[str, tuple[Tensor, Tensor, Tensor]] | None = None,
+                 token_clips: Mapping[str, Tensor] | None = None, biases: Mapping[str, Tensor] | None = None):
         self.activation_qparams = activation_qparams
         self.weight_codes = weight_codes or {}
+        self.token_clips = token_clips or {}
+        self.biases = biases or {}
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         modified = False
@@ -65,7 +59,7 @@ class QuantizeLinears:
             self._rewrite(gm, node, annotation)
             modified = True
         if modified:
-            _delete_unused_attrs(gm)
+            delete_unused_attrs(gm)
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, modified)
@@ -79,6 +73,8 @@ class QuantizeLinears:
             w_scale, w_zero_point = weight_qparams(weight, annotation.weights)
             codes = quantize(weight, w_scale, w_zero_point, annotation.weights)
         prefix = f"ditq_{node.name}"
+        if node.name in self.biases:
+            bias_node = register_constant(gm, f"{prefix}_bias", self.biases[node.name], node)
         args = [x,
                 register_constant(gm, f"{prefix}_w_codes", codes, node),
                 register_constant(gm, f"{prefix}_w_scale", w_scale, node),
@@ -88,7 +84,9 @@ class QuantizeLinears:
         if acts is None or node.meta.get("ditq_input_site"):   # weight-only, or a quantizer op feeds it
             args += [None, None, 0, False]
         elif acts.granularity == "token":
-            args += [None, None, acts.bits, True]
+            clip = self.token_clips.get(node.name)
+            clip = None if clip is None else register_constant(gm, f"{prefix}_a_clip", clip.reshape(()), node)
+            args += [clip, None, acts.bits, True]
         else:
             if node.name not in self.activation_qparams:
                 raise KeyError(f"layer '{annotation.name}' (node {node.name}) quantizes its input "

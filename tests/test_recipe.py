@@ -82,6 +82,18 @@ def test_recipe_is_frozen():
     ({"reconstruction": {"drop_prob": -0.1}}, "recipe.reconstruction.drop_prob"),
     ({"reconstruction": {"b_end": 0}}, "recipe.reconstruction.b_end"),
     ({"activations": False, "reconstruction": {}}, "recipe.reconstruction"),
+    ({"activations": {"bits": 1.58}}, "recipe.activations.bits"),
+    ({"weights": {"bits": 1.58, "observer": "minmax"}}, "recipe.weights.observer"),
+    ({"rotation": {"roles": ["qkv", "mlp"]}}, "recipe.rotation.roles[1]"),
+    ({"rotation": {"roles": "qkv"}}, "recipe.rotation.roles"),
+    ({"rotation": {"fuse": "yes"}}, "recipe.rotation.fuse"),
+    ({"rotation": {"rols": ["qkv"]}}, "recipe.rotation.rols"),
+    ({"rotation": {}, "shift": {}}, "recipe.rotation"),
+    ({"distillation": {"iterations": -1}}, "recipe.distillation.iterations"),
+    ({"distillation": {"lr": "fast"}}, "recipe.distillation.lr"),
+    ({"distillation": {"leniency": 120}}, "recipe.distillation.leniency"),
+    ({"distillation": {"output_weight": 0}}, "recipe.distillation.output_weight"),
+    ({"distillation": {}, "reconstruction": {}}, "recipe.distillation"),
 ])
 def test_bad_recipes_name_the_field(data, path):
     with pytest.raises(RecipeError) as err:
@@ -99,6 +111,26 @@ def test_unknown_key_in_a_file_names_the_file_and_key(tmp_path):
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(RecipeError, match="w8a8-minmax"):
         Recipe.load("w9a9")
+
+
+@pytest.mark.parametrize("name", ["hadamard-only", "w1.58a4-minmax", "robuq-w1.58a4", "robuq-w1.58a3", "w4a4-minmax",
+                                  "robuq-w4a4"])
+def test_robuq_presets_load_and_round_trip(name, tmp_path):
+    recipe = Recipe.load(name)
+    for suffix in (".yaml", ".json"):
+        assert Recipe.load(recipe.save(tmp_path / f"r{suffix}")) == recipe
+    if name.startswith("robuq") or name == "hadamard-only":
+        assert recipe.rotation.roles == ("qkv", "attn_out", "fc1", "fc2") and recipe.rotation.fuse
+    if "1.58" in name:
+        assert recipe.weights.ternary and recipe.weights.observer == "absmean"
+        assert (recipe.activations.bits, recipe.activations.granularity) == (4, "token")
+    assert (recipe.distillation is not None) == (name in ("robuq-w1.58a4", "robuq-w1.58a3"))
+    assert (recipe.mixed_precision is not None) == (name == "robuq-w1.58a3")
+
+
+def test_hadamard_only_quantizes_nothing():
+    recipe = Recipe.load("hadamard-only")
+    assert recipe.quantize_roles == () and recipe.plan(layer(role="qkv")) is None
 
 
 def test_taq_dit_presets_carry_the_papers_defaults_and_round_trip(tmp_path):

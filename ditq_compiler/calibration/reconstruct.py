@@ -41,7 +41,8 @@ from ditq_compiler.calibration.cache import WorkCache, pack, unpack
 from ditq_compiler.calibration.recon_layer import ReconLayer
 from ditq_compiler.graph import module_path
 from ditq_compiler.passes.migrate_outliers import channel_affine
-from ditq_compiler.pipeline import copy_graph_sharing_tensors, fetch_attr, record_applied, register_constant
+from ditq_compiler.pipeline import (copy_graph_sharing_tensors, fetch_attr, layer_parameters, record_applied,
+                                    register_constant, swap_for_module)
 from ditq_compiler.recipe import ReconstructionSpec
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|#|$)")
@@ -71,21 +72,10 @@ def _swap_in_layers(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotatio
         if annotation is None or node.op != "call_function":
             continue
         x, shift, factors, affine = channel_affine(gm, node)
-        weight = fetch_attr(gm, node.args[1].target)
-        bias = fetch_attr(gm, node.args[2].target) if len(node.args) > 2 and node.args[2] is not None else None
-        conv = None
-        if node.target is torch.ops.aten.conv2d.default:
-            stride, padding, dilation, groups = (list(node.args) + [None] * 7)[3:7]
-            conv = (stride or [1, 1], padding or [0, 0], dilation or [1, 1], groups or 1)
+        weight, bias, conv = layer_parameters(gm, node)
         layer = ReconLayer(weight, bias, annotation.weights, annotation.activations, act_qparams.get(node.name),
                            conv, shift, factors)
-        name = f"ditq_recon_{node.name}"
-        gm.add_submodule(name, layer)
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(name, (x,))
-        call.meta.update(node.meta)
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
+        swap_for_module(gm, node, f"ditq_recon_{node.name}", layer, x)
         if affine is not None and not affine.users:
             gm.graph.erase_node(affine)
         layers[node.name] = layer

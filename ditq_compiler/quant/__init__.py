@@ -15,6 +15,7 @@ from ditq_compiler.quant.fake import (
     sqnr_db,
 )
 from ditq_compiler.quant.observers import (
+    AbsMeanObserver,
     MinMaxObserver,
     MSEObserver,
     NonFiniteError,
@@ -26,6 +27,7 @@ from ditq_compiler.quant.observers import (
 from ditq_compiler.quant.spec import QuantSpec
 
 __all__ = [
+    "AbsMeanObserver",
     "SCALE_EPS",
     "MSEObserver",
     "MinMaxObserver",

@@ -154,14 +154,19 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec)
     return out.to(x.dtype) if x.is_floating_point() else out
 
 
-def fake_quantize_per_token(x: Tensor, spec: QuantSpec) -> Tensor:
+def fake_quantize_per_token(x: Tensor, spec: QuantSpec, clip: Tensor | None = None) -> Tensor:
     """Dynamic per-token fake quantization: each row of the last dim gets qparams from its own min / max.
 
-    The qparams are treated as constants for autograd (gradient to x is the plain STE).
+    ``clip`` (a scalar, default 1) shrinks every token's range to ``[clip * min, clip * max]``: a
+    learned clipping ratio (distillation learns it; values beyond the range saturate). The min / max
+    are constants for autograd; the gradient reaches x by the plain STE and ``clip`` through the
+    scale (LSQ).
     """
     if spec.granularity != "token":
         raise ValueError(f"fake_quantize_per_token needs granularity='token', got {spec.granularity!r}")
     lo, hi = torch.aminmax(x.detach().to(torch.float32), dim=-1)
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
     scale, zero_point = qparams_from_range(lo, hi, spec)
     return fake_quantize(x, scale, zero_point, spec)
 

@@ -23,6 +23,8 @@ Per-token quantization is dynamic (fake_quantize_per_token) and has no observer.
                         a* = argmin_{a in A} sum_x (x - fq_a(x))^2 over the sample,
                         A = 100 points evenly spaced in [0.30, 1.0]; ties go to the widest range,
                         so a = 1.0 (= min/max) is chosen unless clipping strictly helps.
+    AbsMeanObserver     lo, hi = -gamma, gamma with gamma = mean |x| per row (ternary weights, BitNet
+                        b1.58: the ternary scale is gamma itself, since qmax = 1).
 
 Sample (percentile, mse): each update contributes at most max_samples_per_update values (columns
 drawn uniformly with replacement, the same columns for every row), and the kept sample is a
@@ -131,6 +133,24 @@ class MinMaxObserver(Observer):
 
     def _clip_rows(self) -> tuple[Tensor, Tensor]:
         return self._row_min, self._row_max
+
+
+class AbsMeanObserver(Observer):
+    """Range = +-mean |x| per row: the absmean scale of ternary (BitNet b1.58) quantization."""
+
+    def __init__(self, spec: QuantSpec) -> None:
+        super().__init__(spec)
+        self._abs_sum: Tensor | None = None
+        self._count = 0
+
+    def _observe(self, rows: Tensor) -> None:
+        sums = rows.abs().sum(dim=1, dtype=torch.float64)
+        self._abs_sum = sums if self._abs_sum is None else self._abs_sum + sums
+        self._count += rows.shape[1]
+
+    def _clip_rows(self) -> tuple[Tensor, Tensor]:
+        gamma = (self._abs_sum / self._count).to(torch.float32)
+        return -gamma, gamma
 
 
 class _ColumnReservoir:
@@ -244,6 +264,7 @@ _OBSERVERS: dict[str, type[Observer]] = {
     "minmax": MinMaxObserver,
     "percentile": PercentileObserver,
     "mse": MSEObserver,
+    "absmean": AbsMeanObserver,
 }
 
 
@@ -254,8 +275,8 @@ def make_observer(spec: QuantSpec, *, max_samples: int | None = MAX_SAMPLES) -> 
         raise ValueError("make_observer: per-token quantization is dynamic (min/max per token at run time); "
                          "there is nothing to observe")
     observer_class = _OBSERVERS[spec.observer]
-    if observer_class is MinMaxObserver:
-        return MinMaxObserver(spec)
+    if observer_class in (MinMaxObserver, AbsMeanObserver):
+        return observer_class(spec)
     return observer_class(spec, max_samples=max_samples)
 
 

@@ -14,6 +14,11 @@ is shared by each slice of the tensor named by `granularity`:
     "group"    one pair per run of `group_size` consecutive elements of the LAST dim
     "token"    one pair per token (per row of the last dim), computed at run time from that row's
                min / max -- dynamic, so nothing is observed and the observer must be "minmax"
+
+Ternary (W1.58, BitNet b1.58): ``bits: 1.58`` is the grid {-1, 0, 1} (log2 3 = 1.58 bits of
+information, stored as int8 codes), symmetric, for weights only, with the "absmean" observer:
+the scale of each slice is the mean of its absolute values, gamma = mean |W|, and
+``W ~ gamma * clamp(round(W / gamma), -1, 1)``. ``absmean`` is defined for ternary grids only.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
-OBSERVERS = ("minmax", "percentile", "mse")
+OBSERVERS = ("minmax", "percentile", "mse", "absmean")
 MIN_BITS, MAX_BITS = 2, 8
+TERNARY_BITS = 1.58
 
 
 def _is_int(value: Any) -> bool:
@@ -37,7 +43,7 @@ def _is_int(value: Any) -> bool:
 class QuantSpec:
     """How to quantize one tensor; validated on construction (ValueError naming the field)."""
 
-    bits: int = 8
+    bits: int | float = 8        # an int in [2, 8], or 1.58 for the ternary grid {-1, 0, 1}
     symmetric: bool = True
     granularity: str = "tensor"
     axis: int = 0
@@ -46,8 +52,9 @@ class QuantSpec:
     percentile: float = 99.99
 
     def __post_init__(self) -> None:
-        if not _is_int(self.bits) or not MIN_BITS <= self.bits <= MAX_BITS:
-            self._fail("bits", f"must be an int in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
+        if not (self.ternary or (_is_int(self.bits) and MIN_BITS <= self.bits <= MAX_BITS)):
+            self._fail("bits", f"must be an int in [{MIN_BITS}, {MAX_BITS}] or {TERNARY_BITS} (ternary), "
+                               f"got {self.bits!r}")
         if not isinstance(self.symmetric, bool):
             self._fail("symmetric", f"must be a bool, got {self.symmetric!r}")
         if self.granularity not in GRANULARITIES:
@@ -62,6 +69,16 @@ class QuantSpec:
                                      f"with granularity={self.granularity!r})")
         if self.observer not in OBSERVERS:
             self._fail("observer", f"must be one of {OBSERVERS}, got {self.observer!r}")
+        if self.ternary and not self.symmetric:
+            self._fail("symmetric", "the ternary grid {-1, 0, 1} is symmetric (zero point 0); set symmetric: true")
+        if self.ternary and self.granularity == "token":
+            self._fail("granularity", "ternary is a weight format; weights are not quantized per token")
+        if self.ternary and self.observer not in ("absmean", "mse"):
+            self._fail("observer", f"ternary scales come from 'absmean' (BitNet b1.58) or 'mse', "
+                                   f"got {self.observer!r}")
+        if self.observer == "absmean" and not self.ternary:
+            self._fail("observer", f"'absmean' is the ternary (bits {TERNARY_BITS}) scale rule, not defined "
+                                   f"for {self.bits}-bit grids")
         if self.granularity == "token" and self.observer != "minmax":
             self._fail("observer", f"per-token quantization is dynamic (min/max of each token at run time), "
                                    f"so the observer must be 'minmax', got {self.observer!r}")
@@ -75,14 +92,19 @@ class QuantSpec:
         raise ValueError(f"QuantSpec.{field}: {problem}")
 
     @property
+    def ternary(self) -> bool:
+        """The grid {-1, 0, 1} (``bits == 1.58``)."""
+        return isinstance(self.bits, float) and self.bits == TERNARY_BITS
+
+    @property
     def qmin(self) -> int:
-        """Smallest code, -2**(bits-1)."""
-        return -(2 ** (self.bits - 1))
+        """Smallest code, -2**(bits-1) (ternary: -1)."""
+        return -1 if self.ternary else -(2 ** (self.bits - 1))
 
     @property
     def qmax(self) -> int:
-        """Largest code, 2**(bits-1) - 1."""
-        return 2 ** (self.bits - 1) - 1
+        """Largest code, 2**(bits-1) - 1 (ternary: 1)."""
+        return 1 if self.ternary else 2 ** (self.bits - 1) - 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,4 +122,6 @@ class QuantSpec:
         """Short label, e.g. 'int8 sym per-channel' or 'int4 asym per-group(64)'."""
         mode = "sym" if self.symmetric else "asym"
         slicing = f"per-group({self.group_size})" if self.granularity == "group" else f"per-{self.granularity}"
+        if self.ternary:
+            return f"ternary {self.observer} {slicing}"
         return f"int{self.bits} {mode} {slicing}"

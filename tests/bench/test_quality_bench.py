@@ -66,12 +66,17 @@ def test_ablation_table_has_the_papers_table_iv_layout():
     assert "seed-to-seed" not in table and "Real-vs-real FD floor (1438 training digits" in table
 
 
-def test_tq_ablation_table_has_the_papers_table_iii_layout():
+def _bench():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "bench" / "quality.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_tq_ablation_table_has_the_papers_table_iii_layout():
+    bench = _bench()
     row = dict(class_accuracy=1.0, noise_sqnr_median_db=25.0, fd_to_fp=0.5)
     fds = {"fp": 10.0, "w6a6-minmax": 8.0, "tq-dit-w6a6-baseline": 12.0, "tq-dit-w6a6-ho": 11.0,
            "tq-dit-w6a6-ho-mrq": 10.5, "tq-dit-w6a6": 10.25, "tq-dit-w8a8": 10.1}
@@ -88,7 +93,60 @@ def test_tq_ablation_table_has_the_papers_table_iii_layout():
                              "| ✓ | ✓ | ✓ | 10.25 | +0.25 | 0.50 | 100.0% | 25.0 |"]
 
 
-def test_the_two_ablations_are_separate_runs(tmp_path):
+def test_the_ablations_are_separate_runs(tmp_path):
     done = subprocess.run([sys.executable, "bench/quality.py", "--ablation", "--tq-ablation", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "--ablation and --tq-ablation are separate runs" in done.stderr
+    assert done.returncode != 0 and "--ablation, --tq-ablation and --robuq are separate runs" in done.stderr
+
+
+def test_robuq_set_names_presets_and_ampn_variants():
+    bench = _bench()
+    for name in bench.ROBUQ:
+        recipe = bench.recipe_for(name)
+        assert recipe.name == name
+    variant = bench.recipe_for("ampn-a2.5-ptq", iterations=7)
+    assert (variant.mixed_precision.budget, variant.mixed_precision.sensitivity) == (2.5, "ptq")
+    assert variant.distillation.iterations == 7 and variant.mixed_precision.search_iterations == 7
+    assert bench.recipe_for("robuq-w1.58a4", iterations=3).distillation.iterations == 3
+
+
+def test_robuq_tables_state_the_gap_criterion_and_the_chosen_bits():
+    bench = _bench()
+    row = dict(class_accuracy=0.9, noise_sqnr_median_db=15.0, fd_to_fp=1.0, compile_seconds=10.0,
+               compile_cpu_seconds=8.0, stage_seconds={"capture": 1.0, "distillation": 9.0})
+    ampn = {"budget": 3.0, "sensitivity_from": "distilled", "average_bits": 3.0, "layer_average_bits": 2.5,
+            "bits": {"blocks.0.q": 2, "blocks.0.fc1": 4}}
+    rows = [dict(config="fp", fd_digits=10.0, class_accuracy=1.0), dict(row, config="w1.58a4-minmax", fd_digits=110.0),
+            dict(row, config="robuq-w1.58a4", fd_digits=30.0),
+            dict(row, config="robuq-w1.58a3", fd_digits=40.0, ampn=ampn),
+            dict(row, config="ampn-a3-ptq", fd_digits=50.0, ampn=dict(ampn, sensitivity_from="ptq",
+                                                                       bits={"blocks.0.q": 4, "blocks.0.fc1": 3}))]
+    table = bench.markdown(rows, float("nan"), 1.6, 1438)
+    assert "robuq-w1.58a4 +20.00 vs w1.58a4-minmax +100.00: |ratio| 0.200 (must be <= 0.5)" in table
+    assert "| robuq-w1.58a3 | 10 (8) | 1.0 | 9.0 |" in table
+    assert "| 3 | distilled | 3.00 / 2.50 | 40.00 | 1.00 | 90.0% | 15.0 |" in table
+    assert "| layer | A3 distilled | A3 ptq |" in table
+    assert "| blocks.0.q | 2 | 4 |" in table and "| blocks.0.fc1 | 4 | 3 |" in table
+    rows[3]["ampn"]["sensitivity"] = {"blocks.0.q": {"2": 0.1, "3": 0.05}, "blocks.0.fc1": {"2": 0.3, "3": 0.01}}
+    rows[4]["ampn"]["sensitivity"] = {"blocks.0.q": {"2": 0.5, "3": 0.02}, "blocks.0.fc1": {"2": 0.2, "3": 0.03}}
+    table = bench.markdown(rows, float("nan"), 1.6, 1438)
+    assert "before vs after distillation: -1.00 at 2 bits, -1.00 at 3 bits." in table
+
+
+@pytest.mark.slow
+def test_robuq_bench_records_compile_times_rotations_and_the_allocation(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "bench/quality.py", "--robuq", "--recipes", "hadamard-only", "ampn-a3-ptq", "--samples", "20",
+         "--steps", "5", "--sqnr-samples", "4", "--calibration-trajectories", "4", "--batch-size", "10",
+         "--threads", "1", "--fp-seeds", "1", "--distillation-iterations", "2", "--out", str(tmp_path), "--quiet"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "quality-dit-digits-robuq.json").read_text())
+    assert result["settings"]["calibration_steps"] == 5 and result["settings"]["samples_per_step"] == 16
+    exact, ampn = result["rows"][1], result["rows"][2]
+    assert exact["noise_sqnr_median_db"] > 80 and len(exact["rotations"]) == 36
+    assert ampn["ampn"]["sensitivity_from"] == "ptq" and ampn["ampn"]["average_bits"] <= 3.0
+    assert len(ampn["ampn"]["bits"]) == 36 and "distillation" in ampn["stage_seconds"]
+    assert ampn["compile_cpu_seconds"] > 0
+    assert "AMPN" in (tmp_path / "quality-dit-digits-robuq.md").read_text()

@@ -1,0 +1,274 @@
+"""Quantization-aware distillation of the quantized graph against the FP model (data-free).
+
+The FP (rotated) graph is the teacher. The student is a copy in which every layer the recipe
+quantizes is a ``QATLayer`` (trainable latent weight and bias, learnable weight scale and
+activation scale / per-token clipping ratio, straight-through estimator). Training inputs are
+the calibration set: the ``(x_t, t, class)`` the FP sampler produced along its own trajectories,
+so no image data is needed. Each iteration draws ``batch_size`` of them and minimises
+
+    L = output_weight * mean (out_q - out_fp)^2
+        + block_weight / K * sum_{i=1..K} mean (r_i^SBM)^2                      (BiDM+ Eq. 20)
+
+    r_i^SBM = |r_i^fp| * max(|r_i^fp - r_i^q| - q_eps(|r_i^fp - r_i^q|), 0)      (BiDM+ Eq. 19)
+
+where ``r_i`` are the outputs of the K blocks (a DiT block is the module path up to its first
+index, ``transformer_blocks.3``; its outputs are the values it hands to the rest of the graph),
+``|r^fp|`` weights each element by its salience (Eq. 18) and ``q_eps`` is the ``leniency``-th
+percentile of the error over each sample's block output: errors below it are forgiven. BiDM+
+trains with the diffusion loss L_DM; data-free, the teacher's output takes its place.
+
+Optimiser: AdamW, ``lr`` (with ``weight_decay``) on latent weights and biases, ``scale_lr`` (no
+decay) on scales, both decayed to 0 by a cosine schedule. Everything else in the model is frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, fx, nn
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from tqdm.auto import tqdm
+
+from ditq_compiler.annotate import LayerAnnotation
+from ditq_compiler.graph import module_path, op_name
+from ditq_compiler.calibration.reconstruct import unit_of
+from ditq_compiler.pipeline import layer_parameters, swap_for_module
+from ditq_compiler.recipe import DistillationSpec
+from ditq_compiler.train.qat_layer import QATLayer
+
+EVAL_CHUNK = 256
+
+
+@dataclass
+class DistillationResult:
+    weights: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)   # node -> codes, s, z
+    activations: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)       # node -> static s_a, z_a
+    token_clips: dict[str, Tensor] = field(default_factory=dict)                      # node -> per-token clip
+    biases: dict[str, Tensor] = field(default_factory=dict)                           # node -> trained bias
+    loss_before: float = math.nan
+    loss_after: float = math.nan
+
+
+class _Tap(nn.Module):
+    """Identity that keeps the last value it saw (the training copies' block outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.value: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.value = x
+        return x
+
+
+def block_outputs(gm: fx.GraphModule, blocks: list[str], sample_dependent: set[str]) -> list[str]:
+    """Names of the values each block hands to the rest of the graph (sample-dependent float tensors)."""
+    found = []
+    for block in blocks:
+        inside = {n for n in gm.graph.nodes
+                  if n.op == "call_function" and (module_path(n) == block or module_path(n).startswith(block + "."))}
+        for node in gm.graph.nodes:
+            val = node.meta.get("val")
+            if (node in inside and node.name in sample_dependent and isinstance(val, Tensor)
+                    and val.is_floating_point()
+                    and any(u not in inside and op_name(u) != "_assert_tensor_metadata" for u in node.users)):
+                found.append(node.name)
+    return found
+
+
+def _insert_taps(gm: fx.GraphModule, names: list[str]) -> list[_Tap]:
+    nodes = {n.meta.get("ditq_qat_of", n.name): n for n in gm.graph.nodes}   # a swapped layer keeps its name
+    taps = []
+    for i, name in enumerate(names):
+        tap = _Tap()
+        gm.add_submodule(f"ditq_tap_{i}", tap)
+        with gm.graph.inserting_after(nodes[name]):
+            gm.graph.call_module(f"ditq_tap_{i}", (nodes[name],))   # result unused: the tap only records
+        taps.append(tap)
+    gm.recompile()
+    return taps
+
+
+def _swap_in_layers(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
+                    act_qparams: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, QATLayer]:
+    layers = {}
+    for node in list(gm.graph.nodes):
+        annotation = annotations.get(node.name)
+        if annotation is None or node.op != "call_function":
+            continue
+        weight, bias, conv = layer_parameters(gm, node)
+        layer = QATLayer(weight, bias, annotation.weights, annotation.activations, act_qparams.get(node.name), conv)
+        call = swap_for_module(gm, node, f"ditq_qat_{node.name}", layer, node.args[0])
+        call.meta["ditq_qat_of"] = node.name
+        layers[node.name] = layer
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return layers
+
+
+def stack_inputs(batches: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """One call's keyword inputs holding every calibration row; batch-sized tensors are concatenated."""
+    flats, spec = [], None
+    for inputs in batches:
+        leaves, spec = tree_flatten(inputs)
+        flats.append(leaves)
+    size = sum(_batch_size(leaves) for leaves in flats)
+    stacked = []
+    for position, first in enumerate(flats[0]):
+        if isinstance(first, Tensor) and first.dim() > 0 and first.shape[0] == _batch_size(flats[0]):
+            stacked.append(torch.cat([leaves[position] for leaves in flats]))
+        else:
+            stacked.append(first)
+    return tree_unflatten(stacked, spec), size
+
+
+def _batch_size(leaves: list[Any]) -> int:
+    return next(v.shape[0] for v in leaves if isinstance(v, Tensor) and v.dim() > 0 and v.is_floating_point())
+
+
+def select_rows(inputs: dict[str, Any], size: int, index: Tensor) -> dict[str, Any]:
+    leaves, spec = tree_flatten(inputs)
+    return tree_unflatten([v[index] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size else v
+                           for v in leaves], spec)
+
+
+def _float_outputs(out: Any) -> list[Tensor]:
+    return [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
+
+
+def salience_residual(fp: Tensor, q: Tensor, leniency: float) -> Tensor:
+    """BiDM+ Eq. 19: |r_fp| * max(|r_fp - r_q| - q_eps, 0), q_eps the leniency-th percentile per sample."""
+    error = (fp - q).abs()
+    if leniency > 0:
+        flat = error.detach().reshape(error.shape[0], -1)
+        k = max(1, math.ceil(leniency / 100 * flat.shape[1]))
+        threshold = flat.kthvalue(k, dim=1).values.reshape(-1, *[1] * (error.dim() - 1))
+        error = torch.relu(error - threshold)
+    return fp.abs() * error
+
+
+class Distiller:
+    """Teacher and student graphs over the calibration inputs; train, evaluate, read the results."""
+
+    def __init__(self, gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
+                 act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
+                 sample_dependent: set[str], with_blocks: bool):
+        if not inputs:
+            raise ValueError("distillation needs calibration inputs; the calibration set is empty")
+        self.inputs, self.size = stack_inputs(inputs)
+        self._outputs: list[Tensor] | None = None
+        self.teacher, self.student = _copy(gm), _copy(gm)
+        self.teacher.requires_grad_(False)
+        self.student.requires_grad_(False)
+        self.layers = _swap_in_layers(self.student, annotations, act_qparams)
+        blocks = list(dict.fromkeys(unit_of(a.name) for a in annotations.values())) if with_blocks else []
+        names = block_outputs(gm, blocks, sample_dependent)
+        self.teacher_taps, self.student_taps = _insert_taps(self.teacher, names), _insert_taps(self.student, names)
+
+    def parameters(self, kind: str) -> list[nn.Parameter]:
+        get = QATLayer.weight_parameters if kind == "weights" else QATLayer.scale_parameters
+        return [p for layer in self.layers.values() for p in get(layer)]
+
+    def _targets(self) -> list[Tensor]:
+        """The teacher's outputs on every calibration input, computed once (block targets are not kept:
+        with block mimicking the teacher runs with the student)."""
+        if self._outputs is None:
+            with torch.no_grad():
+                chunks = [_float_outputs(self.teacher(**select_rows(self.inputs, self.size, torch.arange(
+                    start, min(self.size, start + EVAL_CHUNK))))) for start in range(0, self.size, EVAL_CHUNK)]
+            self._outputs = [torch.cat(parts) for parts in zip(*chunks, strict=True)]
+        return self._outputs
+
+    def loss(self, index: Tensor, spec: DistillationSpec) -> tuple[Tensor, Tensor, Tensor]:
+        """(total, output MSE, block term) on the calibration inputs ``index``."""
+        rows = select_rows(self.inputs, self.size, index)
+        mimic = spec.block_weight > 0 and self.student_taps
+        if mimic:
+            with torch.no_grad():
+                target = _float_outputs(self.teacher(**rows))
+                target_blocks = [tap.value for tap in self.teacher_taps]
+        else:
+            target = [t[index] for t in self._targets()]
+        out = _float_outputs(self.student(**rows))
+        mse = sum((o - t).square().mean() for o, t in zip(out, target, strict=True)) / len(out)
+        block = torch.zeros(())
+        if mimic:
+            block = sum(salience_residual(t, tap.value, spec.leniency).square().mean()
+                        for t, tap in zip(target_blocks, self.student_taps, strict=True)) / len(self.student_taps)
+        return spec.output_weight * mse + spec.block_weight * block, mse, block
+
+    def evaluate(self, spec: DistillationSpec, rows: int | None = None) -> float:
+        """Mean loss over the first ``rows`` calibration inputs (all by default), no gradients."""
+        count = self.size if rows is None else min(rows, self.size)
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, count, EVAL_CHUNK):
+                index = torch.arange(start, min(count, start + EVAL_CHUNK))
+                total += float(self.loss(index, spec)[0]) * len(index)
+        return total / count
+
+    def train(self, spec: DistillationSpec, iterations: int, progress: bool = True, desc: str = "distill") -> None:
+        if iterations == 0:
+            return
+        groups = [{"params": self.parameters("weights"), "lr": spec.lr, "weight_decay": spec.weight_decay},
+                  {"params": self.parameters("scales"), "lr": spec.scale_lr, "weight_decay": 0.0}]
+        for group in groups:
+            for p in group["params"]:
+                p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(groups)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=0.0)
+        generator = torch.Generator().manual_seed(spec.seed)
+        bar = tqdm(range(iterations), desc=desc, unit="it", disable=not progress)
+        average = None
+        for step in bar:
+            index = torch.randint(0, self.size, (min(spec.batch_size, self.size),), generator=generator)
+            loss, mse, block = self.loss(index, spec)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            value = float(loss.detach())
+            average = value if average is None else 0.98 * average + 0.02 * value
+            if step % 25 == 0 or step == iterations - 1:
+                bar.set_postfix(loss=f"{average:.4g}", mse=f"{float(mse.detach()):.3g}",
+                                block=f"{float(block.detach()):.3g}")
+        for group in groups:
+            for p in group["params"]:
+                p.requires_grad_(False)
+
+    def result(self) -> DistillationResult:
+        result = DistillationResult()
+        for name, layer in self.layers.items():
+            result.weights[name] = layer.weight_codes()
+            params = layer.activation_parameters()
+            if params is not None and params[1] is None:
+                result.token_clips[name] = params[0]
+            elif params is not None:
+                result.activations[name] = params
+            bias = layer.trained_bias()
+            if bias is not None:
+                result.biases[name] = bias
+        return result
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    with warnings.catch_warnings():   # torch's own pytree deprecation notice on deepcopy
+        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(gm)
+
+
+def distill(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
+            act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
+            spec: DistillationSpec, sample_dependent: set[str], progress: bool = True) -> DistillationResult:
+    """Distil the quantized version of ``gm`` (not modified) into trained codes, scales and biases."""
+    distiller = Distiller(gm, annotations, act_qparams, inputs, sample_dependent, with_blocks=spec.block_weight > 0)
+    before = distiller.evaluate(spec)
+    distiller.train(spec, spec.iterations, progress)
+    result = distiller.result()
+    result.loss_before, result.loss_after = before, distiller.evaluate(spec)
+    return result
