@@ -129,9 +129,6 @@ def export_command(ctx, artifact, target, out, quiet):
     import ditq_compiler as dq
 
     compiled = dq.load(artifact)
-    if not callable(getattr(compiled, "export_onnx", None)):
-        raise RuntimeError("this ditq-compiler has no ONNX backend yet (CompiledModel.export_onnx is missing); "
-                           "update ditq-compiler to export artifacts")
     out = Path(out) if out else Path(artifact) / f"model-{target}.onnx"
     console = _console(stderr=True)
     if _quiet(ctx, quiet):

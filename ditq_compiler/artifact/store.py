@@ -338,11 +338,25 @@ def load(path: str | os.PathLike, progress: bool = False):
     saved = report["provenance"]
     compiled.provenance = Provenance(saved["fp_checkpoint_bytes"], saved["model_config"], saved["calibration"],
                                      _example_from_files(report.get("example_inputs"), example))
+    if compiled.provenance.example_inputs is not None:
+        _restore_shapes(graph_module, compiled.provenance.example_inputs)
     names = sorted({key.rsplit("/", 1)[0] for key in inspection})
     compiled.activation_stats = {name: LayerActivations.from_tensors(inspection, f"{name}/") for name in names}
     compiled.__dict__["_reference_graph"] = None if backend == "torch" else graph_module
     compiled.manifest = {**manifest, "created": run.get("created", "unknown")}   # shown by inspect
     return compiled
+
+
+def _restore_shapes(graph_module, example: dict[str, Any]) -> None:
+    """Every node's ``meta["val"]`` (a saved graph has none), by fake-tensor propagation of the saved
+    example call: what re-export and the ONNX lowering read. The fake kernels of the ``ditq::`` ops
+    make this cheap (no real compute)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from ditq_compiler.compiler import _flat
+
+    FakeTensorProp(graph_module, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*_flat(example))
 
 
 def _read_run(path: Path) -> dict[str, Any]:
