@@ -349,14 +349,27 @@ def load(path: str | os.PathLike, progress: bool = False):
 
 def _restore_shapes(graph_module, example: dict[str, Any]) -> None:
     """Every node's ``meta["val"]`` (a saved graph has none), by fake-tensor propagation of the saved
-    example call: what re-export and the ONNX lowering read. The fake kernels of the ``ditq::`` ops
-    make this cheap (no real compute)."""
+    example call: what the input check, re-export and the ONNX lowering read. The fake kernels of the
+    ``ditq::`` ops make this cheap (no real compute). Inner nodes keep the example's sizes; the
+    inputs' batch dim (dim 0 where it has the example's batch) is made symbolic again, as
+    ``torch.export`` captured it, so a loaded model takes any batch like the saved one."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     from ditq_compiler.compiler import _flat
 
-    FakeTensorProp(graph_module, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*_flat(example))
+    inputs = _flat(example)
+    FakeTensorProp(graph_module, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+    batch = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    symbolic = FakeTensorMode(shape_env=ShapeEnv())
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, inputs, strict=True):
+        if isinstance(value, torch.Tensor):
+            sizes = [DimDynamic.DYNAMIC if i == 0 and size == batch else DimDynamic.STATIC
+                     for i, size in enumerate(value.shape)]
+            node.meta["val"] = symbolic.from_tensor(value, symbolic_context=StatelessSymbolicContext(
+                dynamic_sizes=sizes))
 
 
 def _read_run(path: Path) -> dict[str, Any]:
