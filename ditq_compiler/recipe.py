@@ -336,12 +336,19 @@ def _check_tq_sections(recipe_path: str, weights: QuantSpec, acts: QuantSpec | N
                               "both would set the same scales, keep one")
 
 
-def _method_spec(cls, data: Any, path: str):
+def _section_data(cls, data: Any, path: str) -> dict | None:
+    """A method section's mapping with its keys checked: None when absent or false, {} (defaults) when true."""
     if data is None or data is False:
         return None
-    if data is True:
-        data = {}
+    data = {} if data is True else data
     _check_keys(data, {f.name for f in dataclasses.fields(cls)}, path)
+    return data
+
+
+def _method_spec(cls, data: Any, path: str):
+    data = _section_data(cls, data, path)
+    if data is None:
+        return None
     spec = cls(**data)
     if cls in (AttentionSpec, ScaleSearchSpec, MultiRegionSpec, TimeGroupSpec):
         return _check_tq_spec(spec, path)
@@ -425,11 +432,9 @@ class MixedPrecisionSpec:
 
 def _section(cls, data: Any, path: str):
     """A RobuQ section (rotation / distillation / mixed_precision), validated; None if absent."""
-    if data is None or data is False:
+    data = _section_data(cls, data, path)
+    if data is None:
         return None
-    if data is True:
-        data = {}
-    _check_keys(data, {f.name for f in dataclasses.fields(cls)}, path)
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     spec = cls(**data)
     _SECTION_CHECKS[cls](spec, path)

@@ -92,7 +92,7 @@ def test_recipe_is_frozen():
     ({"distillation": {"iterations": -1}}, "recipe.distillation.iterations"),
     ({"distillation": {"lr": "fast"}}, "recipe.distillation.lr"),
     ({"distillation": {"leniency": 120}}, "recipe.distillation.leniency"),
-    ({"distillation": {"output_weight": 0}}, "recipe.distillation.output_weight"),
+    ({"distillation": {"output_weight": 0, "block_weight": 0}}, "recipe.distillation.output_weight"),
     ({"distillation": {}, "reconstruction": {}}, "recipe.distillation"),
 ])
 def test_bad_recipes_name_the_field(data, path):
