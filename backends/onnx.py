@@ -118,7 +118,7 @@ import ditq_compiler.ops  # noqa: F401  (registers the ditq:: ops)
 from ditq_compiler.backends import onnx_ops  # noqa: F401  (registers the ditq_onnx:: ops)
 from ditq_compiler.backends.torch import INT16_MAX, cpu_has_vnni, pair_sum_bound
 from ditq_compiler.capture import CapturedModel, bind_inputs, capture
-from ditq_compiler.pipeline import fetch_attr
+from ditq_compiler.pipeline import delete_unused_attrs, fetch_attr
 from ditq_compiler.quant import SCALE_EPS
 
 OPSET = 21
@@ -254,16 +254,22 @@ def static_activation(ctx: LoweringContext, x: fx.Node, scale: Tensor, zero_poin
     return ctx.call(ONNX.dequantize_linear.default, codes, scale_node, zp_node, 0, 0, "int8"), offset
 
 
-def token_activation(ctx: LoweringContext, x: fx.Node, bits: int, features: int) -> tuple[fx.Node, fx.Node, fx.Node]:
+def token_activation(ctx: LoweringContext, x: fx.Node, bits: int, features: int,
+                     clip: Tensor | None = None) -> tuple[fx.Node, fx.Node, fx.Node]:
     """Dynamic per-token quantization in the graph: (codes, scale, zero point), each row of the last dim
     with its own affine qparams from its min / max (as ``fake_quantize_per_token``), codes in the
-    target's activation dtype via a blocked QuantizeLinear (block = the whole row)."""
+    target's activation dtype via a blocked QuantizeLinear (block = the whole row). ``clip`` (RobuQ's
+    learned ratio c, a scalar) shrinks the range first: ``[lo, hi] = c [min x, max x]``, then widened to 0."""
     if ctx.target.symmetric_int8_only:
-        raise LoweringError("per-token activations need scales computed at run time; TensorRT's int8 Q/DQ "
-                            "takes build-time constant scales")
+        raise LoweringError("per-token activations need scales computed at run time (affine, from each token's "
+                            "min / max); TensorRT's int8 Q/DQ takes build-time constant scales with zero point 0")
     qmin, qmax = _signed_range(bits)
-    lo = ctx.call(aten.clamp.default, ctx.call(aten.amin.default, x, [-1], True), None, 0.0)
-    hi = ctx.call(aten.clamp.default, ctx.call(aten.amax.default, x, [-1], True), 0.0, None)
+    lo, hi = ctx.call(aten.amin.default, x, [-1], True), ctx.call(aten.amax.default, x, [-1], True)
+    if clip is not None:
+        ratio = ctx.constant("a_clip", clip.float().reshape(()))
+        lo, hi = ctx.call(aten.mul.Tensor, lo, ratio), ctx.call(aten.mul.Tensor, hi, ratio)
+    lo = ctx.call(aten.clamp.default, lo, None, 0.0)
+    hi = ctx.call(aten.clamp.default, hi, 0.0, None)
     scale = ctx.call(aten.clamp.default, ctx.call(aten.div.Tensor, ctx.call(aten.sub.Tensor, hi, lo), qmax - qmin),
                      SCALE_EPS, None)
     zero = ctx.call(aten.clamp.default, ctx.call(aten.round.default, ctx.call(
@@ -365,34 +371,72 @@ def add_bias(ctx: LoweringContext, y: fx.Node, bias: Tensor | None, correction: 
 
 # ---------------------------------------------------------------------------------------------- lowerings
 
+@dataclasses.dataclass(frozen=True)
+class QuantizedInput:
+    """Left by a lowered standalone activation quantizer (``backends/onnx_sites.py``) on the node it returns,
+    in ``meta[QUANTIZED_INPUT]``, for the linear it feeds: ``x_hat = (codes - shift) * scale``.
+
+    ``codes`` is a DequantizeLinear with constant scale and zero point, so a MatMul reading it (and a
+    DequantizeLinear weight) is what ONNX Runtime fuses into ``MatMulIntegerToFloat`` and TensorRT into
+    an int8 GEMM. ``shift`` (a float, the ``tensorrt`` offset z s, or a per-sample node ``z_g``) and
+    ``scale`` (None, or a per-sample node ``s_g`` of a time-grouped quantizer), both of shape (B, 1, .., 1),
+    are constant along the reduction, so the linear applies them after its matmul:
+    ``y = (codes W^T - shift colsum(W)) * scale + b``.
+    """
+
+    codes: fx.Node
+    bits: int
+    shift: float | fx.Node = 0.0
+    scale: fx.Node | None = None
+
+
+QUANTIZED_INPUT = "ditq_onnx_quantized_input"
+
+
 @register_lowering(torch.ops.ditq.quant_linear.default)
 def lower_quant_linear(ctx: LoweringContext, node: fx.Node) -> fx.Node:
-    """``ditq::quant_linear`` -> Q/DQ + MatMul (static / no activations), or per-token MatMulInteger."""
+    """``ditq::quant_linear`` -> Q/DQ + MatMul (static / no activations), or per-token MatMulInteger.
+
+    With ``a_bits = 0`` behind a standalone activation quantizer (TQ-DiT's sites), the MatMul reads that
+    quantizer's codes (``QuantizedInput``) and applies its per-sample shift and scale after the product."""
     _, w_codes, w_scale, w_zp, bias, a_scale, a_zp, a_bits, a_per_token = ctx.args()
     x = ctx.input(0)
     if a_bits and a_per_token:
-        return _lower_token_linear(ctx, x, w_codes, w_scale, w_zp, bias, a_bits)
+        return _lower_token_linear(ctx, x, w_codes, w_scale, w_zp, bias, a_bits, a_scale)
+    quantized = x.meta.get(QUANTIZED_INPUT) if not a_bits and w_scale.dim() < 2 else None
+    bits = a_bits or (quantized.bits if quantized is not None else 0)
+    if quantized is not None:
+        x = quantized.codes
     # ONNX Runtime fuses a 2-D MatMul + Add into a float Gemm before its Q/DQ fusions run, which then
     # leaves Q/DQ -> Gemm in float (the adaLN modulation linears, on (batch, dim)): a unit axis keeps
     # the MatMul 3-D, and MatMulIntegerToFloat
-    unit_axis = bool(a_bits) and ctx.target.integer_ops and ctx.node.meta["val"].dim() == 2
+    unit_axis = bool(bits) and ctx.target.integer_ops and ctx.node.meta["val"].dim() == 2
     if unit_axis:
         x = ctx.call(aten.unsqueeze.default, x, 1)
     offset = 0.0
     if a_bits:
         x, offset = static_activation(ctx, x, a_scale, a_zp, a_bits)
-    weight = weight_operand(ctx, w_codes, w_scale, w_zp, activation_bits=a_bits)
+    elif quantized is not None and not isinstance(quantized.shift, fx.Node):
+        offset = quantized.shift
+    weight = weight_operand(ctx, w_codes, w_scale, w_zp, activation_bits=bits)
     y = ctx.call(ONNX.matmul.default, x, weight, ctx.layer)
-    correction = offset * weight_matrix(w_codes, w_scale, w_zp).sum(1) if offset else None
-    y = add_bias(ctx, y, bias, correction)
-    return ctx.call(aten.squeeze.dim, y, 1) if unit_axis else y
+    column_sums = weight_matrix(w_codes, w_scale, w_zp).sum(1)
+    if quantized is None or quantized.scale is None:
+        y = add_bias(ctx, y, bias, offset * column_sums if offset else None)
+        return ctx.call(aten.squeeze.dim, y, 1) if unit_axis else y
+    if unit_axis:
+        y = ctx.call(aten.squeeze.dim, y, 1)
+    if isinstance(quantized.shift, fx.Node):
+        correction = ctx.call(aten.mul.Tensor, quantized.shift, ctx.constant("w_column_sums", column_sums.float()))
+        y = ctx.call(aten.sub.Tensor, y, correction)
+    return add_bias(ctx, ctx.call(aten.mul.Tensor, y, quantized.scale), bias)
 
 
 def _lower_token_linear(ctx: LoweringContext, x: fx.Node, w_codes: Tensor, w_scale: Tensor, w_zp: Tensor,
-                        bias: Tensor | None, bits: int) -> fx.Node:
+                        bias: Tensor | None, bits: int, clip: Tensor | None = None) -> fx.Node:
     """Per-token activations: ``acc = MatMulInteger(q_x, q_w - z_w)``, then in float
     ``y = (acc - z_x colsum(q_w - z_w)) s_x s_w + b`` (z_x, s_x per token; s_w per column)."""
-    codes, scale, zero_point = token_activation(ctx, x, bits, w_codes.shape[1])
+    codes, scale, zero_point = token_activation(ctx, x, bits, w_codes.shape[1], clip)
     if w_scale.dim() == 2:   # per-group weights: no single integer GEMM; run Q/DQ and a float MatMul
         x_hat = ctx.call(ONNX.dequantize_linear.default, codes, scale, zero_point, -1, w_codes.shape[1], "int8")
         y = ctx.call(ONNX.matmul.default, x_hat, weight_operand(ctx, w_codes, w_scale, w_zp, activation_bits=0),
@@ -468,8 +512,6 @@ def _try(fn: Callable[[], Any]) -> Any:
 
 def lower_graph(gm: fx.GraphModule, target: Target) -> fx.GraphModule:
     """A copy of ``gm`` with every registered op lowered; all nodes that cannot be are listed in one error."""
-    from ditq_compiler.passes.quantize_linears import _delete_unused_attrs
-
     with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
         gm = copy.deepcopy(gm)
@@ -496,7 +538,7 @@ def lower_graph(gm: fx.GraphModule, target: Target) -> fx.GraphModule:
         raise OnnxExportError(f"cannot export to target '{target.name}' ({len(problems)} node(s)):\n  "
                               + "\n  ".join(problems))
     gm.graph.eliminate_dead_code()
-    _delete_unused_attrs(gm)
+    delete_unused_attrs(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -753,3 +795,6 @@ def _type_names(spec: dict) -> list[str]:
     for child in spec.get("children_spec", []):
         names += _type_names(child)
     return names
+
+
+from ditq_compiler.backends import onnx_sites  # noqa: E402,F401  (registers the activation-site and rotation lowerings)
