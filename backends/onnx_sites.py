@@ -16,6 +16,8 @@ one, so the scale moves outside the quantizer (DESIGN.md):
                               codes = DQ(Q(k, scale 1, zp c), scale 1, zp c)        (= k exactly: k is an integer)
                               x_hat = (codes - z_g) * s_g
     G = 1:                    x_hat = DQ(Q(x, s, z), s, z)  (x clipped to the k-bit grid first when k < 8)
+                              (``tensorrt``, z != 0: the G > 1 form with constant s, z: zero point 0 and exact,
+                              where quantizing ``x + z s`` would move values on rounding ties)
 
 ``z_g`` is added after Round (``round(v) + z`` is exact, ``round(v + z)`` is not near ties), and
 ``c`` is the target's constant code offset (128 for uint8, 0 for int8). The node returned carries a
@@ -116,14 +118,14 @@ def lower_quant_act(ctx: LoweringContext, node: fx.Node) -> fx.Node:
     _, group, scale, zero_point, bits = ctx.args()
     x = ctx.input(0)
     s = _rows(ctx, "a_scale", scale, group)
-    if isinstance(s, Tensor):
-        codes, offset = static_activation(ctx, x, s, zero_point.reshape(()), bits)
-        out = ctx.call(aten.sub.Tensor, codes, offset) if offset else codes
-        out.meta[QUANTIZED_INPUT] = QuantizedInput(codes, bits, offset)
-        return out
-    qmin, qmax = _signed_range(bits)
     zeros = zero_point.detach().reshape(-1).float()
+    if isinstance(s, Tensor) and not (ctx.target.symmetric_int8_only and bool(zeros.any())):
+        codes, _ = static_activation(ctx, x, s, zero_point.reshape(()), bits)
+        codes.meta[QUANTIZED_INPUT] = QuantizedInput(codes, bits)
+        return codes
+    qmin, qmax = _signed_range(bits)
     z = _rows(ctx, "a_zero_point", zeros, group) if bool(zeros.any()) else None
+    s, z = (ctx.constant(f"a_{name}", v) if isinstance(v, Tensor) else v for name, v in (("step", s), ("shift", z)))
     v = ctx.call(aten.round.default, ctx.call(aten.div.Tensor, x, s))
     if z is not None:
         v = ctx.call(aten.add.Tensor, v, z)
