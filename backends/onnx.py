@@ -373,15 +373,15 @@ def add_bias(ctx: LoweringContext, y: fx.Node, bias: Tensor | None, correction: 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedInput:
-    """Left by a lowered standalone activation quantizer (``backends/onnx_sites.py``) on the node it returns,
-    in ``meta[QUANTIZED_INPUT]``, for the linear it feeds: ``x_hat = (codes - shift) * scale``.
+    """One term of a lowered standalone activation quantizer (``backends/onnx_sites.py``), left on the node it
+    returns in ``meta[QUANTIZED_INPUT]`` (a tuple of terms) for the linear it feeds:
+    ``x_hat = sum over terms of (codes - shift) * scale`` (two terms for a two-region quantizer).
 
     ``codes`` is a DequantizeLinear with constant scale and zero point, so a MatMul reading it (and a
     DequantizeLinear weight) is what ONNX Runtime fuses into ``MatMulIntegerToFloat`` and TensorRT into
-    an int8 GEMM. ``shift`` (a float, the ``tensorrt`` offset z s, or a per-sample node ``z_g``) and
-    ``scale`` (None, or a per-sample node ``s_g`` of a time-grouped quantizer), both of shape (B, 1, .., 1),
-    are constant along the reduction, so the linear applies them after its matmul:
-    ``y = (codes W^T - shift colsum(W)) * scale + b``.
+    an int8 GEMM. ``shift`` (0, or a node ``z_g``) and ``scale`` (None, or a node ``s_g``), per sample
+    of shape (B, 1, .., 1) or constant, do not vary along the reduction, so the linear applies them
+    after its matmul: ``y = sum over terms of (codes W^T - shift colsum(W)) * scale + b``.
     """
 
     codes: fx.Node
@@ -398,38 +398,52 @@ def lower_quant_linear(ctx: LoweringContext, node: fx.Node) -> fx.Node:
     """``ditq::quant_linear`` -> Q/DQ + MatMul (static / no activations), or per-token MatMulInteger.
 
     With ``a_bits = 0`` behind a standalone activation quantizer (TQ-DiT's sites), the MatMul reads that
-    quantizer's codes (``QuantizedInput``) and applies its per-sample shift and scale after the product."""
+    quantizer's codes (``QuantizedInput``) and applies its per-sample shift and scale after the product;
+    a two-region quantizer gives two integer MatMuls whose outputs are added."""
     _, w_codes, w_scale, w_zp, bias, a_scale, a_zp, a_bits, a_per_token = ctx.args()
     x = ctx.input(0)
     if a_bits and a_per_token:
         return _lower_token_linear(ctx, x, w_codes, w_scale, w_zp, bias, a_bits, a_scale)
-    quantized = x.meta.get(QUANTIZED_INPUT) if not a_bits and w_scale.dim() < 2 else None
-    bits = a_bits or (quantized.bits if quantized is not None else 0)
-    if quantized is not None:
-        x = quantized.codes
+    terms = x.meta.get(QUANTIZED_INPUT, ()) if not a_bits and w_scale.dim() < 2 else ()
+    input_bits = a_bits
+    if len(terms) == 1 and terms[0].scale is None and terms[0].shift == 0.0:
+        x, input_bits, terms = terms[0].codes, terms[0].bits, ()     # a constant Q/DQ, like the linear's own
     # ONNX Runtime fuses a 2-D MatMul + Add into a float Gemm before its Q/DQ fusions run, which then
     # leaves Q/DQ -> Gemm in float (the adaLN modulation linears, on (batch, dim)): a unit axis keeps
     # the MatMul 3-D, and MatMulIntegerToFloat
-    unit_axis = bool(bits) and ctx.target.integer_ops and ctx.node.meta["val"].dim() == 2
+    unit_axis = bool(input_bits or terms) and ctx.target.integer_ops and ctx.node.meta["val"].dim() == 2
+    if terms:
+        return _lower_quantized_input_linear(ctx, terms, w_codes, w_scale, w_zp, bias, unit_axis)
     if unit_axis:
         x = ctx.call(aten.unsqueeze.default, x, 1)
     offset = 0.0
     if a_bits:
         x, offset = static_activation(ctx, x, a_scale, a_zp, a_bits)
-    elif quantized is not None and not isinstance(quantized.shift, fx.Node):
-        offset = quantized.shift
-    weight = weight_operand(ctx, w_codes, w_scale, w_zp, activation_bits=bits)
+    weight = weight_operand(ctx, w_codes, w_scale, w_zp, activation_bits=input_bits)
     y = ctx.call(ONNX.matmul.default, x, weight, ctx.layer)
-    column_sums = weight_matrix(w_codes, w_scale, w_zp).sum(1)
-    if quantized is None or quantized.scale is None:
-        y = add_bias(ctx, y, bias, offset * column_sums if offset else None)
-        return ctx.call(aten.squeeze.dim, y, 1) if unit_axis else y
-    if unit_axis:
-        y = ctx.call(aten.squeeze.dim, y, 1)
-    if isinstance(quantized.shift, fx.Node):
-        correction = ctx.call(aten.mul.Tensor, quantized.shift, ctx.constant("w_column_sums", column_sums.float()))
-        y = ctx.call(aten.sub.Tensor, y, correction)
-    return add_bias(ctx, ctx.call(aten.mul.Tensor, y, quantized.scale), bias)
+    correction = offset * weight_matrix(w_codes, w_scale, w_zp).sum(1) if offset else None
+    y = add_bias(ctx, y, bias, correction)
+    return ctx.call(aten.squeeze.dim, y, 1) if unit_axis else y
+
+
+def _lower_quantized_input_linear(ctx: LoweringContext, terms: tuple[QuantizedInput, ...], w_codes: Tensor,
+                                  w_scale: Tensor, w_zp: Tensor, bias: Tensor | None, unit_axis: bool) -> fx.Node:
+    """``y = sum_t (MatMul(codes_t, W^T) - shift_t colsum(W)) * scale_t + b`` (see ``QuantizedInput``)."""
+    weight = weight_operand(ctx, w_codes, w_scale, w_zp, activation_bits=max(t.bits for t in terms))
+    column_sums = y = None
+    for term in terms:
+        codes = ctx.call(aten.unsqueeze.default, term.codes, 1) if unit_axis else term.codes
+        product = ctx.call(ONNX.matmul.default, codes, weight, ctx.layer)
+        if unit_axis:
+            product = ctx.call(aten.squeeze.dim, product, 1)
+        if isinstance(term.shift, fx.Node) or term.shift != 0.0:
+            if column_sums is None:
+                column_sums = ctx.constant("w_column_sums", weight_matrix(w_codes, w_scale, w_zp).sum(1).float())
+            product = ctx.call(aten.sub.Tensor, product, ctx.call(aten.mul.Tensor, term.shift, column_sums))
+        if term.scale is not None:
+            product = ctx.call(aten.mul.Tensor, product, term.scale)
+        y = product if y is None else ctx.call(aten.add.Tensor, y, product)
+    return add_bias(ctx, y, bias)
 
 
 def _lower_token_linear(ctx: LoweringContext, x: fx.Node, w_codes: Tensor, w_scale: Tensor, w_zp: Tensor,

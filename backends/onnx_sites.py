@@ -95,21 +95,23 @@ def _qdq(ctx: LoweringContext, x: fx.Node, scale: Tensor, zero: Tensor, suffix: 
                     s, z, 0, 0, "int8")
 
 
-def uniform_branch(ctx: LoweringContext, x: fx.Node, scale: Param, lo: int, hi: int, suffix: str,
-                   lo_per_sample: fx.Node | None = None, lo_min: int | None = None) -> fx.Node:
-    """``s clamp(round(x / s), lo, hi)`` as one Q/DQ (see the module doc). ``lo_per_sample`` (integer values,
-    (B, 1, .., 1), at least ``lo_min``) replaces ``lo`` per sample."""
+def uniform_branch(ctx: LoweringContext, x: fx.Node, scale: Param, lo: int, hi: int, bits: int, suffix: str,
+                   lo_per_sample: fx.Node | None = None, lo_min: int | None = None) -> tuple[fx.Node, QuantizedInput]:
+    """``s clamp(round(x / s), lo, hi)`` as one Q/DQ (see the module doc), and the term a linear reading it
+    multiplies. ``lo_per_sample`` (integer values, (B, 1, .., 1), at least ``lo_min``) replaces ``lo`` per sample."""
     zero = _zero_point(ctx, lo if lo_min is None else lo_min, hi)
     if isinstance(scale, Tensor) and lo_per_sample is None:
         s = float(scale)
-        return _qdq(ctx, ctx.call(aten.clamp.default, x, lo * s, hi * s), scale, zero, suffix)
+        codes = _qdq(ctx, ctx.call(aten.clamp.default, x, lo * s, hi * s), scale, zero, suffix)
+        return codes, QuantizedInput(codes, bits)
     step = ctx.constant(f"{suffix}_step", scale) if isinstance(scale, Tensor) else scale
     v = ctx.call(aten.div.Tensor, x, step)
     if lo_per_sample is not None:
         v = ctx.call(aten.clamp.default, ctx.call(aten.maximum.default, v, lo_per_sample), None, hi)
     else:
         v = ctx.call(aten.clamp.default, v, lo, hi)
-    return ctx.call(aten.mul.Tensor, _qdq(ctx, v, torch.tensor(1.0), zero, suffix), step)
+    codes = _qdq(ctx, v, torch.tensor(1.0), zero, suffix)
+    return ctx.call(aten.mul.Tensor, codes, step), QuantizedInput(codes, bits, 0.0, step)
 
 
 @register_lowering(torch.ops.ditq.quant_act.default)
@@ -121,7 +123,7 @@ def lower_quant_act(ctx: LoweringContext, node: fx.Node) -> fx.Node:
     zeros = zero_point.detach().reshape(-1).float()
     if isinstance(s, Tensor) and not (ctx.target.symmetric_int8_only and bool(zeros.any())):
         codes, _ = static_activation(ctx, x, s, zero_point.reshape(()), bits)
-        codes.meta[QUANTIZED_INPUT] = QuantizedInput(codes, bits)
+        codes.meta[QUANTIZED_INPUT] = (QuantizedInput(codes, bits),)
         return codes
     qmin, qmax = _signed_range(bits)
     z = _rows(ctx, "a_zero_point", zeros, group) if bool(zeros.any()) else None
@@ -135,7 +137,7 @@ def lower_quant_act(ctx: LoweringContext, node: fx.Node) -> fx.Node:
     codes = _qdq(ctx, v, torch.tensor(1.0), zero, "a_codes")
     centred = ctx.call(aten.sub.Tensor, codes, z) if z is not None else codes
     out = ctx.call(aten.mul.Tensor, centred, s)
-    out.meta[QUANTIZED_INPUT] = QuantizedInput(codes, bits, z if z is not None else 0.0, s)
+    out.meta[QUANTIZED_INPUT] = (QuantizedInput(codes, bits, z if z is not None else 0.0, s),)
     return out
 
 
@@ -144,9 +146,12 @@ def lower_quant_gelu_mrq(ctx: LoweringContext, node: fx.Node) -> fx.Node:
     """Post-GELU two-region quantizer: a Q/DQ per sign and an Add (module doc)."""
     _, group, s_neg, s_pos, bits = ctx.args()
     x, n = ctx.input(0), levels(bits)
-    negative = uniform_branch(ctx, x, _rows(ctx, "s_neg", s_neg.clamp_min(TINY), group), -n, 0, "neg")
-    positive = uniform_branch(ctx, x, _rows(ctx, "s_pos", s_pos.clamp_min(TINY), group), 0, n - 1, "pos")
-    return ctx.call(aten.add.Tensor, negative, positive)
+    negative, neg_term = uniform_branch(ctx, x, _rows(ctx, "s_neg", s_neg.clamp_min(TINY), group), -n, 0, bits, "neg")
+    positive, pos_term = uniform_branch(ctx, x, _rows(ctx, "s_pos", s_pos.clamp_min(TINY), group), 0, n - 1, bits,
+                                        "pos")
+    out = ctx.call(aten.add.Tensor, negative, positive)
+    out.meta[QUANTIZED_INPUT] = (neg_term, pos_term)
+    return out
 
 
 @register_lowering(torch.ops.ditq.quant_softmax_mrq.default)
@@ -158,13 +163,13 @@ def lower_quant_softmax_mrq(ctx: LoweringContext, node: fx.Node) -> fx.Node:
     s1 = s1.detach().reshape(-1).float().clamp(TINY, s2)        # as softmax_two_region clamps it
     split = n * s1                                              # float32, as the reference computes it
     first_high = torch.ceil(split * n)                          # c0 per row
-    low = uniform_branch(ctx, x, _rows(ctx, "s1", s1, group), 0, n - 1, "low")
+    low, _ = uniform_branch(ctx, x, _rows(ctx, "s1", s1, group), 0, n - 1, bits, "low")
     c0 = _rows(ctx, "c0", first_high, group)
     if isinstance(c0, Tensor):
-        high = uniform_branch(ctx, x, torch.tensor(s2), int(c0), n, "high")
+        high, _ = uniform_branch(ctx, x, torch.tensor(s2), int(c0), n, bits, "high")
     else:
-        high = uniform_branch(ctx, x, torch.tensor(s2), 0, n, "high", lo_per_sample=c0,
-                              lo_min=int(first_high.min()))
+        high, _ = uniform_branch(ctx, x, torch.tensor(s2), 0, n, bits, "high", lo_per_sample=c0,
+                                 lo_min=int(first_high.min()))
     threshold = _rows(ctx, "split", split, group)
     if isinstance(threshold, Tensor):
         threshold = ctx.constant("split", threshold)
