@@ -69,30 +69,10 @@ the profile can find its kernel. The building blocks below do the common parts:
 ``static_activation`` (per-tensor Q/DQ, the zero-point offset for symmetric-only targets),
 ``token_activation`` (per-token codes computed in the graph), ``weight_operand`` (integer codes +
 DequantizeLinear in the layout MatMul wants, INT4 where they fit) and ``add_bias`` (with the offset
-correction folded in). Recipes for the ops other passes add (see also DESIGN.md, "Lowering notes"):
-
-* **Timestep-selected scale** (TQ-DiT time groups). ``s_g`` is not a constant, and the int8 kernel
-  needs one. Gather it by the timestep's group and move it outside the quantizer,
-  ``Mul(1/s_g) -> Q(1) -> DQ(1) -> MatMul -> Mul(s_g)`` (exact: ``round(x / s_g)`` is what Q sees)::
-
-      g   = ctx.call(aten.bucketize.Tensor, timestep, boundaries)        # group of each sample, (B,)
-      s_g = ctx.call(aten.view.default, ctx.call(aten.index_select.default, scales, 0, g), [-1, 1, 1])
-      x1  = ctx.call(aten.div.Tensor, x, s_g)                            # Mul(1/s_g)
-      xq, offset = static_activation(ctx, x1, torch.tensor(1.0), z, bits)  # Q(1) -> DQ(1): constants
-      y   = ctx.call(ONNX.matmul.default, xq, weight_operand(ctx, ..., activation_bits=bits), ctx.layer)
-      y   = add_bias(ctx, ctx.call(aten.mul.Tensor, y, s_g), bias)       # Mul(s_g) after the matmul
-
-  The MatMul sees the constant scale 1, so ONNX Runtime still fuses ``MatMulIntegerToFloat`` and
-  TensorRT its int8 GEMM. A per-group zero point ``z_g`` is not constant either: add ``z_g`` before
-  Q (zero point 0) and subtract ``z_g * sum_k W_hat[n, k]`` (gathered per sample) after the matmul,
-  as ``static_activation`` / ``add_bias`` do for the ``tensorrt`` offset.
-* **Two-region quantizer** (TQ-DiT MRQ) is the sum of two uniform quantizers on disjoint ranges:
-  ``x_hat = DQ1(Q1(x_1)) + DQ2(Q2(x_2))``, ``x_1 = min(x, t)``, ``x_2 = max(x - t, 0)`` (Min / Max /
-  Sub, ``t`` the region boundary), two Q/DQ branches and an Add in front of the MatMul (float
-  MatMul), or two integer MatMuls whose outputs are added (integer kernels, twice the GEMM work).
-  Report which one and its cost.
-* **Hadamard rotation** (RobuQ): a reshape to blocks and a MatMul with the constant block
-  (``ditq_onnx.matmul`` with a float initializer), in front of the activation Q/DQ.
+correction folded in). The activation-site quantizers (TQ-DiT: time-grouped ``Mul(1/s_g) -> Q(1) ->
+DQ(1) -> MatMul -> Mul(s_g)``, two-region quantizers as two Q/DQ branches) and the online Hadamard
+rotation (RobuQ) are lowered in ``backends/onnx_sites.py``; a site hands the linear it feeds its
+integer codes through ``QuantizedInput``.
 """
 
 from __future__ import annotations

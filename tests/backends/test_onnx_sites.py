@@ -34,7 +34,7 @@ class Site(torch.nn.Module):
         self.op, self.bits, self.grouped = op, bits, tables[0].numel() > 1
         self.register_buffer("boundaries", BOUNDARIES.clone())
         self.names = [f"table{i}" for i in range(len(tables))]
-        for name, table in zip(self.names, tables):
+        for name, table in zip(self.names, tables, strict=True):
             self.register_buffer(name, table)
         self.linear = linear
         for i, value in enumerate(linear or []):
@@ -105,7 +105,8 @@ def test_a_site_feeding_a_linear_keeps_the_integer_kernel(site, target, tmp_path
         module = Site(torch.ops.ditq.quant_act.default, [scales, zeros.int()], 8, _linear_args(gen))
         x = _ties(scales, -128 - int(zeros.max()), 127 - int(zeros.min()), (3, 5, K))
     else:
-        s_neg, s_pos = torch.tensor([0.002, 0.001, 0.004, 0.003])[:groups], torch.tensor([0.05, 0.02, 0.11, 0.07])[:groups]
+        s_neg = torch.tensor([0.002, 0.001, 0.004, 0.003])[:groups]
+        s_pos = torch.tensor([0.05, 0.02, 0.11, 0.07])[:groups]
         module = Site(torch.ops.ditq.quant_gelu_mrq.default, [s_neg, s_pos], 8, _linear_args(gen))
         x = _gelu_inputs(s_neg, s_pos, 128, (K - 2) // 2)
     path = _export(module, x, target, tmp_path)
