@@ -165,11 +165,15 @@ def lower_quant_softmax_mrq(ctx: LoweringContext, node: fx.Node) -> fx.Node:
     first_high = torch.ceil(split * n)                          # c0 per row
     low, _ = uniform_branch(ctx, x, _rows(ctx, "s1", s1, group), 0, n - 1, bits, "low")
     c0 = _rows(ctx, "c0", first_high, group)
-    if isinstance(c0, Tensor):
-        high, _ = uniform_branch(ctx, x, torch.tensor(s2), int(c0), n, bits, "high")
-    else:
-        high, _ = uniform_branch(ctx, x, torch.tensor(s2), 0, n, bits, "high", lo_per_sample=c0,
-                                 lo_min=int(first_high.min()))
+    try:
+        if isinstance(c0, Tensor):
+            high, _ = uniform_branch(ctx, x, torch.tensor(s2), int(c0), n, bits, "high")
+        else:
+            high, _ = uniform_branch(ctx, x, torch.tensor(s2), 0, n, bits, "high", lo_per_sample=c0,
+                                     lo_min=int(first_high.min()))
+    except LoweringError as e:
+        raise LoweringError(f"upper region of the {bits}-bit post-softmax quantizer (step 1/{n}, x = 1 is code {n}): "
+                            f"{e}") from e
     threshold = _rows(ctx, "split", split, group)
     if isinstance(threshold, Tensor):
         threshold = ctx.constant("split", threshold)
