@@ -97,11 +97,11 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|---|---|"]
     for model, rows in results["models"].items():
         for r in rows:
+            preset = r["preset"] + (" (published schedule)" if r.get("schedule") == "published" else "")
             if "refused" in r:
-                lines.append(f"| {model} | {r['preset']} | {r['flavour']} | refused: {'; '.join(r['refused'])} | | |")
+                lines.append(f"| {model} | {preset} | {r['flavour']} | refused: {'; '.join(r['refused'])} | | |")
                 continue
             kernels = ", ".join(f"{n} {op}" for op, n in r["kernels"].items())
-            preset = r["preset"] + (" (published schedule)" if r.get("schedule") == "published" else "")
             lines.append(f"| {model} | {preset} | {r['flavour']} | {r['ort_vs_reference_db']} | "
                          f"{r['reference_vs_fp_db']} | {kernels} |")
     return "\n".join(lines) + "\n"
