@@ -69,30 +69,10 @@ the profile can find its kernel. The building blocks below do the common parts:
 ``static_activation`` (per-tensor Q/DQ, the zero-point offset for symmetric-only targets),
 ``token_activation`` (per-token codes computed in the graph), ``weight_operand`` (integer codes +
 DequantizeLinear in the layout MatMul wants, INT4 where they fit) and ``add_bias`` (with the offset
-correction folded in). Recipes for the ops other passes add (see also DESIGN.md, "Lowering notes"):
-
-* **Timestep-selected scale** (TQ-DiT time groups). ``s_g`` is not a constant, and the int8 kernel
-  needs one. Gather it by the timestep's group and move it outside the quantizer,
-  ``Mul(1/s_g) -> Q(1) -> DQ(1) -> MatMul -> Mul(s_g)`` (exact: ``round(x / s_g)`` is what Q sees)::
-
-      g   = ctx.call(aten.bucketize.Tensor, timestep, boundaries)        # group of each sample, (B,)
-      s_g = ctx.call(aten.view.default, ctx.call(aten.index_select.default, scales, 0, g), [-1, 1, 1])
-      x1  = ctx.call(aten.div.Tensor, x, s_g)                            # Mul(1/s_g)
-      xq, offset = static_activation(ctx, x1, torch.tensor(1.0), z, bits)  # Q(1) -> DQ(1): constants
-      y   = ctx.call(ONNX.matmul.default, xq, weight_operand(ctx, ..., activation_bits=bits), ctx.layer)
-      y   = add_bias(ctx, ctx.call(aten.mul.Tensor, y, s_g), bias)       # Mul(s_g) after the matmul
-
-  The MatMul sees the constant scale 1, so ONNX Runtime still fuses ``MatMulIntegerToFloat`` and
-  TensorRT its int8 GEMM. A per-group zero point ``z_g`` is not constant either: add ``z_g`` before
-  Q (zero point 0) and subtract ``z_g * sum_k W_hat[n, k]`` (gathered per sample) after the matmul,
-  as ``static_activation`` / ``add_bias`` do for the ``tensorrt`` offset.
-* **Two-region quantizer** (TQ-DiT MRQ) is the sum of two uniform quantizers on disjoint ranges:
-  ``x_hat = DQ1(Q1(x_1)) + DQ2(Q2(x_2))``, ``x_1 = min(x, t)``, ``x_2 = max(x - t, 0)`` (Min / Max /
-  Sub, ``t`` the region boundary), two Q/DQ branches and an Add in front of the MatMul (float
-  MatMul), or two integer MatMuls whose outputs are added (integer kernels, twice the GEMM work).
-  Report which one and its cost.
-* **Hadamard rotation** (RobuQ): a reshape to blocks and a MatMul with the constant block
-  (``ditq_onnx.matmul`` with a float initializer), in front of the activation Q/DQ.
+correction folded in). The activation-site quantizers (TQ-DiT: time-grouped ``Mul(1/s_g) -> Q(1) ->
+DQ(1) -> MatMul -> Mul(s_g)``, two-region quantizers as two Q/DQ branches) and the online Hadamard
+rotation (RobuQ) are lowered in ``backends/onnx_sites.py``; a site hands the linear it feeds its
+integer codes through ``QuantizedInput``.
 """
 
 from __future__ import annotations
@@ -118,7 +98,7 @@ import ditq_compiler.ops  # noqa: F401  (registers the ditq:: ops)
 from ditq_compiler.backends import onnx_ops  # noqa: F401  (registers the ditq_onnx:: ops)
 from ditq_compiler.backends.torch import INT16_MAX, cpu_has_vnni, pair_sum_bound
 from ditq_compiler.capture import CapturedModel, bind_inputs, capture
-from ditq_compiler.pipeline import fetch_attr
+from ditq_compiler.pipeline import delete_unused_attrs, fetch_attr
 from ditq_compiler.quant import SCALE_EPS
 
 OPSET = 21
@@ -254,16 +234,22 @@ def static_activation(ctx: LoweringContext, x: fx.Node, scale: Tensor, zero_poin
     return ctx.call(ONNX.dequantize_linear.default, codes, scale_node, zp_node, 0, 0, "int8"), offset
 
 
-def token_activation(ctx: LoweringContext, x: fx.Node, bits: int, features: int) -> tuple[fx.Node, fx.Node, fx.Node]:
+def token_activation(ctx: LoweringContext, x: fx.Node, bits: int, features: int,
+                     clip: Tensor | None = None) -> tuple[fx.Node, fx.Node, fx.Node]:
     """Dynamic per-token quantization in the graph: (codes, scale, zero point), each row of the last dim
     with its own affine qparams from its min / max (as ``fake_quantize_per_token``), codes in the
-    target's activation dtype via a blocked QuantizeLinear (block = the whole row)."""
+    target's activation dtype via a blocked QuantizeLinear (block = the whole row). ``clip`` (RobuQ's
+    learned ratio c, a scalar) shrinks the range first: ``[lo, hi] = c [min x, max x]``, then widened to 0."""
     if ctx.target.symmetric_int8_only:
-        raise LoweringError("per-token activations need scales computed at run time; TensorRT's int8 Q/DQ "
-                            "takes build-time constant scales")
+        raise LoweringError("per-token activations need scales computed at run time (affine, from each token's "
+                            "min / max); TensorRT's int8 Q/DQ takes build-time constant scales with zero point 0")
     qmin, qmax = _signed_range(bits)
-    lo = ctx.call(aten.clamp.default, ctx.call(aten.amin.default, x, [-1], True), None, 0.0)
-    hi = ctx.call(aten.clamp.default, ctx.call(aten.amax.default, x, [-1], True), 0.0, None)
+    lo, hi = ctx.call(aten.amin.default, x, [-1], True), ctx.call(aten.amax.default, x, [-1], True)
+    if clip is not None:
+        ratio = ctx.constant("a_clip", clip.float().reshape(()))
+        lo, hi = ctx.call(aten.mul.Tensor, lo, ratio), ctx.call(aten.mul.Tensor, hi, ratio)
+    lo = ctx.call(aten.clamp.default, lo, None, 0.0)
+    hi = ctx.call(aten.clamp.default, hi, 0.0, None)
     scale = ctx.call(aten.clamp.default, ctx.call(aten.div.Tensor, ctx.call(aten.sub.Tensor, hi, lo), qmax - qmin),
                      SCALE_EPS, None)
     zero = ctx.call(aten.clamp.default, ctx.call(aten.round.default, ctx.call(
@@ -365,34 +351,86 @@ def add_bias(ctx: LoweringContext, y: fx.Node, bias: Tensor | None, correction: 
 
 # ---------------------------------------------------------------------------------------------- lowerings
 
+@dataclasses.dataclass(frozen=True)
+class QuantizedInput:
+    """One term of a lowered standalone activation quantizer (``backends/onnx_sites.py``), left on the node it
+    returns in ``meta[QUANTIZED_INPUT]`` (a tuple of terms) for the linear it feeds:
+    ``x_hat = sum over terms of (codes - shift) * scale`` (two terms for a two-region quantizer).
+
+    ``codes`` is a DequantizeLinear with constant scale and zero point, so a MatMul reading it (and a
+    DequantizeLinear weight) is what ONNX Runtime fuses into ``MatMulIntegerToFloat`` and TensorRT into
+    an int8 GEMM. ``shift`` (0, or a node ``z_g``) and ``scale`` (None, or a node ``s_g``), per sample
+    of shape (B, 1, .., 1) or constant, do not vary along the reduction, so the linear applies them
+    after its matmul: ``y = sum over terms of (codes W^T - shift colsum(W)) * scale + b``.
+    """
+
+    codes: fx.Node
+    bits: int
+    shift: float | fx.Node = 0.0
+    scale: fx.Node | None = None
+
+
+QUANTIZED_INPUT = "ditq_onnx_quantized_input"
+
+
 @register_lowering(torch.ops.ditq.quant_linear.default)
 def lower_quant_linear(ctx: LoweringContext, node: fx.Node) -> fx.Node:
-    """``ditq::quant_linear`` -> Q/DQ + MatMul (static / no activations), or per-token MatMulInteger."""
+    """``ditq::quant_linear`` -> Q/DQ + MatMul (static / no activations), or per-token MatMulInteger.
+
+    With ``a_bits = 0`` behind a standalone activation quantizer (TQ-DiT's sites), the MatMul reads that
+    quantizer's codes (``QuantizedInput``) and applies its per-sample shift and scale after the product;
+    a two-region quantizer gives two integer MatMuls whose outputs are added."""
     _, w_codes, w_scale, w_zp, bias, a_scale, a_zp, a_bits, a_per_token = ctx.args()
     x = ctx.input(0)
     if a_bits and a_per_token:
-        return _lower_token_linear(ctx, x, w_codes, w_scale, w_zp, bias, a_bits)
+        return _lower_token_linear(ctx, x, w_codes, w_scale, w_zp, bias, a_bits, a_scale)
+    terms = x.meta.get(QUANTIZED_INPUT, ()) if not a_bits and w_scale.dim() < 2 else ()
+    input_bits = a_bits
+    if len(terms) == 1 and terms[0].scale is None and terms[0].shift == 0.0:
+        x, input_bits, terms = terms[0].codes, terms[0].bits, ()     # a constant Q/DQ, like the linear's own
     # ONNX Runtime fuses a 2-D MatMul + Add into a float Gemm before its Q/DQ fusions run, which then
     # leaves Q/DQ -> Gemm in float (the adaLN modulation linears, on (batch, dim)): a unit axis keeps
     # the MatMul 3-D, and MatMulIntegerToFloat
-    unit_axis = bool(a_bits) and ctx.target.integer_ops and ctx.node.meta["val"].dim() == 2
+    unit_axis = bool(input_bits or terms) and ctx.target.integer_ops and ctx.node.meta["val"].dim() == 2
+    if terms:
+        return _lower_quantized_input_linear(ctx, terms, w_codes, w_scale, w_zp, bias, unit_axis)
     if unit_axis:
         x = ctx.call(aten.unsqueeze.default, x, 1)
     offset = 0.0
     if a_bits:
         x, offset = static_activation(ctx, x, a_scale, a_zp, a_bits)
-    weight = weight_operand(ctx, w_codes, w_scale, w_zp, activation_bits=a_bits)
+    weight = weight_operand(ctx, w_codes, w_scale, w_zp, activation_bits=input_bits)
     y = ctx.call(ONNX.matmul.default, x, weight, ctx.layer)
     correction = offset * weight_matrix(w_codes, w_scale, w_zp).sum(1) if offset else None
     y = add_bias(ctx, y, bias, correction)
     return ctx.call(aten.squeeze.dim, y, 1) if unit_axis else y
 
 
+def _lower_quantized_input_linear(ctx: LoweringContext, terms: tuple[QuantizedInput, ...], w_codes: Tensor,
+                                  w_scale: Tensor, w_zp: Tensor, bias: Tensor | None, unit_axis: bool) -> fx.Node:
+    """``y = sum_t (MatMul(codes_t, W^T) - shift_t colsum(W)) * scale_t + b`` (see ``QuantizedInput``)."""
+    weight = weight_operand(ctx, w_codes, w_scale, w_zp, activation_bits=max(t.bits for t in terms))
+    column_sums = y = None
+    for term in terms:
+        codes = ctx.call(aten.unsqueeze.default, term.codes, 1) if unit_axis else term.codes
+        product = ctx.call(ONNX.matmul.default, codes, weight, ctx.layer)
+        if unit_axis:
+            product = ctx.call(aten.squeeze.dim, product, 1)
+        if isinstance(term.shift, fx.Node) or term.shift != 0.0:
+            if column_sums is None:
+                column_sums = ctx.constant("w_column_sums", weight_matrix(w_codes, w_scale, w_zp).sum(1).float())
+            product = ctx.call(aten.sub.Tensor, product, ctx.call(aten.mul.Tensor, term.shift, column_sums))
+        if term.scale is not None:
+            product = ctx.call(aten.mul.Tensor, product, term.scale)
+        y = product if y is None else ctx.call(aten.add.Tensor, y, product)
+    return add_bias(ctx, y, bias)
+
+
 def _lower_token_linear(ctx: LoweringContext, x: fx.Node, w_codes: Tensor, w_scale: Tensor, w_zp: Tensor,
-                        bias: Tensor | None, bits: int) -> fx.Node:
+                        bias: Tensor | None, bits: int, clip: Tensor | None = None) -> fx.Node:
     """Per-token activations: ``acc = MatMulInteger(q_x, q_w - z_w)``, then in float
     ``y = (acc - z_x colsum(q_w - z_w)) s_x s_w + b`` (z_x, s_x per token; s_w per column)."""
-    codes, scale, zero_point = token_activation(ctx, x, bits, w_codes.shape[1])
+    codes, scale, zero_point = token_activation(ctx, x, bits, w_codes.shape[1], clip)
     if w_scale.dim() == 2:   # per-group weights: no single integer GEMM; run Q/DQ and a float MatMul
         x_hat = ctx.call(ONNX.dequantize_linear.default, codes, scale, zero_point, -1, w_codes.shape[1], "int8")
         y = ctx.call(ONNX.matmul.default, x_hat, weight_operand(ctx, w_codes, w_scale, w_zp, activation_bits=0),
@@ -468,8 +506,6 @@ def _try(fn: Callable[[], Any]) -> Any:
 
 def lower_graph(gm: fx.GraphModule, target: Target) -> fx.GraphModule:
     """A copy of ``gm`` with every registered op lowered; all nodes that cannot be are listed in one error."""
-    from ditq_compiler.pipeline import delete_unused_attrs
-
     with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
         gm = copy.deepcopy(gm)
@@ -753,3 +789,6 @@ def _type_names(spec: dict) -> list[str]:
     for child in spec.get("children_spec", []):
         names += _type_names(child)
     return names
+
+
+from ditq_compiler.backends import onnx_sites  # noqa: E402,F401  (registers the activation-site and rotation lowerings)

@@ -74,8 +74,8 @@ def matmul(a: Tensor, b: Tensor, layer: str) -> Tensor:
 
 
 @matmul.register_fake
-def _(a, b, layer):
-    return a.new_empty((*a.shape[:-1], b.shape[-1]))
+def _(a, b, layer):   # numpy broadcasting of the batch dims, as MatMul (a constant left block: L @ X)
+    return a.new_empty((*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1]))
 
 
 @torch.library.custom_op("ditq_onnx::matmul_integer", mutates_args=())

@@ -3,11 +3,16 @@
 For each (model, preset, flavour): compile on calibration batches, export, run the export in ONNX
 Runtime on held-out batches, and report the SQNR of its output against the reference
 (``compiled(...)``) next to the SQNR of the reference against FP (the quantization error itself),
-with the kernels ONNX Runtime ran for the quantized layers. TaQ-DiT presets run 5 reconstruction
-iterations per block (parity is about the lowering, not about the learned values).
+with the kernels ONNX Runtime ran for the quantized layers. Learned parts are cut short (parity is
+about the lowering, not about the learned values): 5 reconstruction iterations per block (TaQ-DiT),
+5 distillation and AMPN-search iterations (RobuQ), and TQ-DiT's scale search with the output MSE,
+4 candidates and 1 round (the held-out split makes lists of batches, which carry no noise targets for
+its Hessian metric). ``--full NAME`` compiles a preset as published. A ``tensorrt`` flavour the recipe has no
+symmetric int8 form for is listed as refused, with the reason the export gave.
 
-    python bench/onnx_parity.py [--models dit unet dit-digits] [--threads 1]
-Writes bench/results/onnx-parity.json and bench/results/onnx-parity.md.
+    python bench/onnx_parity.py [--models dit unet dit-digits] [--presets ...] [--full ...] [--update] [--threads 1]
+Writes bench/results/onnx-parity.json and bench/results/onnx-parity.md (``--update``: keeps the rows of
+the file for the (model, preset, flavour) not run now).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +29,10 @@ from pathlib import Path
 import torch
 
 import ditq_compiler as dq
+from ditq_compiler.backends.onnx import OnnxExportError
 from ditq_compiler.backends.ort import OrtModel, profile
 
-FLAVOURS = {"dit": ("ort",), "unet": ("ort", "tensorrt"), "dit-digits": ("ort", "tensorrt")}
+FLAVOURS = {"dit": ("ort", "tensorrt"), "unet": ("ort", "tensorrt"), "dit-digits": ("ort", "tensorrt")}
 
 
 def models(name: str):
@@ -51,11 +58,23 @@ def db(signal: float, noise: float) -> float:
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
-def measure(model, recipe: dq.Recipe, calibration, held_out, target: str, workdir: Path, threads: int) -> dict:
+def shortened(recipe: dq.Recipe) -> dq.Recipe:
+    """The recipe with its learned parts cut short (see the module doc)."""
+    fewer = {"reconstruction": {"iterations": 5}, "distillation": {"iterations": 5},
+             "mixed_precision": {"search_iterations": 5}, "scale_search": {"metric": "mse", "eq_n": 4, "rounds": 1}}
+    return dataclasses.replace(recipe, **{name: dataclasses.replace(getattr(recipe, name), **changes)
+                                          for name, changes in fewer.items() if getattr(recipe, name) is not None})
+
+
+def measure(model, compiled, held_out, target: str, workdir: Path, threads: int, compile_s: float) -> dict:
+    recipe = compiled.recipe
     start = time.perf_counter()
-    compiled = dq.compile(model, recipe, calibration=calibration, progress=False)
-    path = compiled.export_onnx(workdir / f"{recipe.name}-{target}.onnx", target=target)
-    seconds = time.perf_counter() - start
+    try:
+        path = compiled.export_onnx(workdir / f"{recipe.name}-{target}.onnx", target=target)
+    except OnnxExportError as e:
+        reasons = sorted({m.strip() for m in re.findall(r"\): ([^\n]+)", str(e))})
+        return {"preset": recipe.name, "flavour": target, "refused": reasons}
+    seconds = compile_s + time.perf_counter() - start
     deployed = OrtModel(path, threads=threads)
     energy = dict(signal_q=0.0, noise_q=0.0, signal_fp=0.0, noise_fp=0.0)
     with torch.no_grad():
@@ -78,8 +97,12 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|---|---|"]
     for model, rows in results["models"].items():
         for r in rows:
+            preset = r["preset"] + (" (published schedule)" if r.get("schedule") == "published" else "")
+            if "refused" in r:
+                lines.append(f"| {model} | {preset} | {r['flavour']} | refused: {'; '.join(r['refused'])} | | |")
+                continue
             kernels = ", ".join(f"{n} {op}" for op, n in r["kernels"].items())
-            lines.append(f"| {model} | {r['preset']} | {r['flavour']} | {r['ort_vs_reference_db']} | "
+            lines.append(f"| {model} | {preset} | {r['flavour']} | {r['ort_vs_reference_db']} | "
                          f"{r['reference_vs_fp_db']} | {kernels} |")
     return "\n".join(lines) + "\n"
 
@@ -88,24 +111,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(FLAVOURS), choices=list(FLAVOURS))
     parser.add_argument("--presets", nargs="+", default=sorted(dq.Recipe.presets()))
+    parser.add_argument("--full", nargs="*", default=[], help="presets compiled as published (no cuts)")
+    parser.add_argument("--update", action="store_true", help="keep the existing file's other rows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default="bench/results/onnx-parity.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = {"threads": args.threads, "held_out": "the last 2 batches of each model's set", "models": {}}
     path = Path(args.json)
+    results = {"threads": args.threads, "held_out": "the last 2 batches of each model's set", "models": {}}
+    if args.update and path.exists():
+        results["models"] = json.loads(path.read_text())["models"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             model, calibration, held_out = models(name)
-            results["models"][name] = []
+            rows = results["models"].setdefault(name, [])
             for preset in args.presets:
                 recipe = dq.Recipe.load(preset)
-                if recipe.reconstruction is not None:
-                    recipe = dataclasses.replace(recipe, reconstruction=dataclasses.replace(
-                        recipe.reconstruction, iterations=5))
+                if preset not in args.full:
+                    recipe = shortened(recipe)
+                start = time.perf_counter()
+                compiled = dq.compile(model, recipe, calibration=calibration, progress=False)
+                compile_s = time.perf_counter() - start
                 for target in FLAVOURS[name]:
-                    row = measure(model, recipe, calibration, held_out, target, Path(tmp), args.threads)
-                    results["models"][name].append(row)
+                    row = measure(model, compiled, held_out, target, Path(tmp), args.threads, compile_s)
+                    row["schedule"] = "published" if preset in args.full else "shortened"
+                    key = (preset, target, row["schedule"])
+                    rows[:] = [r for r in rows if (r["preset"], r["flavour"], r.get("schedule", "shortened")) != key]
+                    rows.append(row)
                     print(name, json.dumps(row), flush=True)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     staging = path.with_name(path.name + ".tmp")
