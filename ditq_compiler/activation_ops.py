@@ -26,15 +26,17 @@ Semantics, with n = 2^(bits-1) (``ditq_compiler.quant.multi_region`` carries the
 Lowering (torch.round is round-half-to-even, as ONNX QuantizeLinear and Round are): a static
 uniform site is ``QuantizeLinear(s, z) -> DequantizeLinear(s, z)`` with the codes clipped to
 [-n, n-1] when bits < 8. A time-grouped one has s_g = Gather(table, group) and z_g likewise, which
-are not constants, so (DESIGN.md) it becomes
+are not constants, so it becomes (``backends/onnx_sites.py``, bit-exact with this reference)
 
-    Mul(1/s_g) -> Add(z_g) -> Q(scale 1, zero point 0) -> Clip(-n, n-1) -> DQ(scale 1) -> Sub(z_g) -> Mul(s_g)
+    Div(s_g) -> Round -> Add(z_g) -> [Clip(-n, n-1) when bits < 8] -> Q(scale 1) -> DQ(scale 1) -> Sub(z_g) -> Mul(s_g)
 
-and ``Mul(s_g)`` moves past the matmul it feeds (s_g is per sample, not along the reduction), so the
-int8 kernel sees constant scales. (The reference divides by s; multiplying by 1/s can move a value
-that sits exactly on a rounding tie by one code.) The two-region quantizers are two such branches: Where(x < n s1)
-selects between them for the softmax one (or the matmul is split into P1 V + P2 V), Add joins
-them for the GELU one. Their code counts: see ``ditq_compiler.quant.multi_region``.
+DESIGN.md's ``Mul(1/s_g)`` can move a value that sits exactly on a rounding tie by one code, so the
+lowering divides, as the reference does. When the site feeds a quantized linear, the codes go to the
+integer GEMM and ``(y - z_g colsum(W)) s_g + b`` is applied after it (s_g is per sample, not along the
+reduction), so the int8 kernel sees constant scales. The two-region quantizers are two such
+branches: Where(x < n s1) selects between them for the softmax one (its branches do not vanish on
+each other's region), Add joins them for the GELU one (each branch is 0 on the other sign). Their
+code counts: see ``ditq_compiler.quant.multi_region``.
 """
 
 from __future__ import annotations
