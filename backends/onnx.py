@@ -468,7 +468,7 @@ def _try(fn: Callable[[], Any]) -> Any:
 
 def lower_graph(gm: fx.GraphModule, target: Target) -> fx.GraphModule:
     """A copy of ``gm`` with every registered op lowered; all nodes that cannot be are listed in one error."""
-    from ditq_compiler.passes.quantize_linears import _delete_unused_attrs
+    from ditq_compiler.pipeline import delete_unused_attrs
 
     with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
@@ -496,7 +496,7 @@ def lower_graph(gm: fx.GraphModule, target: Target) -> fx.GraphModule:
         raise OnnxExportError(f"cannot export to target '{target.name}' ({len(problems)} node(s)):\n  "
                               + "\n  ".join(problems))
     gm.graph.eliminate_dead_code()
-    _delete_unused_attrs(gm)
+    delete_unused_attrs(gm)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -8,7 +8,9 @@
     tensors.safetensors         every tensor the graph reads; integer tensors (weight codes, zero
                                 points) packed at the bits their values need (``bitpack``)
     recipe.yaml                 the recipe, as ``Recipe.save`` writes it
-    report.json                 per-layer report, output SQNR, provenance
+    report.json                 per-layer report, output SQNR, provenance, and what the summary
+                                shows besides: TQ-DiT's activation sites and time groups, RobuQ's
+                                rotations and AMPN allocation, the layers left in float
     run.json                    when it was made and how long each stage took: the one file that
                                 differs between two compiles of the same inputs, so it is listed
                                 in the manifest as volatile and has no checksum
@@ -109,6 +111,7 @@ def save(compiled, path: str | os.PathLike, progress: bool = False) -> Path:
         "provenance": {"fp_checkpoint_bytes": provenance.fp_checkpoint_bytes, "model_config": provenance.model_config,
                        "calibration": provenance.calibration},
         "example_inputs": example[0],
+        **_summary_extras_to_json(compiled),
     }
     inspection = {key: value for name, stats in compiled.activation_stats.items()
                   for key, value in stats.tensors(f"{name}/").items()}
@@ -333,16 +336,67 @@ def load(path: str | os.PathLike, progress: bool = False):
     run = _read_run(path)
     compiled = CompiledModel(lowered, captured, recipe, layers, report["output_sqnr_db"], backend,
                              run.get("stage_seconds", report.get("stage_seconds")))
+    _summary_extras_from_json(compiled, report)
     compiled.unit_seconds = run.get("block_seconds", {})
     compiled.resumed_from_cache = run.get("resumed_from_cache", [])
     saved = report["provenance"]
     compiled.provenance = Provenance(saved["fp_checkpoint_bytes"], saved["model_config"], saved["calibration"],
                                      _example_from_files(report.get("example_inputs"), example))
+    _restore_fake_values(graph_module, compiled.provenance.example_inputs)
     names = sorted({key.rsplit("/", 1)[0] for key in inspection})
     compiled.activation_stats = {name: LayerActivations.from_tensors(inspection, f"{name}/") for name in names}
     compiled.__dict__["_reference_graph"] = None if backend == "torch" else graph_module
     compiled.manifest = {**manifest, "created": run.get("created", "unknown")}   # shown by inspect
     return compiled
+
+
+def _restore_fake_values(gm, example_inputs: dict[str, Any] | None) -> None:
+    """Every node's ``meta['val']`` (a fake tensor), which graph.json does not keep but the ONNX lowering reads
+    (``ditq export ARTIFACT``): propagated through the graph from the saved example call on fake tensors whose
+    batch (dim 0) is symbolic, as capture exports it, so the loaded model takes any batch size."""
+    if example_inputs is None:
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+
+    def fake(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        sizes = [DimDynamic.DYNAMIC if i == 0 else DimDynamic.STATIC for i in range(value.dim())]
+        return mode.from_tensor(value, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+
+    with mode:
+        inputs = [fake(v) for v in pytree.tree_leaves(((), example_inputs))]
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def _summary_extras_to_json(compiled) -> dict[str, Any]:
+    allocation = compiled.allocation
+    return {"sites": [dataclasses.asdict(site) for site in compiled.sites], "time_groups": compiled.time_groups,
+            "rotations": [dataclasses.asdict(rotation) for rotation in compiled.rotations],
+            "unsupported": [dataclasses.asdict(layer) for layer in compiled.unsupported],
+            "allocation": None if allocation is None else dataclasses.asdict(allocation)}
+
+
+def _summary_extras_from_json(compiled, report: dict[str, Any]) -> None:
+    """What ``_summary_extras_to_json`` wrote (absent in artifacts written before it: left empty)."""
+    from ditq_compiler.graph import UnsupportedLayer
+    from ditq_compiler.passes.insert_hadamard import Rotation
+    from ditq_compiler.report import SiteReport
+    from ditq_compiler.train import Allocation
+
+    compiled.sites = [SiteReport(**site) for site in report.get("sites", [])]
+    compiled.time_groups = list(report.get("time_groups", []))
+    compiled.rotations = [Rotation(**rotation) for rotation in report.get("rotations", [])]
+    compiled.unsupported = [UnsupportedLayer(**layer) for layer in report.get("unsupported", [])]
+    allocation = report.get("allocation")
+    if allocation is not None:   # JSON made the per-layer {bits: loss} keys strings
+        sensitivity = {name: {int(bits): loss for bits, loss in losses.items()}
+                       for name, losses in allocation["sensitivity"].items()}
+        compiled.allocation = Allocation(**{**allocation, "sensitivity": sensitivity})
 
 
 def _read_run(path: Path) -> dict[str, Any]:
