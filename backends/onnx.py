@@ -514,7 +514,10 @@ def export_compiled(compiled: Any, path: str | os.PathLike, target: str = "ort",
                     activation_dtype: str | None = None, vnni: bool | None = None,
                     external_data: bool | None = None) -> Path:
     """Lower ``compiled`` (a ``CompiledModel``) for ``target`` and write it to ``path``; see the module doc."""
-    return export_graph(compiled.reference_graph_module, compiled._captured, path, target,
+    from ditq_compiler.artifact.graph_json import with_fake_values
+
+    graph = with_fake_values(compiled.reference_graph_module, compiled.provenance.example_inputs)   # dq.load()ed
+    return export_graph(graph, compiled._captured, path, target,
                         activation_dtype=activation_dtype, vnni=vnni, external_data=external_data,
                         metadata={"ditq.recipe": compiled.recipe.name})
 

@@ -18,7 +18,8 @@ format unpickles nothing. A node is
   ``memory_format``. Anything else is an error naming the node.
 * ``meta`` keeps ``nn_module_stack`` and every ``ditq*`` key whose value is JSON-able or a
   dataclass defined in ``ditq_compiler`` (rebuilt by field, never unpickled). ``val`` (fake
-  tensors) is not kept: the loaded graph runs and re-exports without it.
+  tensors) is not kept: the loaded graph runs and re-exports without it; ``with_fake_values``
+  gives a copy that has it (the ONNX lowering reads it), propagated from an example call.
 * The pytree specs of the call signature and of the output (e.g. diffusers'
   ``Transformer2DModelOutput``) are stored by their registered serialized type names.
 
@@ -355,3 +356,23 @@ def graph_from_json(description: dict[str, Any], tensors: dict[str, torch.Tensor
 
 __all__ = ["GRAPH_FORMAT_VERSION", "GraphFormatError", "decode_spec", "encode_spec", "graph_from_json",
            "graph_to_json"]
+
+
+def with_fake_values(gm: fx.GraphModule, example_inputs: dict[str, Any] | None) -> fx.GraphModule:
+    """``gm`` itself if every placeholder has ``meta['val']``; else a copy whose nodes get it (fake tensors)
+    from ``example_inputs`` (the artifact's example call). A copy: the loaded model keeps checking no batch size
+    against the example's."""
+    if all("val" in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
+        return gm
+    if example_inputs is None:
+        raise GraphFormatError("the graph has no shapes (meta['val']) and the artifact no example inputs to "
+                               "propagate them from")
+    import copy
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    gm = copy.deepcopy(gm)
+    leaves = torch.utils._pytree.tree_leaves(((), example_inputs))
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*leaves)
+    return gm

@@ -342,35 +342,11 @@ def load(path: str | os.PathLike, progress: bool = False):
     saved = report["provenance"]
     compiled.provenance = Provenance(saved["fp_checkpoint_bytes"], saved["model_config"], saved["calibration"],
                                      _example_from_files(report.get("example_inputs"), example))
-    _restore_fake_values(graph_module, compiled.provenance.example_inputs)
     names = sorted({key.rsplit("/", 1)[0] for key in inspection})
     compiled.activation_stats = {name: LayerActivations.from_tensors(inspection, f"{name}/") for name in names}
     compiled.__dict__["_reference_graph"] = None if backend == "torch" else graph_module
     compiled.manifest = {**manifest, "created": run.get("created", "unknown")}   # shown by inspect
     return compiled
-
-
-def _restore_fake_values(gm, example_inputs: dict[str, Any] | None) -> None:
-    """Every node's ``meta['val']`` (a fake tensor), which graph.json does not keep but the ONNX lowering reads
-    (``ditq export ARTIFACT``): propagated through the graph from the saved example call on fake tensors whose
-    batch (dim 0) is symbolic, as capture exports it, so the loaded model takes any batch size."""
-    if example_inputs is None:
-        return
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-
-    def fake(value):
-        if not isinstance(value, torch.Tensor):
-            return value
-        sizes = [DimDynamic.DYNAMIC if i == 0 else DimDynamic.STATIC for i in range(value.dim())]
-        return mode.from_tensor(value, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
-
-    with mode:
-        inputs = [fake(v) for v in pytree.tree_leaves(((), example_inputs))]
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
 def _summary_extras_to_json(compiled) -> dict[str, Any]:
