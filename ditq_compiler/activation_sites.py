@@ -13,9 +13,12 @@ scores (``attn_scores``, operands q and k^T).
     linear_input        uniform                                      linear_inputs
     attention_operand   uniform (q, k^T, v)                          attention_operands
 
-A site is time-grouped only when the recipe asks for it and G > 1: with one group the quantizer
-is the ungrouped one. Sites that a ``ditq::quant_linear`` cannot hold itself (two-region or
-time-grouped linear inputs, every matmul operand) become standalone quantizer ops
+A site is time-grouped only when the recipe asks for it, G > 1 and its input depends on the
+timestep (``GraphAnalysis.timestep_dependent``): with one group, or an input that is the same
+function of the data at every timestep (PixArt's cross-attention k, v; a U-Net's ``conv_in``), the
+quantizer is the ungrouped one. ``ditq_compiler.time_group_checks`` refuses a recipe whose listed
+site kinds end up with no time-grouped site. Sites that a ``ditq::quant_linear`` cannot hold itself
+(two-region or time-grouped linear inputs, every matmul operand) become standalone quantizer ops
 (``passes/quantize_activations.py``).
 """
 
@@ -110,8 +113,9 @@ def plan_sites(gm: fx.GraphModule, analysis: GraphAnalysis, annotations: dict[st
         two_regions = multi is not None and ((kind == "post_softmax" and multi.post_softmax)
                                              or (kind == "post_gelu" and multi.post_gelu))
         quantizer = ("softmax_mrq" if kind == "post_softmax" else "gelu_mrq") if two_regions else "uniform"
+        varies = isinstance(consumer.args[arg], fx.Node) and consumer.args[arg].name in analysis.timestep_dependent
         plan.sites.append(ActivationSite(consumer.name, arg, layer, operand, kind, quantizer, spec,
-                                         kind in grouped_kinds and count > 1))
+                                         kind in grouped_kinds and count > 1 and varies))
 
     nodes = {n.name: n for n in gm.graph.nodes}
     for name, annotation in annotations.items():

@@ -26,6 +26,7 @@ from ditq_compiler.inspection.summary import Summary
 from ditq_compiler.provenance import Provenance, provenance_of
 from ditq_compiler.pipeline import PassPipeline, copy_graph_sharing_tensors
 from ditq_compiler.recipe import Recipe
+from ditq_compiler.time_group_checks import check_time_group_calibration, check_time_group_sites
 from ditq_compiler.report import (LayerReport, SiteReport, layer_reports, measure, rotation_table, site_reports,
                                   sites_table, summary_rows)
 from ditq_compiler.passes.attach_time_groups import AttachTimeGroups
@@ -181,6 +182,7 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
     clock = _StageClock()
     batches = as_batches(calibration)
     noise = noise_of(calibration)
+    check_time_group_calibration(recipe, batches, None)
     check_search_inputs(recipe.scale_search, batches, noise)
     captured = capture(model, example_inputs if example_inputs is not None else (batches[0] if batches else None),
                        dynamic_shapes)
@@ -195,8 +197,10 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path,
                                     "\n  - ".join(u.describe() for u in unsupported))
     annotations = annotate(gm, analysis, recipe)
     plan = plan_sites(gm, analysis, annotations, recipe)
+    check_time_group_sites(recipe, plan, analysis, gm, captured.timestep_input, captured.model_class)
     inputs = [captured.bind(args, kwargs) for args, kwargs in batches]
     flat_batches = [_flat(call) for call in inputs]
+    check_time_group_calibration(recipe, flat_batches, _timestep_index(captured), plan)
     cache = open_cache(cache_dir, dict(graph_code=gm.code, state=gm.state_dict(), recipe=recipe.to_dict(),
                                        batches=flat_batches, versions=_versions()))
     unrotated = copy_graph_sharing_tensors(gm) if recipe.rotation is not None else None

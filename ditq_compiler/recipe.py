@@ -316,6 +316,9 @@ def _check_tq_sections(recipe_path: str, weights: QuantSpec, acts: QuantSpec | N
         if section is not None and search is None:
             raise RecipeError(f"{recipe_path}.{name}: its parameters are fitted by the scale search; add a "
                               "'scale_search' section")
+    if multi is not None and not multi.post_softmax and not multi.post_gelu:
+        raise RecipeError(f"{recipe_path}.multi_region: post_softmax and post_gelu are both false, so the section "
+                          "changes nothing; drop it")
     if multi is not None and multi.post_softmax and not matmuls:
         raise RecipeError(f"{recipe_path}.multi_region.post_softmax: the probabilities are quantized only where "
                           "the attention matmuls are; add 'attention: {matmuls: true}' or set post_softmax: false")
@@ -334,6 +337,21 @@ def _check_tq_sections(recipe_path: str, weights: QuantSpec, acts: QuantSpec | N
         if sections["reconstruction"] is not None:
             raise RecipeError(f"{recipe_path}.scale_search: the recipe also has a 'reconstruction' section; "
                               "both would set the same scales, keep one")
+
+
+def _check_search_overrides(recipe_path: str, overrides: tuple[Override, ...], search: ScaleSearchSpec | None) -> None:
+    """The scale search's limits on the recipe's formats hold for the formats an override sets, too."""
+    if search is None:
+        return
+    for i, override in enumerate(overrides):
+        weights = dict(override.weights or ())
+        acts = dict(override.activations) if isinstance(override.activations, tuple) else {}
+        if weights.get("granularity") == "group":
+            raise RecipeError(f"{recipe_path}.overrides[{i}].weights.granularity: the scale_search searches "
+                              "per-channel or per-tensor weight scales, not 'group'")
+        if acts.get("granularity") == "token":
+            raise RecipeError(f"{recipe_path}.overrides[{i}].activations.granularity: the scale_search fits static "
+                              "activation scales (and time groups a table of them); 'token' is dynamic")
 
 
 def _section_data(cls, data: Any, path: str) -> dict | None:
@@ -544,6 +562,7 @@ class Recipe:
         tq = {name: _method_spec(spec_class, data.get(name), f"{path}.{name}")
               for name, spec_class in TQ_SECTIONS.items()}
         _check_tq_sections(path, weights, acts, {**tq, "reconstruction": reconstruction})
+        _check_search_overrides(path, overrides, tq["scale_search"])
         robuq = {key: _section(spec_class, data.get(key), f"{path}.{key}")
                  for key, spec_class in ROBUQ_SECTIONS.items()}
         _check_robuq_combinations(robuq, shift, reconstruction, acts, path)

@@ -27,7 +27,8 @@ quantizer sees: every channel a +-1/sqrt(n) mix of all channels, outliers spread
 
 With ``fuse=False`` every rotation is online (the full ``H_n``); the two graphs compute the same
 function. Each rotated layer gets a ``Rotation`` record (``pass.rotations``) that says which of
-these it got; ``compiled.summary()`` prints them.
+these it got; ``compiled.summary()`` prints them, and ``ditq inspect --html`` lists them among the
+layer's passes (``meta['ditq_applied']``, as does a producer that took a fused rotation).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 import ditq_compiler.ops  # noqa: F401  (registers ditq::hadamard)
 from ditq_compiler.graph import LayerInfo, op_name
-from ditq_compiler.pipeline import copy_location, delete_unused_attrs, fetch_attr, register_constant
+from ditq_compiler.pipeline import copy_location, delete_unused_attrs, fetch_attr, record_applied, register_constant
 from ditq_compiler.quant.hadamard import describe, hadamard_factors, hadamard_matrix
 
 # ops that keep the last dim element for element (checked against the shapes as well)
@@ -132,6 +133,12 @@ class InsertHadamard:
         self.rotations = [Rotation(info.name, info.role, int(_linear_weight(gm, nodes[name]).shape[1]),
                                    describe(int(_linear_weight(gm, nodes[name]).shape[1])), placements[name])
                           for name, info in self.layers.items()]
+        for name, rotation in zip(self.layers, self.rotations, strict=True):
+            record_applied(nodes[name], "insert_hadamard", rotation=rotation.construction,
+                           placement=rotation.placement)
+        for node, plan in plans.items():
+            if plan.output_rotation is not None:
+                record_applied(node, "insert_hadamard", output_rotated="for the rotated layers it feeds")
         return PassResult(gm, bool(self.layers))
 
     # ---- where the rotation goes -----------------------------------------------------------

@@ -12,8 +12,10 @@ tables fitted by the scale search, the consumer's input ``x`` is replaced by
 time group. The ``group`` argument stays None here; ``attach_time_groups`` wires the run-time group
 index into the time-grouped ones (marked ``meta['ditq_time_grouped']``). A linear whose input gets
 such a quantizer is marked ``meta['ditq_input_site']``, so ``quantize_linears`` leaves its own
-activation quantizer off. Not an identity: it is the quantization the sites ask for, and with the
-searched tables it reproduces the scale search's quantizers exactly.
+activation quantizer off. Each site is noted on its consumer (``meta['ditq_applied']``: operand,
+quantizer, regions, time groups), which ``ditq inspect --html`` lists with the layer's passes. Not
+an identity: it is the quantization the sites ask for, and with the searched tables it reproduces
+the scale search's quantizers exactly.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 import ditq_compiler.activation_ops  # noqa: F401  (registers the ditq:: activation ops)
 from ditq_compiler.activation_sites import ActivationSite
-from ditq_compiler.pipeline import copy_location, register_constant
+from ditq_compiler.pipeline import copy_location, record_applied, register_constant
 
 OPS = {"uniform": torch.ops.ditq.quant_act.default, "softmax_mrq": torch.ops.ditq.quant_softmax_mrq.default,
        "gelu_mrq": torch.ops.ditq.quant_gelu_mrq.default}
@@ -74,3 +76,6 @@ class QuantizeActivations:
         consumer.args = tuple(args)
         if consumer.target in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
             consumer.meta["ditq_input_site"] = site.key
+        record_applied(consumer, "quantize_activations", operand=site.operand, site=site.kind,
+                       quantizer=site.quantizer, regions=2 if site.quantizer != "uniform" else 1,
+                       time_groups=next(iter(rows)) if site.time_grouped else 1)

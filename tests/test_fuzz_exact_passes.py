@@ -4,7 +4,18 @@ Hypothesis draws the architecture (DiT, PixArt with cross-attention, UNet2DCondi
 counts, widths, head counts and the feed-forward activation (GELU, tanh-GELU, GEGLU), random
 weights and calibration data; each exact pass in ``EXACT_PASSES`` is planned on that data and
 applied, and the rewritten graph must match the captured one to 1e-5 of the output's range.
+
+The passes: TaQ-DiT's shift + outlier migration (planned on the calibration data), TQ-DiT's SDPA
+decomposition, and RobuQ's Hadamard rotation of every qkv / attn_out / fc1 / fc2 input as the
+``hadamard-only`` preset places it (fused where it can be) and all online (``fuse: false``).
+The rotations are orthonormal and built in float64; each is rounded once to float32 (the fused
+weight ``W H^T`` and the online op's Kronecker factors) and the online op adds one float32
+matmul per rotation, i.e. a relative error of order ``sqrt(n) * 2^-24`` (n <= 192 here: about
+1e-6) per rotated layer, so the same 1e-5 bound holds; ``test_insert_hadamard.py`` asks >= 100 dB
+(1e-5 in amplitude) of the same rewrite on dit-digits.
 """
+
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -17,19 +28,45 @@ from ditq_compiler.annotate import annotate
 from ditq_compiler.calibration.channel_stats import calibrate_transforms, transform_passes
 from ditq_compiler.capture import capture
 from ditq_compiler.compiler import _copy_graph, _flat, _timestep_index
-from ditq_compiler.graph import analyse
+from ditq_compiler.graph import GraphAnalysis, analyse
+from ditq_compiler.passes.decompose_attention import DecomposeAttention
+from ditq_compiler.passes.insert_hadamard import InsertHadamard
 from ditq_compiler.pipeline import PassPipeline
 
 ALL_LINEARS = {"name": "every-linear", "quantize_roles": ["qkv", "attn_out", "fc1", "fc2", "linear", "conv"],
                "shift": {"sites": "all"}, "migration": {"top_k": 0.1}}
 
 
-def shift_and_migration(gm, annotations, flat, timestep_index):
+def shift_and_migration(case):
     recipe = dq.Recipe.from_dict(ALL_LINEARS)
-    return transform_passes(*calibrate_transforms(gm, annotations, recipe, flat, timestep_index, progress=False))
+    return transform_passes(*calibrate_transforms(case.gm, case.annotations, recipe, case.flat,
+                                                  case.timestep_index, progress=False))
 
 
-EXACT_PASSES = {"shift+migration": shift_and_migration}
+def decompose_attention(case):
+    return [DecomposeAttention()]
+
+
+def hadamard(fuse):
+    def rotate(case):
+        rotation = dq.Recipe.load("hadamard-only").rotation
+        layers = {n: info for n, info in case.analysis.layers.items() if info.role in rotation.roles}
+        return [InsertHadamard(layers, {n: info.name for n, info in case.analysis.layers.items()},
+                               fuse=fuse and rotation.fuse)] if layers else []
+    return rotate
+
+
+EXACT_PASSES = {"shift+migration": shift_and_migration, "decompose_attention": decompose_attention,
+                "hadamard-only (fused)": hadamard(fuse=True), "hadamard-only (online)": hadamard(fuse=False)}
+
+
+@dataclass
+class Case:
+    gm: fx.GraphModule
+    analysis: GraphAnalysis
+    annotations: dict
+    flat: list
+    timestep_index: int | None
 
 
 @st.composite
@@ -82,12 +119,14 @@ def test_exact_passes_keep_the_function(pass_name, case):
     kind, model, inputs = case
     captured = capture(model, ((), inputs))
     gm = captured.graph_module
-    annotations = annotate(gm, analyse(gm, captured.sample_input, captured.timestep_input),
-                           dq.Recipe.from_dict(ALL_LINEARS))
+    analysis = analyse(gm, captured.sample_input, captured.timestep_input)
+    annotations = annotate(gm, analysis, dq.Recipe.from_dict(ALL_LINEARS))
     flat = [_flat(captured.bind((), inputs))]
     original = _copy_graph(gm)
-    passes = EXACT_PASSES[pass_name](gm, annotations, flat, _timestep_index(captured))
+    passes = EXACT_PASSES[pass_name](Case(gm, analysis, annotations, flat, _timestep_index(captured)))
     assert passes, f"{pass_name} found nothing to rewrite in a {kind}"
-    rewritten = PassPipeline(passes, debug=True)(gm).graph_module
+    result = PassPipeline(passes, debug=True)(gm)
+    assert result.modified, f"{pass_name} changed nothing in a {kind}"
+    rewritten = result.graph_module
     expected, got = _run(original, flat[0]), _run(rewritten, flat[0])
     assert float((expected - got).abs().max()) <= 1e-5 * float(expected.abs().max()), kind

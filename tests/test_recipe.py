@@ -194,6 +194,12 @@ def test_tq_dit_presets_are_the_rows_of_table_iii():
     ({"scale_search": {}, "weights": {"granularity": "group", "group_size": 32}}, "recipe.scale_search"),
     ({"scale_search": {}, "activations": {"granularity": "token"}}, "recipe.scale_search"),
     ({"scale_search": {}, "reconstruction": {}}, "recipe.scale_search"),
+    ({"scale_search": {}, "multi_region": {"post_softmax": False, "post_gelu": False}}, "recipe.multi_region:"),
+    ({"scale_search": {}, "overrides": [{"role": "fc2", "activations": {"granularity": "token"}}]},
+     "recipe.overrides[0].activations.granularity"),
+    ({"scale_search": {}, "time_groups": {}, "attention": {},
+      "overrides": [{"name": "x", "quantize": True}, {"role": "fc1", "weights": {"granularity": "group", "group_size": 32}}]},
+     "recipe.overrides[1].weights.granularity"),
 ])
 def test_bad_tq_dit_sections_name_the_field(data, path):
     with pytest.raises(RecipeError) as err:

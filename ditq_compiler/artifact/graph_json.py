@@ -18,7 +18,8 @@ format unpickles nothing. A node is
   ``memory_format``. Anything else is an error naming the node.
 * ``meta`` keeps ``nn_module_stack`` and every ``ditq*`` key whose value is JSON-able or a
   dataclass defined in ``ditq_compiler`` (rebuilt by field, never unpickled). ``val`` (fake
-  tensors) is not kept: the loaded graph runs and re-exports without it.
+  tensors) is not kept: ``dq.load`` propagates it again from the artifact's example call
+  (``artifact.store._restore_shapes``), with a symbolic batch on the inputs.
 * The pytree specs of the call signature and of the output (e.g. diffusers'
   ``Transformer2DModelOutput``) are stored by their registered serialized type names.
 
@@ -355,3 +356,15 @@ def graph_from_json(description: dict[str, Any], tensors: dict[str, torch.Tensor
 
 __all__ = ["GRAPH_FORMAT_VERSION", "GraphFormatError", "decode_spec", "encode_spec", "graph_from_json",
            "graph_to_json"]
+    if example_inputs is None:
+        raise GraphFormatError("the graph has no shapes (meta['val']) and the artifact no example inputs to "
+                               "propagate them from")
+    import copy
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    gm = copy.deepcopy(gm)
+    leaves = torch.utils._pytree.tree_leaves(((), example_inputs))
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*leaves)
+    return gm

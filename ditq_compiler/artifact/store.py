@@ -8,7 +8,9 @@
     tensors.safetensors         every tensor the graph reads; integer tensors (weight codes, zero
                                 points) packed at the bits their values need (``bitpack``)
     recipe.yaml                 the recipe, as ``Recipe.save`` writes it
-    report.json                 per-layer report, output SQNR, provenance
+    report.json                 per-layer report, output SQNR, provenance, and what the summary
+                                shows besides: TQ-DiT's activation sites and time groups, RobuQ's
+                                rotations and AMPN allocation, the layers left in float
     run.json                    when it was made and how long each stage took: the one file that
                                 differs between two compiles of the same inputs, so it is listed
                                 in the manifest as volatile and has no checksum
@@ -109,6 +111,7 @@ def save(compiled, path: str | os.PathLike, progress: bool = False) -> Path:
         "provenance": {"fp_checkpoint_bytes": provenance.fp_checkpoint_bytes, "model_config": provenance.model_config,
                        "calibration": provenance.calibration},
         "example_inputs": example[0],
+        **_summary_extras_to_json(compiled),
     }
     inspection = {key: value for name, stats in compiled.activation_stats.items()
                   for key, value in stats.tensors(f"{name}/").items()}
@@ -333,6 +336,7 @@ def load(path: str | os.PathLike, progress: bool = False):
     run = _read_run(path)
     compiled = CompiledModel(lowered, captured, recipe, layers, report["output_sqnr_db"], backend,
                              run.get("stage_seconds", report.get("stage_seconds")))
+    _summary_extras_from_json(compiled, report)
     compiled.unit_seconds = run.get("block_seconds", {})
     compiled.resumed_from_cache = run.get("resumed_from_cache", [])
     saved = report["provenance"]
@@ -370,6 +374,32 @@ def _restore_shapes(graph_module, example: dict[str, Any]) -> None:
                      for i, size in enumerate(value.shape)]
             node.meta["val"] = symbolic.from_tensor(value, symbolic_context=StatelessSymbolicContext(
                 dynamic_sizes=sizes))
+
+
+def _summary_extras_to_json(compiled) -> dict[str, Any]:
+    allocation = compiled.allocation
+    return {"sites": [dataclasses.asdict(site) for site in compiled.sites], "time_groups": compiled.time_groups,
+            "rotations": [dataclasses.asdict(rotation) for rotation in compiled.rotations],
+            "unsupported": [dataclasses.asdict(layer) for layer in compiled.unsupported],
+            "allocation": None if allocation is None else dataclasses.asdict(allocation)}
+
+
+def _summary_extras_from_json(compiled, report: dict[str, Any]) -> None:
+    """What ``_summary_extras_to_json`` wrote (absent in artifacts written before it: left empty)."""
+    from ditq_compiler.graph import UnsupportedLayer
+    from ditq_compiler.passes.insert_hadamard import Rotation
+    from ditq_compiler.report import SiteReport
+    from ditq_compiler.train import Allocation
+
+    compiled.sites = [SiteReport(**site) for site in report.get("sites", [])]
+    compiled.time_groups = list(report.get("time_groups", []))
+    compiled.rotations = [Rotation(**rotation) for rotation in report.get("rotations", [])]
+    compiled.unsupported = [UnsupportedLayer(**layer) for layer in report.get("unsupported", [])]
+    allocation = report.get("allocation")
+    if allocation is not None:   # JSON made the per-layer {bits: loss} keys strings
+        sensitivity = {name: {int(bits): loss for bits, loss in losses.items()}
+                       for name, losses in allocation["sensitivity"].items()}
+        compiled.allocation = Allocation(**{**allocation, "sensitivity": sensitivity})
 
 
 def _read_run(path: Path) -> dict[str, Any]:
