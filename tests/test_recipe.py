@@ -198,7 +198,8 @@ def test_tq_dit_presets_are_the_rows_of_table_iii():
     ({"scale_search": {}, "overrides": [{"role": "fc2", "activations": {"granularity": "token"}}]},
      "recipe.overrides[0].activations.granularity"),
     ({"scale_search": {}, "time_groups": {}, "attention": {},
-      "overrides": [{"name": "x", "quantize": True}, {"role": "fc1", "weights": {"granularity": "group", "group_size": 32}}]},
+      "overrides": [{"name": "x", "quantize": True},
+                    {"role": "fc1", "weights": {"granularity": "group", "group_size": 32}}]},
      "recipe.overrides[1].weights.granularity"),
 ])
 def test_bad_tq_dit_sections_name_the_field(data, path):

@@ -356,15 +356,3 @@ def graph_from_json(description: dict[str, Any], tensors: dict[str, torch.Tensor
 
 __all__ = ["GRAPH_FORMAT_VERSION", "GraphFormatError", "decode_spec", "encode_spec", "graph_from_json",
            "graph_to_json"]
-    if example_inputs is None:
-        raise GraphFormatError("the graph has no shapes (meta['val']) and the artifact no example inputs to "
-                               "propagate them from")
-    import copy
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    gm = copy.deepcopy(gm)
-    leaves = torch.utils._pytree.tree_leaves(((), example_inputs))
-    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*leaves)
-    return gm
