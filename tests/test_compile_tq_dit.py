@@ -62,7 +62,7 @@ def test_the_summary_shows_regions_and_time_groups_per_site(compiled_w6a6):
     softmax = [line for line in lines if "matmul_pv  P" in line]
     assert len(softmax) == 6 and all("int6 2-region" in line and "[0, 32 s1) step s1 | [32 s1, 1] step 1/32" in line
                                      and " 4 " in line for line in softmax)
-    gelu = [line for line in lines if line.startswith("transformer_blocks.0.ff.net.2")]
+    gelu = [line.lstrip("│ ") for line in lines if line.lstrip("│ ").startswith("transformer_blocks.0.ff.net.2")]
     assert "int6 2-region" in gelu[0] and "(sites)" in gelu[0]            # the layer table points to its site
     assert "[-32 s-, 0] step s- | [0, 31 s+] step s+" in gelu[1] and "s- " in gelu[1] and "s+ " in gelu[1]
 
