@@ -29,6 +29,7 @@ to quality-<model>-robuq.*; distillation draws its inputs from a larger calibrat
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -87,7 +88,7 @@ def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: 
     labels = torch.arange(args.samples) % 10
     start = time.perf_counter()
     samples = sample(denoiser, scheduler, labels, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                     seed=seed, batch_size=args.batch_size, progress=not args.quiet)
+                     seed=seed, batch_size=args.batch_size, progress=not args.quiet).cpu()
     seconds = time.perf_counter() - start
     quality.save_grid(samples[:40], out_dir / f"{name}.png")
     row = {"config": name, "seed": seed, "fd_digits": quality.fd_digits(samples),
@@ -250,6 +251,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--device", default="cpu",
+                        help="where sampling and the SQNR run (compile always runs on the CPU), e.g. cuda")
+    parser.add_argument("--artifacts", type=Path, default=None,
+                        help="keep each compiled model here (<recipe>.ditq + <recipe>.json with its compile "
+                             "figures) and load it instead of compiling when it is already there")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the recipes into --artifacts and stop (sample them later, e.g. on a GPU)")
     parser.add_argument("--append", action="store_true",
                         help="keep the rows already in the results file and add (or replace) these recipes; "
                              "FP is sampled again and must reproduce the stored FP row")
@@ -270,13 +278,53 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, scheduler = zoo.load(args.model), zoo.scheduler(args.model)
+    if args.compile_only and args.artifacts is None:
+        parser.error("--compile-only needs --artifacts")
+    cpu_model, scheduler = zoo.load(args.model), zoo.scheduler(args.model)  # compile runs on the CPU
     grids = args.out / args.stem
     selection = (dict(selection="time_groups", groups=min(10, args.steps), samples_per_group=32) if args.tq_ablation
                  else dict(steps=args.calibration_steps, samples_per_step=args.samples_per_step))
-    calibration = from_sampler(model, scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                               num_trajectories=args.calibration_trajectories, seed=123, progress=not args.quiet,
-                               **selection)
+    calibration = None
+
+    def compiled_model(recipe: str) -> tuple[dq.CompiledModel, dict]:
+        """The recipe's compiled model and its compile figures: from --artifacts, or compiled now."""
+        nonlocal calibration
+        base = None if args.artifacts is None else args.artifacts / f"{args.stem}-{recipe}"
+        artifact, figures_file = (None, None) if base is None else (Path(f"{base}.ditq"), Path(f"{base}.json"))
+        if figures_file is not None and figures_file.exists():
+            return dq.load(artifact), json.loads(figures_file.read_text())
+        if calibration is None:
+            calibration = from_sampler(cpu_model, scheduler, num_inference_steps=args.steps,
+                                       guidance_scale=args.guidance, num_trajectories=args.calibration_trajectories,
+                                       seed=123, progress=not args.quiet, **selection)
+        start, cpu = time.perf_counter(), time.process_time()
+        compiled = dq.compile(cpu_model, recipe_for(recipe, args.distillation_iterations), calibration=calibration,
+                              progress=not args.quiet)
+        figures = {"compile_seconds": round(time.perf_counter() - start, 1),
+                   "compile_cpu_seconds": round(time.process_time() - cpu, 1),
+                   "compile_torch": torch.__version__, "compile_threads": torch.get_num_threads(),
+                   "output_sqnr_db": compiled.output_sqnr_db,
+                   "stage_seconds": {k: round(v, 1) for k, v in compiled.stage_seconds.items()}}
+        if compiled.rotations:
+            figures["rotations"] = {r_.layer: r_.placement for r_ in compiled.rotations}
+        if compiled.allocation is not None:
+            figures["ampn"] = ampn_row(compiled)
+        if artifact is not None:  # the model first: a figures file means its artifact is complete
+            artifact.parent.mkdir(parents=True, exist_ok=True)
+            compiled.save(artifact)
+            tmp = Path(f"{figures_file}.tmp")
+            tmp.write_text(json.dumps(figures, indent=2))
+            tmp.replace(figures_file)
+        return compiled, figures
+
+    if args.compile_only:
+        for recipe in args.recipes:
+            figures = compiled_model(recipe)[1]
+            print(f"{recipe}: compiled in {figures['compile_seconds']} s ({figures['compile_cpu_seconds']} CPU s)",
+                  flush=True)
+        return
+
+    model = copy.deepcopy(cpu_model).to(args.device)  # sampling and SQNR there
     row, fp_samples = measure("fp", model, model, scheduler, args, 0, grids)
     rows = previous_rows(args, row) if args.append else [row]
     write_results(rows, args, final=False)
@@ -286,19 +334,10 @@ def main() -> None:
     print("fp: FD " + " / ".join(f"{r['fd_digits']:.2f}" for r in rows) +
           f", accuracy {rows[0]['class_accuracy']:.3f}", flush=True)
     for recipe in args.recipes:
-        start, cpu = time.perf_counter(), time.process_time()
-        compiled = dq.compile(model, recipe_for(recipe, args.distillation_iterations), calibration=calibration,
-                              progress=not args.quiet)
-        compile_seconds, compile_cpu = time.perf_counter() - start, time.process_time() - cpu
-        r = measure(recipe, compiled, model, scheduler, args, 0, grids, fp_samples)[0]
+        compiled, figures = compiled_model(recipe)
+        r = measure(recipe, compiled.to(args.device), model, scheduler, args, 0, grids, fp_samples)[0]
+        r.update(figures)
         rows = [old for old in rows if old["config"] != recipe] + [r]
-        r.update(compile_seconds=round(compile_seconds, 1), compile_cpu_seconds=round(compile_cpu, 1),
-                 output_sqnr_db=compiled.output_sqnr_db,
-                 stage_seconds={k: round(v, 1) for k, v in compiled.stage_seconds.items()})
-        if compiled.rotations:
-            r["rotations"] = {r_.layer: r_.placement for r_ in compiled.rotations}
-        if compiled.allocation is not None:
-            r["ampn"] = ampn_row(compiled)
         print(f"{recipe}: FD {r['fd_digits']:.2f}, accuracy {r['class_accuracy']:.3f}, "
               f"median noise SQNR {r['noise_sqnr_median_db']:.1f} dB", flush=True)
         write_results(rows, args, final=False)

@@ -95,11 +95,25 @@ class CompiledModel(torch.nn.Module):
         self._refuse_cast(f"type({dst_type})")
 
     def to(self, *args: Any, **kwargs: Any):
-        """Moves to another device; a dtype change is refused (see ``half``)."""
-        _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        """Moves to another device; a dtype change is refused (see ``half``).
+
+        Parameters and buffers move as in any module; the captured graph also names the device it was
+        exported on in some nodes' ``device=`` arguments (``arange``, ``_assert_tensor_metadata``), and
+        those are rewritten to the new device so the graph runs there."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         if dtype is not None:
             self._refuse_cast(f"to({dtype})")
-        return super().to(*args, **kwargs)
+        moved = super().to(*args, **kwargs)
+        if device is not None:
+            _retarget_device(self.graph_module, device)
+        return moved
+
+    def cuda(self, device: Any = None):
+        return self.to(torch.device("cuda") if device is None else torch.device("cuda", device)
+                       if isinstance(device, int) else device)
+
+    def cpu(self):
+        return self.to("cpu")
 
     def summary(self) -> Summary:
         quantized = len(self.layers)
@@ -362,3 +376,14 @@ def _flat(inputs: dict[str, Any]) -> list[Any]:
 
 
 __all__ = ["CompiledModel", "LayerAnnotation", "compile"]
+
+
+def _retarget_device(gm: fx.GraphModule, device: torch.device) -> None:
+    """Point every ``device=`` argument of ``gm``'s nodes at ``device`` (see ``CompiledModel.to``)."""
+    changed = False
+    for node in gm.graph.nodes:
+        if isinstance(node.kwargs.get("device"), (torch.device, str)) and torch.device(node.kwargs["device"]) != device:
+            node.update_kwarg("device", device)
+            changed = True
+    if changed:
+        gm.recompile()
