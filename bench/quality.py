@@ -161,7 +161,7 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(torch.corrcoef(torch.stack(ranks))[0, 1])
 
 
-def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int) -> str:
+def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int, where: str = "") -> str:
     lines = ["| config | FD-digits | FD gap vs FP seed 0 | FD to FP samples | class accuracy | median noise SQNR dB |",
              "|---|---|---|---|---|---|"]
     fp_fd = rows[0]["fd_digits"]
@@ -181,6 +181,8 @@ def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int) -
     lines.append("")
     seed_gap = "" if math.isnan(fp_gap) else f"FP seed-to-seed FD difference (noise floor of the gap): {fp_gap:.2f}. "
     lines.append(f"{seed_gap}Real-vs-real FD floor ({floor_images} training digits vs the held-out set): {floor:.2f}.")
+    if where:
+        lines += ["", where]
     return "\n".join(lines) + "\n"
 
 
@@ -277,6 +279,7 @@ def main() -> None:
         recipe_for(recipe)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on a GPU
 
     if args.compile_only and args.artifacts is None:
         parser.error("--compile-only needs --artifacts")
@@ -382,11 +385,19 @@ def write_results(rows: list[dict], args, final: bool) -> None:
     floor = quality.real_fd_floor(args.samples)
     floor_images = min(args.samples, len(digits("train")[0]))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    result = {"model": args.model, "settings": settings, "torch": torch.__version__, "complete": final,
+    device = torch.device(args.device)
+    sampled_on = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
+    compiled_with = sorted({r["compile_torch"] for r in rows if "compile_torch" in r})
+    where = (f"Sampled on {sampled_on} (torch {torch.__version__}" + (", fp32 with TF32 off)" if device.type == "cuda"
+                                                                      else ")") +
+             (f"; compiled on the CPU with torch {', '.join(compiled_with)}." if compiled_with else "."))
+    result = {"model": args.model, "settings": settings, "torch": torch.__version__, "sampled_on": sampled_on,
+              "complete": final,
               "fp_seed_gap": fp_gap, "real_fd_floor": floor,
               "real_fd_floor_images": floor_images, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", markdown(rows, fp_gap, floor, floor_images))):
+    table = markdown(rows, fp_gap, floor, floor_images, where)
+    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", table)):
         path = args.out / f"{args.stem}{suffix}"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
