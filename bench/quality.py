@@ -57,11 +57,19 @@ TQ_ABLATION = {"w6a6-minmax": None, "tq-dit-w6a6-baseline": (False, False, False
 ROBUQ = ["w1.58a4-minmax", "robuq-w1.58a4", "robuq-w1.58a3", "ampn-a3-ptq", "ampn-a2", "ampn-a4", "ampn-a4-ptq",
          "w4a4-minmax", "robuq-w4a4", "hadamard-only"]
 AMPN = re.compile(r"ampn-a(\d+(?:\.\d+)?)(-ptq)?")
+# a TQ-DiT preset with time groups at the post-softmax sites only, as the paper does (the presets use every site)
+TGQ_SOFTMAX = re.compile(r"(tq-dit-w\da\d)-tgq-softmax")
 
 
 def recipe_for(name: str, iterations: int | None = None) -> dq.Recipe:
     """A preset, or an AMPN variant of robuq-w1.58a3: ``ampn-a<budget>[-ptq]``; ``iterations`` overrides the
     distillation's (and the AMPN search's) iteration counts, for smoke runs."""
+    paper_sites = TGQ_SOFTMAX.fullmatch(name)
+    if paper_sites is not None:
+        recipe = dq.Recipe.load(paper_sites.group(1))
+        sites = dataclasses.replace(recipe.time_groups, sites=("post_softmax",))
+        return dataclasses.replace(recipe, name=name, time_groups=sites, description=f"{recipe.name} with time "
+                                   "groups at the post-softmax sites only (the paper's TGQ)")
     match = AMPN.fullmatch(name)
     recipe = dq.Recipe.load(name if match is None else "robuq-w1.58a3")
     if match is not None:
