@@ -110,13 +110,63 @@ def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: 
     return row, samples
 
 
+def measure_seeds(denoiser, scheduler, args, row: dict, samples: torch.Tensor,
+                  fp_by_seed: dict[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
+    """Sample seeds 1..K-1 as well (seed 0 is ``samples``); per-seed FD, accuracy and FD to the FP samples of the
+    same seed go into ``row["seeds"]``. Returns the samples by seed (FP's are the reference of the others)."""
+    labels = torch.arange(args.samples) % 10
+    by_seed = {0: samples}
+    for seed in range(1, args.seeds):
+        by_seed[seed] = sample(denoiser, scheduler, labels, num_inference_steps=args.steps,
+                               guidance_scale=args.guidance, seed=seed, batch_size=args.batch_size,
+                               progress=False).cpu()
+    row["seeds"] = {"fd_digits": [quality.fd_digits(x) for x in by_seed.values()],
+                    "class_accuracy": [quality.class_accuracy(x, labels) for x in by_seed.values()]}
+    if fp_by_seed is not None:
+        row["seeds"]["fd_to_fp"] = [quality.fd_between(x, fp_by_seed[k]) for k, x in by_seed.items()]
+    return by_seed
+
+
+def mean_and_error(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n)); error nan for one value."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan"))
+
+
+def seeds_markdown(rows: list[dict]) -> list[str]:
+    """The table over K paired seeds: each configuration's FD minus FP's FD for the same noise, averaged."""
+    fp = rows[0]["seeds"]["fd_digits"]
+    k = len(fp)
+    lines = ["", f"Over {k} noise seeds (0..{k - 1}, the same for every row; the gap is paired: a configuration's "
+                 "FD minus FP's FD for the same seed, mean +- standard error):", "",
+             "| config | FD-digits mean +- sd | FD gap vs FP, paired mean +- s.e. | FD to FP samples mean | "
+             "class accuracy mean |", "|---|---|---|---|---|"]
+    for r in rows:
+        seeds = r.get("seeds")
+        if seeds is None or r["config"].startswith("fp-seed"):
+            continue
+        fd = seeds["fd_digits"]
+        gap, error = mean_and_error([q - f for q, f in zip(fd, fp, strict=True)])
+        to_fp = f"{statistics.fmean(max(v, 0.0) for v in seeds['fd_to_fp']):.2f}" if "fd_to_fp" in seeds else "-"
+        lines.append(f"| {r['config']} | {statistics.fmean(fd):.2f} +- {statistics.stdev(fd):.2f} | "
+                     f"{gap:+.2f} +- {error:.2f} | {to_fp} | {100 * statistics.fmean(seeds['class_accuracy']):.1f}% |")
+    return lines
+
+
+def paired_gap(row: dict, fp_row: dict) -> float:
+    """Mean over seeds of the row's FD minus FP's for the same seed (seed 0 alone without --seeds)."""
+    if "seeds" in row and "seeds" in fp_row:
+        pairs = zip(row["seeds"]["fd_digits"], fp_row["seeds"]["fd_digits"], strict=True)
+        return statistics.fmean(q - f for q, f in pairs)
+    return row["fd_digits"] - fp_row["fd_digits"]
+
+
 def robuq_markdown(rows: list[dict]) -> list[str]:
     """The RobuQ summary: the issue's FD-gap criterion, compile times, and the AMPN tables."""
     by_name = {r["config"]: r for r in rows}
-    fp_fd = rows[0]["fd_digits"]
     lines = []
     if "robuq-w1.58a4" in by_name and "w1.58a4-minmax" in by_name:
-        ours, base = (by_name[n]["fd_digits"] - fp_fd for n in ("robuq-w1.58a4", "w1.58a4-minmax"))
+        ours, base = (paired_gap(by_name[n], rows[0]) for n in ("robuq-w1.58a4", "w1.58a4-minmax"))
         lines += ["", f"FD-digits gap: robuq-w1.58a4 {ours:+.2f} vs w1.58a4-minmax {base:+.2f}: |ratio| "
                       f"{abs(ours) / abs(base):.3f} (must be <= 0.5); class accuracy "
                       f"{100 * by_name['robuq-w1.58a4']['class_accuracy']:.1f}% (must be >= 80%)."]
@@ -184,6 +234,15 @@ def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int, w
                                    ["HO", "MRQ", "TGQ"])):
         if any(table.get(r["config"]) for r in rows):
             lines += ["", title, ""] + _ablation_rows(rows, table, columns)
+    if "seeds" in rows[0] and len(rows[0]["seeds"]["fd_digits"]) > 1:
+        lines += seeds_markdown(rows)
+    by_name = {r["config"]: r for r in rows}
+    if "tq-dit-w6a6" in by_name and "w6a6-minmax" in by_name:
+        base = paired_gap(by_name["w6a6-minmax"], rows[0])
+        ours = [n for n in ("tq-dit-w6a6", "tq-dit-w6a6-tgq-softmax") if n in by_name]
+        lines += ["", "FD-digits gap" + (" (paired over seeds)" if "seeds" in rows[0] else "") + ": " + ", ".join(
+            f"{n} {paired_gap(by_name[n], rows[0]):+.2f} (|ratio| {abs(paired_gap(by_name[n], rows[0]) / base):.2f})"
+            for n in ours) + f" vs w6a6-minmax {base:+.2f} (target: |ratio| <= 0.5)."]
     if any(r["config"] in ROBUQ or ampn_budget(r) for r in rows):
         lines += robuq_markdown(rows)
     lines.append("")
@@ -246,6 +305,9 @@ def main() -> None:
     parser.add_argument("--robuq", action="store_true",
                         help=f"RobuQ recipes and AMPN variants ({' '.join(ROBUQ)}), written to quality-<model>-robuq.*")
     parser.add_argument("--fp-seeds", type=int, default=2, choices=[1, 2], help="FP runs (2 shows the noise floor)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="noise seeds 0..K-1 for every configuration, FP included; the gaps are paired by seed "
+                             "and reported as mean +- standard error (cheap on a GPU)")
     parser.add_argument("--samples", type=int, default=2000, help="samples per configuration (FD and accuracy)")
     parser.add_argument("--steps", type=int, default=100, help="DDPM steps")
     parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
@@ -337,6 +399,7 @@ def main() -> None:
 
     model = copy.deepcopy(cpu_model).to(args.device)  # sampling and SQNR there
     row, fp_samples = measure("fp", model, model, scheduler, args, 0, grids)
+    fp_by_seed = measure_seeds(model, scheduler, args, row, fp_samples, None) if args.seeds > 1 else None
     rows = previous_rows(args, row) if args.append else [row]
     write_results(rows, args, final=False)
     if args.fp_seeds == 2 and not any(r["config"] == "fp-seed1" for r in rows):
@@ -346,7 +409,9 @@ def main() -> None:
           f", accuracy {rows[0]['class_accuracy']:.3f}", flush=True)
     for recipe in args.recipes:
         compiled, figures = compiled_model(recipe)
-        r = measure(recipe, compiled.to(args.device), model, scheduler, args, 0, grids, fp_samples)[0]
+        r, samples = measure(recipe, compiled.to(args.device), model, scheduler, args, 0, grids, fp_samples)
+        if fp_by_seed is not None:
+            measure_seeds(compiled, scheduler, args, r, samples, fp_by_seed)
         r.update(figures)
         rows = [old for old in rows if old["config"] != recipe] + [r]
         print(f"{recipe}: FD {r['fd_digits']:.2f}, accuracy {r['class_accuracy']:.3f}, "
