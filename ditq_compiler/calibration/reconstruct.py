@@ -33,9 +33,11 @@ recording from scratch.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -159,8 +161,10 @@ class _Sweep:
     ``advance(nodes)`` runs just the nodes the wanted values need that have not run yet, so after
     unit k has been recorded, recording unit k+1 runs the graph between them (block k), not the k+1
     blocks from the model input: reconstruction costs O(depth) forwards, not O(depth^2). A value is
-    dropped as soon as every node reading it has run, so what is carried is what is live at the unit
-    boundary (block k's outputs, the timestep/class inputs, a U-Net's skip connections).
+    dropped once every node reading it has run and no later unit asks for it (``asks``: how often
+    each node will be asked for, by ``advance``, or ``release`` for a unit taken from the cache), so
+    what is carried is what is live at the unit boundary (block k's outputs, the timestep/class
+    inputs, a U-Net's skip connections, the input a unit's batch size is read from).
 
     Carried values are exact only while every layer that produced them is in the state it ran in
     (``ReconLayer.forward_state``: mode, and the versions of its learned tensors). If one has
@@ -169,26 +173,25 @@ class _Sweep:
     recording from scratch does: the carried result is the from-scratch result in every case.
     """
 
-    def __init__(self, gm: fx.GraphModule, flat: list[Any]):
+    def __init__(self, gm: fx.GraphModule, flat: list[Any], asks: Mapping[fx.Node, int]):
         self.interpreter = fx.Interpreter(gm, garbage_collect_values=False)
-        self.flat = flat
+        self.flat, self.asks = flat, dict(asks)
         self.position = {node: i for i, node in enumerate(gm.graph.nodes)}
         self.restart()
 
     def restart(self) -> None:
-        self.env: dict[fx.Node, Any] = {}         # values still read by a node yet to run
+        self.env: dict[fx.Node, Any] = {}          # values still to be read
         self.ran: set[fx.Node] = set()
-        self.unread: dict[fx.Node, int] = {}      # node -> users yet to run
+        self.readers: dict[fx.Node, int] = {}      # node -> users yet to run + asks yet to come
         self.layer_states: dict[fx.Node, tuple] = {}
         self.interpreter.args_iter = iter(self.interpreter.graph.process_inputs(*self.flat))
         self._run([n for n in self.interpreter.graph.nodes if n.op == "placeholder"], set())
 
     def fork(self) -> "_Sweep":
-        """A copy that can run ahead (e.g. through a unit) without moving this sweep."""
-        other = object.__new__(_Sweep)
-        other.interpreter, other.flat, other.position = self.interpreter, self.flat, self.position
-        other.env, other.ran, other.unread = dict(self.env), set(self.ran), dict(self.unread)
-        other.layer_states = dict(self.layer_states)
+        """A throw-away copy that can run ahead (through a unit) without moving this sweep."""
+        other = copy.copy(self)
+        other.env, other.ran, other.readers = dict(self.env), set(self.ran), dict(self.readers)
+        other.layer_states, other.asks = dict(self.layer_states), {}
         return other
 
     def _stale(self) -> bool:
@@ -199,7 +202,6 @@ class _Sweep:
         """The values of ``nodes`` on this batch, running what they need and has not run yet."""
         if self._stale() or any(n in self.ran and n not in self.env for n in nodes):
             self.restart()
-        wanted = set(nodes)
         values = {n.name: self.env[n] for n in nodes if n in self.env}
         needed, stack = set(), [n for n in nodes if n not in self.ran]
         while stack:
@@ -207,31 +209,48 @@ class _Sweep:
             if node not in needed and node not in self.ran:
                 needed.add(node)
                 stack.extend(node.all_input_nodes)
-        values.update(self._run(sorted(needed, key=self.position.__getitem__), wanted))
+        values.update(self._run(sorted(needed, key=self.position.__getitem__), set(nodes)))
+        self.release(nodes)
         return values
 
+    def release(self, nodes: list[fx.Node]) -> None:
+        """One ask of each of ``nodes`` is answered (or no longer needed)."""
+        for node in nodes:
+            if self.asks.get(node, 0) > 0:
+                self.asks[node] -= 1
+                if node in self.readers:
+                    self._read(node)
+
+    def _read(self, node: fx.Node) -> None:
+        self.readers[node] -= 1
+        if self.readers[node] == 0:
+            self.env.pop(node, None)
+
     def _run(self, nodes: list[fx.Node], wanted: set[fx.Node]) -> dict[str, Any]:
+        # nodes nothing reads (torch.export's metadata assertions and guards) are never wanted: they
+        # run with the nodes they check, as in a full forward, or what they read would never be freed
+        ready = self.ran.union(nodes)
+        checks = {user for node in nodes for user in node.users if not user.users and user.op != "output"
+                  and user not in ready and all(arg in ready for arg in user.all_input_nodes)}
         values = {}
         self.interpreter.env = self.env
-        for node in nodes:
+        for node in sorted((*nodes, *checks), key=self.position.__getitem__):
             value = self.interpreter.run_node(node)
             self.ran.add(node)
             if node in wanted:
                 values[node.name] = value
-            if node.op == "call_module":
-                self.layer_states[node] = self.interpreter.fetch_attr(node.target).forward_state()
-            self.unread[node] = len(node.users)
-            if node.users:
+            if node.op == "call_module" and isinstance(layer := self.interpreter.fetch_attr(node.target), ReconLayer):
+                self.layer_states[node] = layer.forward_state()
+            self.readers[node] = len(node.users) + self.asks.get(node, 0)
+            if self.readers[node]:
                 self.env[node] = value
             for arg in node.all_input_nodes:
-                self.unread[arg] -= 1
-                if self.unread[arg] == 0:
-                    del self.env[arg]
+                self._read(arg)
         return values
 
 
-def _sweeps(gm: fx.GraphModule, batches: list[list[Any]]) -> list[_Sweep]:
-    return [_Sweep(gm, flat) for flat in batches]
+def _sweeps(gm: fx.GraphModule, batches: list[list[Any]], asks: Mapping[fx.Node, int] | None = None) -> list[_Sweep]:
+    return [_Sweep(gm, flat, asks or {}) for flat in batches]
 
 
 def _record(sweeps: Iterable[_Sweep], nodes: list[fx.Node]) -> dict[str, Any]:
@@ -373,7 +392,8 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
     done: set[str] = set()
     for phase, learn_rounding, learn_acts, qdrop in phases:
         done = set()
-        fp_sweeps, q_sweeps = _sweeps(train, batches), _sweeps(train, batches)
+        asks = Counter(node for unit in cut for node in unit.inputs)
+        fp_sweeps, q_sweeps = _sweeps(train, batches, asks), _sweeps(train, batches, asks)
         weight_mode = "hard"
         for unit in tqdm(cut, desc=f"reconstruct ({phase})", unit="block", disable=not progress):
             unit_layers = [layers[n] for n in unit.layers]
@@ -392,6 +412,8 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                 generator.set_state(tensors["generator"])
                 result.losses[f"{phase}:{unit.name}"] = (float(metadata["before"]), float(metadata["after"]))
                 done.update(unit.layers)
+                for sweep in (*fp_sweeps, *q_sweeps):
+                    sweep.release(unit.inputs)
                 continue
             _set_modes(layers, set(), weight_mode, act_on)
             x_fp = _record(fp_sweeps, unit.inputs)
