@@ -128,6 +128,15 @@ class ReconLayer(nn.Module):
             xq = torch.where(keep_float, x, xq)
         return xq
 
+    def forward_state(self) -> tuple:
+        """What the output depends on besides the input: modes and every tensor's in-place version.
+
+        Equal states give bitwise equal outputs; a learning step or a loaded state changes it.
+        """
+        tensors = (*self.parameters(), *self.buffers())
+        return (self.weight_mode, self.act_quant, self.drop_prob if self.training else 0.0,
+                tuple((id(t), t._version) for t in tensors))
+
     def forward(self, x: Tensor) -> Tensor:
         xq, w = self.quantized_input(x), self.quantized_weight()
         if self.conv_args is None:

@@ -22,15 +22,24 @@ The round loss is off for the first ``warmup`` fraction of iterations, then ``b`
 linearly from ``b_start`` to ``b_end``. The unit is cut out of the graph as its own
 GraphModule (its inputs: every value it reads from outside, shape-only inputs such as the
 batch size are recomputed inside), so an iteration runs the unit only.
+
+x_q and x_fp are not recorded by running the model from its input for every unit (k blocks of
+forward for block k, O(depth^2) in all) but carried (``_Sweep``): one float and one quantized
+forward per calibration batch advance unit by unit, the quantized one through each unit only
+once it has been learned, keeping the values live at the unit boundary. y runs the unit's float
+layers before they learn, in a fork of the float sweep. This gives bitwise the values of
+recording from scratch.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, fx
@@ -146,38 +155,108 @@ def _batched(node: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt)
 
 
-class _AllRecorded(Exception):
-    """Raised by the recorder once every wanted value exists: the rest of the graph need not run."""
+class _Sweep:
+    """The graph run on one calibration batch node by node, on demand, keeping only live values.
+
+    ``advance(nodes)`` runs just the nodes the wanted values need that have not run yet, so after
+    unit k has been recorded, recording unit k+1 runs the graph between them (block k), not the k+1
+    blocks from the model input: reconstruction costs O(depth) forwards, not O(depth^2). A value is
+    dropped once every node reading it has run and no later unit asks for it (``asks``: how often
+    each node will be asked for, by ``advance``, or ``release`` for a unit taken from the cache), so
+    what is carried is what is live at the unit boundary (block k's outputs, the timestep/class
+    inputs, a U-Net's skip connections, the input a unit's batch size is read from).
+
+    Carried values are exact only while every layer that produced them is in the state it ran in
+    (``ReconLayer.forward_state``: mode, and the versions of its learned tensors). If one has
+    changed since (it ran before it was learned, as a graph order that reads a unit's layers before
+    the unit's inputs would make it), the sweep starts over from the model input, which is what
+    recording from scratch does: the carried result is the from-scratch result in every case.
+    """
+
+    def __init__(self, gm: fx.GraphModule, flat: list[Any], asks: Mapping[fx.Node, int]):
+        self.interpreter = fx.Interpreter(gm, garbage_collect_values=False)
+        self.flat, self.asks = flat, dict(asks)
+        self.position = {node: i for i, node in enumerate(gm.graph.nodes)}
+        self.restart()
+
+    def restart(self) -> None:
+        self.env: dict[fx.Node, Any] = {}          # values still to be read
+        self.ran: set[fx.Node] = set()
+        self.readers: dict[fx.Node, int] = {}      # node -> users yet to run + asks yet to come
+        self.layer_states: dict[fx.Node, tuple] = {}
+        self.interpreter.args_iter = iter(self.interpreter.graph.process_inputs(*self.flat))
+        self._run([n for n in self.interpreter.graph.nodes if n.op == "placeholder"], set())
+
+    def fork(self) -> "_Sweep":
+        """A throw-away copy that can run ahead (through a unit) without moving this sweep."""
+        other = copy.copy(self)
+        other.env, other.ran, other.readers = dict(self.env), set(self.ran), dict(self.readers)
+        other.layer_states, other.asks = dict(self.layer_states), {}
+        return other
+
+    def _stale(self) -> bool:
+        return any(self.interpreter.fetch_attr(node.target).forward_state() != state
+                   for node, state in self.layer_states.items())
+
+    def advance(self, nodes: list[fx.Node]) -> dict[str, Any]:
+        """The values of ``nodes`` on this batch, running what they need and has not run yet."""
+        if self._stale() or any(n in self.ran and n not in self.env for n in nodes):
+            self.restart()
+        values = {n.name: self.env[n] for n in nodes if n in self.env}
+        needed, stack = set(), [n for n in nodes if n not in self.ran]
+        while stack:
+            node = stack.pop()
+            if node not in needed and node not in self.ran:
+                needed.add(node)
+                stack.extend(node.all_input_nodes)
+        values.update(self._run(sorted(needed, key=self.position.__getitem__), set(nodes)))
+        self.release(nodes)
+        return values
+
+    def release(self, nodes: list[fx.Node]) -> None:
+        """One ask of each of ``nodes`` is answered (or no longer needed)."""
+        for node in nodes:
+            if self.asks.get(node, 0) > 0:
+                self.asks[node] -= 1
+                if node in self.readers:
+                    self._read(node)
+
+    def _read(self, node: fx.Node) -> None:
+        self.readers[node] -= 1
+        if self.readers[node] == 0:
+            self.env.pop(node, None)
+
+    def _run(self, nodes: list[fx.Node], wanted: set[fx.Node]) -> dict[str, Any]:
+        # nodes nothing reads (torch.export's metadata assertions and guards) are never wanted: they
+        # run with the nodes they check, as in a full forward, or what they read would never be freed
+        ready = self.ran.union(nodes)
+        checks = {user for node in nodes for user in node.users if not user.users and user.op != "output"
+                  and user not in ready and all(arg in ready for arg in user.all_input_nodes)}
+        values = {}
+        self.interpreter.env = self.env
+        for node in sorted((*nodes, *checks), key=self.position.__getitem__):
+            value = self.interpreter.run_node(node)
+            self.ran.add(node)
+            if node in wanted:
+                values[node.name] = value
+            if node.op == "call_module" and isinstance(layer := self.interpreter.fetch_attr(node.target), ReconLayer):
+                self.layer_states[node] = layer.forward_state()
+            self.readers[node] = len(node.users) + self.asks.get(node, 0)
+            if self.readers[node]:
+                self.env[node] = value
+            for arg in node.all_input_nodes:
+                self._read(arg)
+        return values
 
 
-class _Recorder(fx.Interpreter):
-    """Runs the graph until every wanted node has its value (a unit's inputs need only the graph
-    before the unit, so recording block k runs k blocks, not the whole model)."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: set[str]):
-        super().__init__(gm)
-        self.wanted, self.values = wanted, {}
-
-    def run_node(self, node: fx.Node) -> Any:
-        out = super().run_node(node)
-        if node.name in self.wanted:
-            self.values[node.name] = out
-            if len(self.values) == len(self.wanted):
-                raise _AllRecorded
-        return out
+def _sweeps(gm: fx.GraphModule, batches: list[list[Any]], asks: Mapping[fx.Node, int] | None = None) -> list[_Sweep]:
+    return [_Sweep(gm, flat, asks or {}) for flat in batches]
 
 
-def _record(gm: fx.GraphModule, batches: list[list[Any]], nodes: list[fx.Node]) -> dict[str, Any]:
+def _record(sweeps: Iterable[_Sweep], nodes: list[fx.Node]) -> dict[str, Any]:
     """Values of ``nodes`` over all batches: batch-dependent tensors concatenated, others from batch 0."""
-    per_batch = []
     with torch.no_grad():
-        for flat in batches:
-            recorder = _Recorder(gm, {n.name for n in nodes})
-            try:
-                recorder.run(*flat)
-            except _AllRecorded:
-                pass
-            per_batch.append(recorder.values)
+        per_batch = [sweep.advance(nodes) for sweep in sweeps]
     return {n.name: (torch.cat([v[n.name] for v in per_batch]) if _batched(n) else per_batch[0][n.name])
             for n in nodes}
 
@@ -313,6 +392,8 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
     done: set[str] = set()
     for phase, learn_rounding, learn_acts, qdrop in phases:
         done = set()
+        asks = Counter(node for unit in cut for node in unit.inputs)
+        fp_sweeps, q_sweeps = _sweeps(train, batches, asks), _sweeps(train, batches, asks)
         weight_mode = "hard"
         for unit in tqdm(cut, desc=f"reconstruct ({phase})", unit="block", disable=not progress):
             unit_layers = [layers[n] for n in unit.layers]
@@ -331,13 +412,18 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                 generator.set_state(tensors["generator"])
                 result.losses[f"{phase}:{unit.name}"] = (float(metadata["before"]), float(metadata["after"]))
                 done.update(unit.layers)
+                for sweep in (*fp_sweeps, *q_sweeps):
+                    sweep.release(unit.inputs)
                 continue
             _set_modes(layers, set(), weight_mode, act_on)
-            fp_values = _record(train, batches, unit.inputs + unit.outputs)
-            x_fp = {n.name: fp_values[n.name] for n in unit.inputs}
-            target = tuple(fp_values[n.name] for n in unit.outputs)
+            x_fp = _record(fp_sweeps, unit.inputs)
+            # the target runs the unit's float layers as they are now, in a throw-away fork: the
+            # carried sweep runs them again once learned, as the float model of later units does
+            # (a learned migration factor changes their float output by rounding)
+            fp_outputs = _record((sweep.fork() for sweep in fp_sweeps), unit.outputs)
+            target = tuple(fp_outputs[n.name] for n in unit.outputs)
             _set_modes(layers, done, weight_mode, act_on)
-            x_q = _record(train, batches, unit.inputs)
+            x_q = _record(q_sweeps, unit.inputs)
             if phase == "activations":   # weights stay at their learned rounding
                 for layer in unit_layers:
                     layer.weight_mode = "hard"

@@ -13,6 +13,8 @@ from ditq_compiler.calibration.reconstruct import (
     _cut_unit,
     _record,
     _set_modes,
+    _Sweep,
+    _sweeps,
     _swap_in_layers,
     reconstruct,
     unit_of,
@@ -115,7 +117,7 @@ def test_cut_out_block_reproduces_the_whole_graph(reference):
     block = [n for n, a in annotations.items() if a.name.startswith("transformer_blocks.2.")]
     unit = _cut_unit(gm, "transformer_blocks.2", block)
     assert len(unit.layers) == 6 and {n.op for n in unit.module.graph.nodes} >= {"placeholder", "call_module"}
-    inputs, outputs = _record(gm, flat, unit.inputs), _record(gm, flat, unit.outputs)
+    inputs, outputs = _record(_sweeps(gm, flat), unit.inputs), _record(_sweeps(gm, flat), unit.outputs)
     with torch.no_grad():
         got = unit.module(*[inputs[n.name] for n in unit.inputs])
     for node, value in zip(unit.outputs, got, strict=True):
@@ -157,3 +159,79 @@ def test_reconstruction_loss_falls_in_every_block(reference):
     # LSQ at lr 4e-5 barely moves the scales in 40 steps; it must not make things worse
     assert all(after < 1.02 * before for before, after in result.losses.values()), result.losses
     assert len(result.weights) == 36 and len(result.activations) == 36 and not result.factors
+
+
+def _compile_small(model_name, recipe_name, iterations):
+    """A compile of a zoo or toy model with few reconstruction iterations: its graph's tensors."""
+    from ditq_compiler import toy
+
+    if model_name == "dit-digits":
+        model, scheduler = zoo.load("dit-digits"), zoo.scheduler("dit-digits")
+        batches = from_sampler(model, scheduler, num_inference_steps=20, guidance_scale=2.0, num_trajectories=4,
+                               steps=4, samples_per_step=4, batch_size=8, progress=False)
+    else:
+        model, batches = toy.small_unet(), toy.random_unet_batches(count=2)
+    recipe = dq.Recipe.load(recipe_name)
+    recipe = dataclasses.replace(recipe, reconstruction=dataclasses.replace(recipe.reconstruction,
+                                                                            iterations=iterations, batch_size=4))
+    compiled = dq.compile(model, recipe, calibration=batches, progress=False, cache_dir=False)
+    return compiled.graph_module.state_dict()
+
+
+@pytest.mark.parametrize("model_name, recipe_name", [("dit-digits", "taq-dit-w4a8"),
+                                                     ("dit-digits", "taq-dit-w4a8-separate"),
+                                                     ("small-unet", "taq-dit-w4a8")])
+def test_carried_recording_equals_recording_from_the_model_input(monkeypatch, model_name, recipe_name):
+    """Unit k+1's inputs carried on from unit k give bitwise the compile of re-running the graph from
+    the model input for every unit (the O(depth^2) recording): with shift + learned migration factors
+    (joint), the two-phase baseline, and a U-Net's skip connections. The carried sweeps never start
+    over and run each node a bounded number of times, not once per later unit."""
+    runs, starts, sweeps = [], [0], []
+    restart, init, run, advance = _Sweep.restart, _Sweep.__init__, _Sweep._run, _Sweep.advance
+
+    def counting_restart(self):
+        starts[0] += 1
+        return restart(self)
+
+    def counting_run(self, nodes, wanted):
+        runs.append(len(nodes))
+        return run(self, nodes, wanted)
+
+    def counting_init(self, gm, flat, asks):
+        sweeps.append(len(gm.graph.nodes))
+        init(self, gm, flat, asks)
+
+    carried_bytes = []
+
+    def measuring_advance(self, nodes):
+        values = advance(self, nodes)
+        if self.asks:   # the carried sweeps, not the target forks
+            carried_bytes.append(sum(v.numel() * v.element_size() for v in self.env.values()
+                                     if isinstance(v, torch.Tensor)))
+        return values
+
+    monkeypatch.setattr(_Sweep, "restart", counting_restart)
+    monkeypatch.setattr(_Sweep, "_run", counting_run)
+    monkeypatch.setattr(_Sweep, "__init__", counting_init)
+    monkeypatch.setattr(_Sweep, "advance", measuring_advance)
+    carried = _compile_small(model_name, recipe_name, iterations=6)
+    assert starts[0] == len(sweeps), "a carried sweep had to start over"
+    # each float and quantized sweep (one per batch and phase) runs the graph at most once, and the
+    # target forks add at most one more in all (a fork runs one unit); from scratch it is ~depth/2
+    assert sum(runs) <= 1.5 * sum(sweeps), (sum(runs), sum(sweeps))
+    if model_name == "dit-digits":   # what is carried is one block's boundary, not one per block so far
+        assert max(carried_bytes) <= 1.05 * carried_bytes[len(carried_bytes) // 4], carried_bytes
+
+    def from_scratch(self, wanted):
+        self.restart()
+        return advance(self, wanted)
+
+    monkeypatch.setattr(_Sweep, "advance", from_scratch)
+    starts[0], sweeps[:] = 0, []
+    scratch = _compile_small(model_name, recipe_name, iterations=6)
+    assert starts[0] > 2 * len(sweeps)   # the reference really recorded every unit from the model input
+    assert carried.keys() == scratch.keys()
+    if (model_name, recipe_name) == ("dit-digits", "taq-dit-w4a8"):   # learned migration factors in play
+        assert any(name.endswith("_migrated_weight") for name in carried)
+    for name in carried:
+        assert torch.equal(carried[name], scratch[name]), name
