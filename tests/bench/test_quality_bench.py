@@ -150,3 +150,54 @@ def test_robuq_bench_records_compile_times_rotations_and_the_allocation(tmp_path
     assert len(ampn["ampn"]["bits"]) == 36 and "distillation" in ampn["stage_seconds"]
     assert ampn["compile_cpu_seconds"] > 0
     assert "AMPN" in (tmp_path / "quality-dit-digits-robuq.md").read_text()
+
+
+def test_paired_seed_table_and_the_tq_dit_criterion():
+    bench = _bench()
+    fp = dict(config="fp", fd_digits=10.0, class_accuracy=1.0, seeds={"fd_digits": [10.0, 11.0, 12.0],
+                                                                         "class_accuracy": [1.0, 1.0, 0.9]})
+
+    def row(name, fds):
+        return dict(config=name, fd_digits=fds[0], class_accuracy=1.0, fd_to_fp=0.1, noise_sqnr_median_db=25.0,
+                    seeds={"fd_digits": fds, "class_accuracy": [1.0] * 3, "fd_to_fp": [0.1, 0.2, 0.3]})
+
+    rows = [fp, row("w6a6-minmax", [8.0, 9.0, 10.0]), row("tq-dit-w6a6", [9.0, 10.5, 11.0])]
+    assert bench.paired_gap(rows[1], fp) == pytest.approx(-2.0)       # the same -2 at every seed
+    assert bench.paired_gap(rows[2], fp) == pytest.approx(-2.5 / 3)
+    table = bench.markdown(rows, 1.0, 1.6, 1438)
+    assert "Over 3 noise seeds (0..2" in table
+    assert "| w6a6-minmax | 9.00 +- 1.00 | -2.00 +- 0.00 | 0.20 | 100.0% |" in table   # paired: no seed noise
+    assert "| fp | 11.00 +- 1.00 | +0.00 +- 0.00 | - | 96.7% |" in table
+    assert "tq-dit-w6a6 -0.83 (|ratio| 0.42) vs w6a6-minmax -2.00 (target: |ratio| <= 0.5)" in table
+    # without --seeds the gap is seed 0's
+    assert bench.paired_gap({"fd_digits": 9.0}, {"fd_digits": 10.0}) == -1.0
+
+
+def test_tgq_softmax_variant_keeps_the_preset_but_groups_post_softmax_only():
+    bench = _bench()
+    preset, variant = bench.recipe_for("tq-dit-w6a6"), bench.recipe_for("tq-dit-w6a6-tgq-softmax")
+    assert variant.time_groups.sites == ("post_softmax",) and variant.time_groups.groups == preset.time_groups.groups
+    assert (variant.weights, variant.activations, variant.scale_search, variant.multi_region) == (
+        preset.weights, preset.activations, preset.scale_search, preset.multi_region)
+
+
+@pytest.mark.slow
+def test_compile_only_artifacts_are_sampled_later_with_their_compile_figures(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = [sys.executable, "bench/quality.py", "--recipes", "w8a8-minmax", "--samples", "20", "--steps", "5",
+              "--sqnr-samples", "4", "--calibration-trajectories", "4", "--batch-size", "10", "--threads", "1",
+              "--fp-seeds", "1", "--artifacts", str(tmp_path / "art"), "--quiet"]
+    compiled = subprocess.run(common + ["--compile-only", "--out", str(tmp_path / "a")], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+    assert compiled.returncode == 0, compiled.stderr
+    assert not (tmp_path / "a").exists()                          # nothing sampled
+    figures = json.loads((tmp_path / "art" / "quality-dit-digits-w8a8-minmax.json").read_text())
+    assert figures["compile_cpu_seconds"] > 0 and figures["compile_torch"]
+    for out in ("b", "c"):   # from the artifact, twice: the same model, the same numbers, no compile
+        done = subprocess.run(common + ["--seeds", "2", "--out", str(tmp_path / out)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+    rows = [json.loads((tmp_path / o / "quality-dit-digits.json").read_text())["rows"] for o in ("b", "c")]
+    assert rows[0][1]["seeds"] == rows[1][1]["seeds"] and len(rows[0][1]["seeds"]["fd_digits"]) == 2
+    assert rows[0][1]["compile_seconds"] == figures["compile_seconds"]
+    assert "Sampled on the CPU" in (tmp_path / "b" / "quality-dit-digits.md").read_text()
