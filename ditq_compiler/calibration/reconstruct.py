@@ -341,7 +341,8 @@ def _train_unit(unit: _Unit, layers: list[ReconLayer], x_q: dict, x_fp: dict, ta
             bar.set_postfix(rec=f"{float(rec.detach()):.3g}", round="-" if b is None else f"{b:.1f}")
     unit.module.eval()
     for optimizer in optimizers:   # the last step's gradients would otherwise stay, one weight-sized
-        optimizer.zero_grad(set_to_none=True)   # tensor per layer for the rest of the compile
+        optimizer.zero_grad(set_to_none=True)   # tensor per layer for the rest of the compile,
+        optimizer.state.clear()   # and Adam's two moments until the cyclic GC frees the optimizer
     return before, _evaluate(unit, layers, x_q, target, spec, learn_acts)
 
 
