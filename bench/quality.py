@@ -95,8 +95,7 @@ def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: 
             fp_samples: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
     labels = torch.arange(args.samples) % 10
     start = time.perf_counter()
-    samples = sample(denoiser, scheduler, labels, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                     seed=seed, batch_size=args.batch_size, progress=not args.quiet).cpu()
+    samples = sample_on_cpu(denoiser, scheduler, args, labels, seed, progress=not args.quiet)
     seconds = time.perf_counter() - start
     quality.save_grid(samples[:40], out_dir / f"{name}.png")
     row = {"config": name, "seed": seed, "fd_digits": quality.fd_digits(samples),
@@ -110,6 +109,12 @@ def measure(name: str, denoiser, fp_model, scheduler, args, seed: int, out_dir: 
     return row, samples
 
 
+def sample_on_cpu(denoiser, scheduler, args, labels: torch.Tensor, seed: int, progress: bool) -> torch.Tensor:
+    """The bench's sampler settings, for one noise seed; the samples come back to the CPU for scoring."""
+    return sample(denoiser, scheduler, labels, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  seed=seed, batch_size=args.batch_size, progress=progress).cpu()
+
+
 def measure_seeds(denoiser, scheduler, args, row: dict, samples: torch.Tensor,
                   fp_by_seed: dict[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
     """Sample seeds 1..K-1 as well (seed 0 is ``samples``); per-seed FD, accuracy and FD to the FP samples of the
@@ -117,9 +122,7 @@ def measure_seeds(denoiser, scheduler, args, row: dict, samples: torch.Tensor,
     labels = torch.arange(args.samples) % 10
     by_seed = {0: samples}
     for seed in range(1, args.seeds):
-        by_seed[seed] = sample(denoiser, scheduler, labels, num_inference_steps=args.steps,
-                               guidance_scale=args.guidance, seed=seed, batch_size=args.batch_size,
-                               progress=False).cpu()
+        by_seed[seed] = sample_on_cpu(denoiser, scheduler, args, labels, seed, progress=False)
     row["seeds"] = {"fd_digits": [quality.fd_digits(x) for x in by_seed.values()],
                     "class_accuracy": [quality.class_accuracy(x, labels) for x in by_seed.values()]}
     if fp_by_seed is not None:
@@ -135,8 +138,7 @@ def mean_and_error(values: list[float]) -> tuple[float, float]:
 
 def seeds_markdown(rows: list[dict]) -> list[str]:
     """The table over K paired seeds: each configuration's FD minus FP's FD for the same noise, averaged."""
-    fp = rows[0]["seeds"]["fd_digits"]
-    k = len(fp)
+    k = len(rows[0]["seeds"]["fd_digits"])
     lines = ["", f"Over {k} noise seeds (0..{k - 1}, the same for every row; the gap is paired: a configuration's "
                  "FD minus FP's FD for the same seed, mean +- standard error):", "",
              "| config | FD-digits mean +- sd | FD gap vs FP, paired mean +- s.e. | FD to FP samples mean | "
@@ -146,19 +148,24 @@ def seeds_markdown(rows: list[dict]) -> list[str]:
         if seeds is None or r["config"].startswith("fp-seed"):
             continue
         fd = seeds["fd_digits"]
-        gap, error = mean_and_error([q - f for q, f in zip(fd, fp, strict=True)])
+        gap, error = mean_and_error(seed_gaps(r, rows[0]))
         to_fp = f"{statistics.fmean(max(v, 0.0) for v in seeds['fd_to_fp']):.2f}" if "fd_to_fp" in seeds else "-"
         lines.append(f"| {r['config']} | {statistics.fmean(fd):.2f} +- {statistics.stdev(fd):.2f} | "
                      f"{gap:+.2f} +- {error:.2f} | {to_fp} | {100 * statistics.fmean(seeds['class_accuracy']):.1f}% |")
     return lines
 
 
-def paired_gap(row: dict, fp_row: dict) -> float:
-    """Mean over seeds of the row's FD minus FP's for the same seed (seed 0 alone without --seeds)."""
+def seed_gaps(row: dict, fp_row: dict) -> list[float]:
+    """The row's FD minus FP's for the same seed, per seed (seed 0 alone without --seeds)."""
     if "seeds" in row and "seeds" in fp_row:
         pairs = zip(row["seeds"]["fd_digits"], fp_row["seeds"]["fd_digits"], strict=True)
-        return statistics.fmean(q - f for q, f in pairs)
-    return row["fd_digits"] - fp_row["fd_digits"]
+        return [q - f for q, f in pairs]
+    return [row["fd_digits"] - fp_row["fd_digits"]]
+
+
+def paired_gap(row: dict, fp_row: dict) -> float:
+    """Mean over seeds of the row's FD minus FP's for the same seed."""
+    return statistics.fmean(seed_gaps(row, fp_row))
 
 
 def robuq_markdown(rows: list[dict]) -> list[str]:
@@ -385,9 +392,7 @@ def main() -> None:
         if artifact is not None:  # the model first: a figures file means its artifact is complete
             artifact.parent.mkdir(parents=True, exist_ok=True)
             compiled.save(artifact)
-            tmp = Path(f"{figures_file}.tmp")
-            tmp.write_text(json.dumps(figures, indent=2))
-            tmp.replace(figures_file)
+            write_text_atomically(figures_file, json.dumps(figures, indent=2))
         return compiled, figures
 
     if args.compile_only:
@@ -451,6 +456,12 @@ def ampn_row(compiled) -> dict:
             "base_loss": allocation.base_loss}
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_results(rows: list[dict], args, final: bool) -> None:
     """Atomically (re)write the JSON and table; called after every configuration so nothing is lost."""
     seeds = [r for r in rows if r["config"].startswith("fp")]
@@ -461,9 +472,9 @@ def write_results(rows: list[dict], args, final: bool) -> None:
     device = torch.device(args.device)
     sampled_on = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
     compiled_with = sorted({r["compile_torch"] for r in rows if "compile_torch" in r})
-    where = (f"Sampled on {sampled_on} (torch {torch.__version__}" + (", fp32 with TF32 off)" if device.type == "cuda"
-                                                                      else ")") +
-             (f"; compiled on the CPU with torch {', '.join(compiled_with)}." if compiled_with else "."))
+    precision = ", fp32 with TF32 off" if device.type == "cuda" else ""
+    compiled_note = f"; compiled on the CPU with torch {', '.join(compiled_with)}" if compiled_with else ""
+    where = f"Sampled on {sampled_on} (torch {torch.__version__}{precision}){compiled_note}."
     result = {"model": args.model, "settings": settings, "torch": torch.__version__, "sampled_on": sampled_on,
               "complete": final,
               "fp_seed_gap": fp_gap, "real_fd_floor": floor,
@@ -471,10 +482,7 @@ def write_results(rows: list[dict], args, final: bool) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, fp_gap, floor, floor_images, where)
     for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", table)):
-        path = args.out / f"{args.stem}{suffix}"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text_atomically(args.out / f"{args.stem}{suffix}", text)
     if final:
         plot_sqnr(rows, args.out / f"{args.stem}-sqnr.png")
 

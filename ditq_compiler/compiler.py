@@ -109,8 +109,7 @@ class CompiledModel(torch.nn.Module):
         return moved
 
     def cuda(self, device: Any = None):
-        return self.to(torch.device("cuda") if device is None else torch.device("cuda", device)
-                       if isinstance(device, int) else device)
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
 
     def cpu(self):
         return self.to("cpu")
@@ -375,9 +374,6 @@ def _flat(inputs: dict[str, Any]) -> list[Any]:
     return torch.utils._pytree.tree_leaves(((), inputs))
 
 
-__all__ = ["CompiledModel", "LayerAnnotation", "compile"]
-
-
 def _retarget_device(gm: fx.GraphModule, device: torch.device) -> None:
     """Point every ``device=`` argument of ``gm``'s nodes at ``device`` (see ``CompiledModel.to``)."""
     changed = False
@@ -387,3 +383,7 @@ def _retarget_device(gm: fx.GraphModule, device: torch.device) -> None:
             changed = True
     if changed:
         gm.recompile()
+
+
+__all__ = ["CompiledModel", "LayerAnnotation", "compile"]
+
