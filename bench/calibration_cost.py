@@ -110,14 +110,12 @@ def main() -> None:
                 raise SystemExit(f"{recipe}: the worker failed:\n{done.stderr}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    from ditq_compiler.atomic import write_text   # here: the parent process measures nothing itself, but stays light
+
     result = {"model": args.model, "threads": args.threads, "steps": args.steps, "torch": torch.__version__,
               "rows": rows}
     for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", markdown(rows))):
-        path = args.out / f"calibration-cost-{args.model}{suffix}"
-        tmp_path = path.with_name(path.name + ".tmp")
-        tmp_path.write_text(text)
-        tmp_path.replace(path)
+        write_text(args.out / f"calibration-cost-{args.model}{suffix}", text)
     print(markdown(rows))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ditq_compiler import zoo
+from ditq_compiler.atomic import write_text
 from ditq_compiler.calibration import from_sampler
 from ditq_compiler.calibration.observe import InputObservingInterpreter
 from ditq_compiler.capture import capture
@@ -61,11 +62,8 @@ def main() -> None:
                      "top2pct_ratio": float(top.mean()) / median})
         print(f"{name}: {len(ranges)} channels, range max {rows[-1]['max_range']:.2f} / median {median:.2f} "
               f"= {rows[-1]['ratio']:.1f}x, top 2% {rows[-1]['top2pct_ratio']:.1f}x")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"channel-ranges-{args.model}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"model": args.model, "trajectories": args.trajectories, "rows": rows}, indent=2))
-    tmp.replace(path)
+    write_text(args.out / f"channel-ranges-{args.model}.json",
+               json.dumps({"model": args.model, "trajectories": args.trajectories, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ditq_compiler.atomic import write_text
 from ditq_compiler.backends.torch import Int8Linear, pair_sum_bound
 
 
@@ -94,11 +95,7 @@ def main() -> None:
               f"{row['max_error_steps']:16.3g} {row.get('pair_bound', '-'):>10}")
     result = {"shape": [m, k, n], "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(), "rows": rows}
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    path = write_text(args.json, json.dumps(result, indent=2))
     print(f"wrote {path}")
 
 

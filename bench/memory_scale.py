@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 import ditq_compiler as dq
+from ditq_compiler.atomic import write_text
 
 
 def rss_gib() -> float:
@@ -137,11 +138,8 @@ def main() -> None:
         "output_sqnr_db": compiled.output_sqnr_db,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((args.out, json.dumps(result, indent=2)), (args.out.with_suffix(".md"), markdown(result))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_text(args.out, json.dumps(result, indent=2))
+    write_text(args.out.with_suffix(".md"), markdown(result))
 
 
 def markdown(result: dict) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import ditq_compiler as dq
+from ditq_compiler.atomic import write_text
 from ditq_compiler.backends.onnx import OnnxExportError
 from ditq_compiler.backends.ort import OrtModel, profile
 
@@ -139,14 +140,8 @@ def main() -> None:
                     rows[:] = [r for r in rows if (r["preset"], r["flavour"], r.get("schedule", "shortened")) != key]
                     rows.append(row)
                     print(name, json.dumps(row), flush=True)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    staging = path.with_name(path.name + ".tmp")
-                    staging.write_text(json.dumps(results, indent=1))
-                    staging.replace(path)
-    md = path.with_suffix(".md")
-    md_tmp = md.with_name(md.name + ".tmp")
-    md_tmp.write_text(markdown(results))
-    md_tmp.replace(md)
+                    write_text(path, json.dumps(results, indent=1))
+    write_text(path.with_suffix(".md"), markdown(results))
     print(markdown(results))
 
 

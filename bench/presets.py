@@ -13,11 +13,11 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import ditq_compiler as dq
+from ditq_compiler.atomic import write_text
 from ditq_compiler.quant import sqnr_db
 from ditq_compiler.toy import random_dit_batches, random_unet_batches, small_dit, small_unet
 
@@ -56,12 +56,8 @@ def main() -> None:
             print(f"{model_name:5s} {recipe:12s} layers {r['layers']:3d}  output SQNR {r['output_sqnr_db']:5.1f} dB  "
                   f"worst layer {r['worst_layer_sqnr_db']:5.1f} dB ({r['worst_layer']})  compile {seconds:5.1f} s",
                   flush=True)
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows},
-                              indent=2))
-    tmp.replace(path)
+    path = write_text(args.json, json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                             "rows": rows}, indent=2))
     print(f"wrote {path}")
 
 

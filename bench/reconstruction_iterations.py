@@ -23,6 +23,7 @@ import torch
 
 import ditq_compiler as dq
 from ditq_compiler import quality, zoo
+from ditq_compiler.atomic import write_text
 from ditq_compiler.calibration import from_sampler
 from ditq_compiler.report import format_table
 
@@ -70,13 +71,9 @@ def main() -> None:
 
 def write(args, rows: list[dict], complete: bool) -> None:
     """Atomically (re)write the JSON after every row, so a long run loses nothing."""
-    args.out.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "recipe": args.recipe, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "complete": complete, "rows": rows}
-    path = args.out / f"reconstruction-iterations-{args.model}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_text(args.out / f"reconstruction-iterations-{args.model}.json", json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

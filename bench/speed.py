@@ -48,6 +48,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 import ditq_compiler as dq  # noqa: E402
+from ditq_compiler.atomic import write_text  # noqa: E402
 from ditq_compiler.backends.onnx import export_float, file_size  # noqa: E402
 from ditq_compiler.backends.ort import INTEGER_KERNELS, OrtModel, profile, session_options  # noqa: E402
 from ditq_compiler.backends.torch import cpu_has_vnni, lower_int8  # noqa: E402
@@ -247,15 +248,9 @@ def main() -> None:
     for shape in args.shapes:
         results["shapes"][shape] = run_shape(shape, args)
         gc.collect()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(path)
+        write_text(path, json.dumps(results, indent=1))
         table = markdown(results)
-        md = path.with_suffix(".md")
-        md_tmp = md.with_name(md.name + ".tmp")
-        md_tmp.write_text(table)
-        md_tmp.replace(md)
+        write_text(path.with_suffix(".md"), table)
         print(table, flush=True)
 
 

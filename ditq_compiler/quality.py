@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ditq_compiler.atomic import replacing
 from ditq_compiler.quant import sqnr_db
 
 
@@ -99,10 +100,7 @@ def save_grid(samples: Tensor, path: str | Path, columns: int = 10, scale: int =
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
         canvas[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    Image.fromarray(canvas.numpy()).resize((canvas.shape[1] * scale, canvas.shape[0] * scale),
-                                           Image.NEAREST).save(tmp)
-    tmp.replace(path)
-    return path
+    with replacing(path) as tmp:
+        Image.fromarray(canvas.numpy()).resize((canvas.shape[1] * scale, canvas.shape[0] * scale),
+                                               Image.NEAREST).save(tmp)
+    return Path(path)

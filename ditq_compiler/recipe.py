@@ -43,6 +43,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from ditq_compiler.atomic import write_text
 from ditq_compiler.graph import ROLES, LayerInfo
 from ditq_compiler.quant import QuantSpec
 
@@ -619,10 +620,7 @@ class Recipe:
         path = Path(path)
         data = self.to_dict()
         text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        return path
+        return write_text(path, text)
 
     # ---- decisions ---------------------------------------------------------------------
     def plan(self, layer: LayerInfo) -> LayerPlan | None:

@@ -33,6 +33,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ditq_compiler.atomic import replacing
+
 ENV_VAR = "DITQ_CACHE_DIR"
 
 
@@ -99,12 +101,9 @@ class WorkCache:
     def save(self, entry: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
         if not self.enabled:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self._path(entry)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         contiguous = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-        save_file(contiguous, tmp, metadata={**dict(metadata or {}), "entry": entry})
-        tmp.replace(path)
+        with replacing(self._path(entry)) as tmp:
+            save_file(contiguous, tmp, metadata={**dict(metadata or {}), "entry": entry})
 
     def finish(self) -> None:
         """The compile completed: its interrupted-work directory is no longer needed."""

@@ -47,6 +47,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from ditq_compiler.atomic import replacing
 from ditq_compiler.sampling import sample
 
 SELECTIONS = ("uniform", "time_groups")
@@ -115,12 +116,8 @@ class CalibrationSet:
                    for name in TENSOR_NAMES + OPTIONAL_TENSOR_NAMES if getattr(self, name) is not None}
         metadata = {"format": FORMAT, "version": FORMAT_VERSION, "sample_name": self.sample_name,
                     "batch_size": str(self.batch_size), "selection": json.dumps(self.selection, sort_keys=True)}
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(temporary), metadata=metadata)
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        with replacing(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationSet:

@@ -30,6 +30,7 @@ import torch
 from torch import fx
 
 from ditq_compiler.artifact.bitpack import bits_needed
+from ditq_compiler.atomic import write_text
 from ditq_compiler.graph import is_weighted, module_path
 from ditq_compiler.inspection.activations import is_transform
 from ditq_compiler.inspection.summary import SQNR_BAD_DB, SQNR_GOOD_DB
@@ -180,12 +181,7 @@ def render_html(compiled, manifest: dict[str, Any] | None = None) -> str:
 
 def write_html(compiled, path: str | Path, manifest: dict[str, Any] | None = None) -> Path:
     """Write the page atomically (a temporary file next to ``path``, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_html(compiled, manifest), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(path, render_html(compiled, manifest))
 
 
 __all__ = ["block_of", "op_parameters", "render_html", "view_data", "write_html"]

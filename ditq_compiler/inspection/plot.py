@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from ditq_compiler.atomic import replacing
+
 BEFORE, AFTER = "#8a939c", "#2f6fd6"
 
 
@@ -55,11 +57,9 @@ def plot_layer(stats, title: str, path: Path) -> Path:
     ranges.legend(loc="upper right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
