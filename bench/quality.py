@@ -42,7 +42,9 @@ import torch
 
 import ditq_compiler as dq
 from ditq_compiler import quality, zoo
+from ditq_compiler.atomic import replacing, write_text
 from ditq_compiler.calibration import from_sampler
+from ditq_compiler.compiler import STAGES
 from ditq_compiler.sampling import sample
 from ditq_compiler.zoo.data import digits
 
@@ -179,8 +181,7 @@ def robuq_markdown(rows: list[dict]) -> list[str]:
                       f"{100 * by_name['robuq-w1.58a4']['class_accuracy']:.1f}% (must be >= 80%)."]
     timed = [r for r in rows if "compile_seconds" in r]
     if timed:
-        stages = sorted({k for r in timed for k in r["stage_seconds"]}, key=lambda k: list(
-            next(r for r in timed if k in r["stage_seconds"])["stage_seconds"]).index(k))
+        stages = [k for k in STAGES if any(k in r["stage_seconds"] for r in timed)]   # the order compile runs them
         lines += ["", "Compile time, one thread (wall seconds; CPU seconds of the process in brackets):", "",
                   "| config | compile s (CPU s) | " + " | ".join(stages) + " |", "|---|---|" + "---|" * len(stages)]
         for r in timed:
@@ -294,10 +295,9 @@ def plot_sqnr(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main() -> None:
@@ -392,7 +392,7 @@ def main() -> None:
         if artifact is not None:  # the model first: a figures file means its artifact is complete
             artifact.parent.mkdir(parents=True, exist_ok=True)
             compiled.save(artifact)
-            write_text_atomically(figures_file, json.dumps(figures, indent=2))
+            write_text(figures_file, json.dumps(figures, indent=2))
         return compiled, figures
 
     if args.compile_only:
@@ -456,12 +456,6 @@ def ampn_row(compiled) -> dict:
             "base_loss": allocation.base_loss}
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_results(rows: list[dict], args, final: bool) -> None:
     """Atomically (re)write the JSON and table; called after every configuration so nothing is lost."""
     seeds = [r for r in rows if r["config"].startswith("fp")]
@@ -482,7 +476,7 @@ def write_results(rows: list[dict], args, final: bool) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, fp_gap, floor, floor_images, where)
     for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", table)):
-        write_text_atomically(args.out / f"{args.stem}{suffix}", text)
+        write_text(args.out / f"{args.stem}{suffix}", text)
     if final:
         plot_sqnr(rows, args.out / f"{args.stem}-sqnr.png")
 

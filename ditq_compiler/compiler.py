@@ -38,6 +38,9 @@ from ditq_compiler.passes.quantize_linears import QuantizeLinears
 from ditq_compiler.train import Allocation, choose_activation_bits, distill
 
 BACKENDS = ("torch", "torch-int8")
+# compile()'s stages in the order they run (``CompiledModel.stage_seconds`` keys, a subset of these)
+STAGES = ("capture", "calibration", "reconstruction", "mixed precision", "distillation", "rewrite", "measure",
+          "inspect")
 
 
 class CompiledModel(torch.nn.Module):
@@ -342,6 +345,7 @@ class _StageClock:
         self._last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
+        assert stage in STAGES, f"unknown compile stage {stage!r}"
         now = time.perf_counter()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
         self._last = now
@@ -385,5 +389,5 @@ def _retarget_device(gm: fx.GraphModule, device: torch.device) -> None:
         gm.recompile()
 
 
-__all__ = ["CompiledModel", "LayerAnnotation", "compile"]
+__all__ = ["STAGES", "CompiledModel", "LayerAnnotation", "compile"]
 
