@@ -215,3 +215,18 @@ def test_compile_only_artifacts_are_sampled_later_with_their_compile_figures(tmp
     assert rows[0][1]["seeds"] == rows[1][1]["seeds"] and len(rows[0][1]["seeds"]["fd_digits"]) == 2
     assert rows[0][1]["compile_seconds"] == figures["compile_seconds"]
     assert "Sampled on the CPU" in (tmp_path / "b" / "quality-dit-digits.md").read_text()
+
+
+@pytest.mark.slow
+def test_error_budget_bench_writes_a_table_per_recipe(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "bench/error_budget.py", "--recipes", "w8a8-minmax", "--steps", "4",
+                           "--threads", "1", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "error-budget-dit-digits.json").read_text())
+    budget = result["budgets"][0]
+    assert budget["recipe"] == "w8a8-minmax" and budget["weights_db"] > budget["all_db"]
+    assert {r["quantizers"] for r in budget["rows"]} == {"input of qkv", "input of attn_out", "input of fc1",
+                                                         "input of fc2"}
+    assert "### w8a8-minmax" in (tmp_path / "error-budget-dit-digits.md").read_text()
