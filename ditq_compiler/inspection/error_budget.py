@@ -28,18 +28,17 @@ from typing import Any, Iterable
 
 import torch
 from torch import fx
+from torch.utils._pytree import tree_leaves
 
 import ditq_compiler.activation_ops  # noqa: F401  (registers the ditq:: quantizer ops named below)
 import ditq_compiler.ops  # noqa: F401
-from torch.utils._pytree import tree_leaves
-
 from ditq_compiler.calibration import as_batches
 from ditq_compiler.pipeline import copy_graph_sharing_tensors
 
 STANDALONE = {torch.ops.ditq.quant_act.default, torch.ops.ditq.quant_softmax_mrq.default,
               torch.ops.ditq.quant_gelu_mrq.default}
 WEIGHTED = {torch.ops.ditq.quant_linear.default, torch.ops.ditq.quant_conv2d.default}
-A_BITS = 7   # ditq::quant_linear / quant_conv2d(x, w_codes, w_scale, w_zero_point, bias, a_scale, a_zero_point, a_bits
+A_BITS = 7   # position of a_bits in ditq::quant_linear / quant_conv2d's arguments (ops.py)
 
 
 @dataclass(frozen=True)
