@@ -46,7 +46,7 @@ def main() -> None:
     results, tables = [], []
     for name in args.recipes:
         compiled = dq.compile(model, name, calibration=calibration, progress=False, cache_dir=False)
-        budget = error_budget(compiled, model, calibration)
+        budget = error_budget(compiled, model, calibration, progress=False)
         results.append({"recipe": name, **dataclasses.asdict(budget)})
         tables += [f"### {name}", "", budget.markdown()]
         print(f"{name}:\n{budget.markdown()}", flush=True)

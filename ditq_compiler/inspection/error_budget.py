@@ -29,6 +29,7 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 from torch.utils._pytree import tree_leaves
+from tqdm.auto import tqdm
 
 import ditq_compiler.activation_ops  # noqa: F401  (registers the ditq:: quantizer ops named below)
 import ditq_compiler.ops  # noqa: F401
@@ -106,8 +107,10 @@ def bypass(gm: fx.GraphModule, names: Iterable[str]) -> fx.GraphModule:
     return out
 
 
-def error_budget(compiled: Any, model: torch.nn.Module, calibration: Iterable[Any]) -> ErrorBudget:
-    """The budget of ``compiled`` (a ``CompiledModel`` of ``model``) on the calibration batches."""
+def error_budget(compiled: Any, model: torch.nn.Module, calibration: Iterable[Any],
+                 progress: bool = True) -> ErrorBudget:
+    """The budget of ``compiled`` (a ``CompiledModel`` of ``model``) on the calibration batches: 2 + 2 x (number
+    of classes) runs of the quantized graph over them (a progress bar counts the runs)."""
     batches = as_batches(calibration)
     if not batches:
         raise ValueError("error_budget needs calibration batches; got none")
@@ -119,7 +122,10 @@ def error_budget(compiled: Any, model: torch.nn.Module, calibration: Iterable[An
     with torch.no_grad():
         reference = [_float_leaves(model(*args, **kwargs)) for args, kwargs in batches]
 
+    bar = tqdm(total=2 + 2 * len(classes), desc="error budget", unit="run", disable=not progress)
+
     def sqnr(graph: fx.GraphModule) -> float:
+        bar.update(1)
         signal = noise = 0.0
         with torch.no_grad():
             for call, ref in zip(inputs, reference, strict=True):
@@ -137,6 +143,7 @@ def error_budget(compiled: Any, model: torch.nn.Module, calibration: Iterable[An
         without = sqnr(bypass(gm, members))
         rows.append(BudgetRow(name, len(members), only, without,
                               (power(only) - power(weights_db)) / power(all_db)))
+    bar.close()
     return ErrorBudget(all_db, weights_db, tuple(sorted(rows, key=lambda r: -r.share)))
 
 

@@ -38,7 +38,7 @@ def test_bypassing_every_activation_quantizer_leaves_exactly_the_weight_only_mod
 def test_the_budget_blames_the_class_quantized_coarsest(dit, dit_batches):
     recipe = _recipe("w8a8-minmax", overrides=[{"role": "fc1", "activations": {"bits": 3}}])
     compiled = dq.compile(dit, recipe, calibration=dit_batches, progress=False)
-    budget = error_budget(compiled, dit, dit_batches)
+    budget = error_budget(compiled, dit, dit_batches, progress=False)
     assert budget.rows[0].quantizers == "input of fc1" and budget.rows[0].count == 2
     assert budget.rows[0].share > 0.5 > budget.rows[1].share
     assert abs(budget.rows[0].only_db - budget.all_db) < 1.5      # fc1's inputs alone nearly the whole error
@@ -56,7 +56,7 @@ def test_standalone_tq_dit_quantizers_are_classed_by_operand(dit, dit_batches):
     classes = quantizer_classes(compiled.graph_module)
     assert {"attention q", "attention k^T", "attention P", "attention v", "input of fc2"} <= set(classes)
     assert len(classes["attention P"]) == 2            # one post-softmax quantizer per block
-    budget = error_budget(compiled, dit, dit_batches[:2])
+    budget = error_budget(compiled, dit, dit_batches[:2], progress=False)
     assert {r.quantizers for r in budget.rows} == set(classes)
     assert all(r.only_db >= budget.all_db - 0.5 for r in budget.rows)
 
