@@ -30,13 +30,13 @@ from ditq_compiler.inspection.error_budget import error_budget
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dit-digits", choices=["dit-digits", "unet-digits"])
-    parser.add_argument("--recipes", nargs="+", default=["w6a6-minmax", "tq-dit-w6a6"])
+    parser.add_argument("--recipes", nargs="+", default=["w6a6-minmax", "tq-dit-w6a6"],
+                        help="presets or recipe files (bench/recipes/*.yaml)")
     parser.add_argument("--steps", type=int, default=100, help="DDPM steps of the calibration trajectories")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
-    for name in args.recipes:   # a typo fails before the calibration set is drawn
-        dq.Recipe.load(name)
+    recipes = [dq.Recipe.load(name) for name in args.recipes]   # a typo fails before the calibration set is drawn
     if args.threads:
         torch.set_num_threads(args.threads)
     model, scheduler = zoo.load(args.model), zoo.scheduler(args.model)
@@ -44,8 +44,9 @@ def main() -> None:
                                num_trajectories=32, seed=123, selection="time_groups", groups=min(10, args.steps),
                                samples_per_group=32, progress=False)
     results, tables = [], []
-    for name in args.recipes:
-        compiled = dq.compile(model, name, calibration=calibration, progress=False, cache_dir=False)
+    for recipe in recipes:   # a recipe file (bench/recipes/*.yaml) is named by its `name:`
+        name = recipe.name
+        compiled = dq.compile(model, recipe, calibration=calibration, progress=False, cache_dir=False)
         budget = error_budget(compiled, model, calibration, progress=False)
         results.append({"recipe": name, **dataclasses.asdict(budget)})
         tables += [f"### {name}", "", budget.markdown()]

@@ -303,7 +303,9 @@ def plot_sqnr(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dit-digits", choices=["dit-digits", "unet-digits"])
-    parser.add_argument("--recipes", nargs="*", default=None, help=f"default: {' '.join(DEFAULT_RECIPES)}")
+    parser.add_argument("--recipes", nargs="*", default=None,
+                        help="presets, variant names or recipe files (bench/recipes/*.yaml; the row takes the "
+                             f"file's name:); default: {' '.join(DEFAULT_RECIPES)}")
     parser.add_argument("--ablation", action="store_true",
                         help=f"TaQ-DiT ablation ({' '.join(ABLATION)}), written to quality-<model>-taq-ablation.*")
     parser.add_argument("--tq-ablation", action="store_true",
@@ -352,8 +354,9 @@ def main() -> None:
         args.calibration_steps = args.steps if args.robuq else min(25, args.steps)
     if args.samples_per_step is None:
         args.samples_per_step = 16 if args.robuq else 10
-    for recipe in args.recipes:  # a typo fails now, not after an hour of FP sampling
-        recipe_for(recipe)
+    # row name -> recipe argument (a preset, a variant name, or a recipe file such as bench/recipes/*.yaml,
+    # whose row takes the file's `name:`); a typo fails now, not after an hour of FP sampling
+    recipes = {recipe_for(recipe).name: recipe for recipe in args.recipes}
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on a GPU
@@ -366,10 +369,10 @@ def main() -> None:
                  else dict(steps=args.calibration_steps, samples_per_step=args.samples_per_step))
     calibration = None
 
-    def compiled_model(recipe: str) -> tuple[dq.CompiledModel, dict]:
+    def compiled_model(name: str) -> tuple[dq.CompiledModel, dict]:
         """The recipe's compiled model and its compile figures: from --artifacts, or compiled now."""
         nonlocal calibration
-        base = None if args.artifacts is None else args.artifacts / f"{args.stem}-{recipe}"
+        base = None if args.artifacts is None else args.artifacts / f"{args.stem}-{name}"
         artifact, figures_file = (None, None) if base is None else (Path(f"{base}.ditq"), Path(f"{base}.json"))
         if figures_file is not None and figures_file.exists():
             return dq.load(artifact), json.loads(figures_file.read_text())
@@ -378,8 +381,8 @@ def main() -> None:
                                        guidance_scale=args.guidance, num_trajectories=args.calibration_trajectories,
                                        seed=123, progress=not args.quiet, **selection)
         start, cpu = time.perf_counter(), time.process_time()
-        compiled = dq.compile(cpu_model, recipe_for(recipe, args.distillation_iterations), calibration=calibration,
-                              progress=not args.quiet)
+        recipe = recipe_for(recipes[name], args.distillation_iterations)
+        compiled = dq.compile(cpu_model, recipe, calibration=calibration, progress=not args.quiet)
         figures = {"compile_seconds": round(time.perf_counter() - start, 1),
                    "compile_cpu_seconds": round(time.process_time() - cpu, 1),
                    "compile_torch": torch.__version__, "compile_threads": torch.get_num_threads(),
@@ -396,9 +399,9 @@ def main() -> None:
         return compiled, figures
 
     if args.compile_only:
-        for recipe in args.recipes:
-            figures = compiled_model(recipe)[1]
-            print(f"{recipe}: compiled in {figures['compile_seconds']} s ({figures['compile_cpu_seconds']} CPU s)",
+        for name in recipes:
+            figures = compiled_model(name)[1]
+            print(f"{name}: compiled in {figures['compile_seconds']} s ({figures['compile_cpu_seconds']} CPU s)",
                   flush=True)
         return
 
@@ -412,14 +415,14 @@ def main() -> None:
         write_results(rows, args, final=False)
     print("fp: FD " + " / ".join(f"{r['fd_digits']:.2f}" for r in rows) +
           f", accuracy {rows[0]['class_accuracy']:.3f}", flush=True)
-    for recipe in args.recipes:
-        compiled, figures = compiled_model(recipe)
-        r, samples = measure(recipe, compiled.to(args.device), model, scheduler, args, 0, grids, fp_samples)
+    for name in recipes:
+        compiled, figures = compiled_model(name)
+        r, samples = measure(name, compiled.to(args.device), model, scheduler, args, 0, grids, fp_samples)
         if fp_by_seed is not None:
             measure_seeds(compiled, scheduler, args, r, samples, fp_by_seed)
         r.update(figures)
-        rows = [old for old in rows if old["config"] != recipe] + [r]
-        print(f"{recipe}: FD {r['fd_digits']:.2f}, accuracy {r['class_accuracy']:.3f}, "
+        rows = [old for old in rows if old["config"] != name] + [r]
+        print(f"{name}: FD {r['fd_digits']:.2f}, accuracy {r['class_accuracy']:.3f}, "
               f"median noise SQNR {r['noise_sqnr_median_db']:.1f} dB", flush=True)
         write_results(rows, args, final=False)
 

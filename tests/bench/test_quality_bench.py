@@ -230,3 +230,29 @@ def test_error_budget_bench_writes_a_table_per_recipe(tmp_path):
     assert {r["quantizers"] for r in budget["rows"]} == {"input of qkv", "input of attn_out", "input of fc1",
                                                          "input of fc2"}
     assert "### w8a8-minmax" in (tmp_path / "error-budget-dit-digits.md").read_text()
+
+
+def test_bench_recipe_files_load_and_are_named_after_their_file():
+    import ditq_compiler as dq
+
+    files = sorted((ROOT / "bench" / "recipes").glob("*.yaml"))
+    assert files, "bench/recipes holds the recipe variants the README's tables quote"
+    for path in files:
+        recipe = dq.Recipe.load(path)
+        assert recipe.name == path.stem and recipe.name not in dq.Recipe.presets(), path.name
+        assert recipe.description, path.name
+
+
+@pytest.mark.slow
+def test_a_recipe_file_names_its_artifact_and_row(tmp_path):
+    recipe = tmp_path / "variant.yaml"
+    recipe.write_text((ROOT / "ditq_compiler" / "presets" / "w8a8-minmax.yaml").read_text()
+                      .replace("name: w8a8-minmax", "name: my-w8a8"))
+    done = subprocess.run(
+        [sys.executable, "bench/quality.py", "--recipes", str(recipe), "--steps", "5", "--calibration-trajectories",
+         "4", "--threads", "1", "--artifacts", str(tmp_path / "art"), "--compile-only", "--quiet"],
+        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "my-w8a8: compiled in" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["quality-dit-digits-my-w8a8.ditq",
+                                                                     "quality-dit-digits-my-w8a8.json"]
