@@ -354,9 +354,9 @@ def main() -> None:
         args.calibration_steps = args.steps if args.robuq else min(25, args.steps)
     if args.samples_per_step is None:
         args.samples_per_step = 16 if args.robuq else 10
-    # row name -> recipe argument (a preset, a variant name, or a recipe file such as bench/recipes/*.yaml,
-    # whose row takes the file's `name:`); a typo fails now, not after an hour of FP sampling
-    recipes = {recipe_for(recipe).name: recipe for recipe in args.recipes}
+    # row name -> recipe (from a preset, a variant name, or a recipe file such as bench/recipes/*.yaml, whose
+    # row takes the file's `name:`); a typo fails now, not after an hour of FP sampling
+    recipes = {r.name: r for r in (recipe_for(arg, args.distillation_iterations) for arg in args.recipes)}
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on a GPU
@@ -381,8 +381,7 @@ def main() -> None:
                                        guidance_scale=args.guidance, num_trajectories=args.calibration_trajectories,
                                        seed=123, progress=not args.quiet, **selection)
         start, cpu = time.perf_counter(), time.process_time()
-        recipe = recipe_for(recipes[name], args.distillation_iterations)
-        compiled = dq.compile(cpu_model, recipe, calibration=calibration, progress=not args.quiet)
+        compiled = dq.compile(cpu_model, recipes[name], calibration=calibration, progress=not args.quiet)
         figures = {"compile_seconds": round(time.perf_counter() - start, 1),
                    "compile_cpu_seconds": round(time.process_time() - cpu, 1),
                    "compile_torch": torch.__version__, "compile_threads": torch.get_num_threads(),
@@ -476,7 +475,6 @@ def write_results(rows: list[dict], args, final: bool) -> None:
               "complete": final,
               "fp_seed_gap": fp_gap, "real_fd_floor": floor,
               "real_fd_floor_images": floor_images, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, fp_gap, floor, floor_images, where)
     for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", table)):
         write_text(args.out / f"{args.stem}{suffix}", text)

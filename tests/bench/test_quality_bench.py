@@ -133,7 +133,6 @@ def test_robuq_tables_state_the_gap_criterion_and_the_chosen_bits():
     assert "before vs after distillation: -1.00 at 2 bits, -1.00 at 3 bits." in table
 
 
-
 def test_compile_time_columns_follow_the_compile_order_whatever_the_rows():
     bench = _bench()
     row = dict(class_accuracy=0.9, noise_sqnr_median_db=15.0, compile_seconds=10.0, compile_cpu_seconds=8.0)
@@ -146,6 +145,7 @@ def test_compile_time_columns_follow_the_compile_order_whatever_the_rows():
         table = bench.markdown(rows, float("nan"), 1.6, 1438)
         assert header in table
         assert "| w4a4-minmax | 10 (8) | 1.0 | 0.0 | 0.0 | 2.0 |" in table
+
 
 @pytest.mark.slow
 def test_robuq_bench_records_compile_times_rotations_and_the_allocation(tmp_path):
