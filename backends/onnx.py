@@ -100,6 +100,7 @@ from ditq_compiler.backends.torch import INT16_MAX, cpu_has_vnni, pair_sum_bound
 from ditq_compiler.capture import CapturedModel, bind_inputs, capture
 from ditq_compiler.pipeline import delete_unused_attrs, fetch_attr
 from ditq_compiler.quant import SCALE_EPS
+from ditq_compiler import meta
 
 OPSET = 21
 IR_VERSION = 10
@@ -176,7 +177,7 @@ class LoweringContext:
 
     def __init__(self, gm: fx.GraphModule, node: fx.Node, target: Target):
         self.gm, self.node, self.target = gm, node, target
-        annotation = node.meta.get("ditq")
+        annotation = meta.get(node).annotation
         self.layer = annotation.name if annotation is not None else node.name
 
     def args(self) -> list[Any]:

@@ -39,6 +39,7 @@ from torch import Tensor, fx
 
 import ditq_compiler.ops  # noqa: F401  (registers the ditq:: ops)
 from ditq_compiler.pipeline import fetch_attr
+from ditq_compiler import meta
 
 PROBE_TOLERANCE_STEPS = 0.5
 
@@ -144,7 +145,7 @@ def lower_int8(gm: fx.GraphModule, vnni: bool | None = None) -> tuple[fx.GraphMo
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.ditq.quant_linear.default:
             continue
-        source = node.meta["ditq_source_node"]
+        source = meta.get(node).source_node
         reason = _ineligible(node, gm)
         if reason:
             kernels[source] = f"reference ({reason})"

@@ -28,47 +28,15 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from ditq_compiler.annotate import LayerAnnotation
 from ditq_compiler.graph import VIEW_OPS, GraphAnalysis, _reach_forward, _trace_back, module_path, op_name
 from ditq_compiler.quant import QuantSpec
 from ditq_compiler.recipe import Recipe, RecipeError
+from ditq_compiler import meta
+from ditq_compiler.meta import ActivationSite, LayerAnnotation, MatmulLayer
 
 MATMULS = ("matmul", "bmm")
-PARAMETERS = {"uniform": ("scale", "zero_point"), "softmax_mrq": ("s1",), "gelu_mrq": ("s_neg", "s_pos")}
 GROUPED_BY = {"post_softmax": "post_softmax", "post_gelu": "post_gelu", "linear_input": "linear_inputs",
               "attention_operand": "attention_operands"}
-
-
-@dataclass(frozen=True)
-class ActivationSite:
-    consumer: str        # node whose input is quantized (aten.linear / conv2d / matmul)
-    arg: int             # which argument of it
-    layer: str           # the consumer's layer name
-    operand: str         # 'input' for linears; 'q', 'k^T', 'P', 'v' for attention matmuls
-    kind: str            # post_softmax | post_gelu | linear_input | attention_operand
-    quantizer: str       # uniform | softmax_mrq | gelu_mrq
-    spec: QuantSpec
-    time_grouped: bool
-
-    @property
-    def key(self) -> str:
-        return f"{self.consumer}:{self.arg}"
-
-    @property
-    def standalone(self) -> bool:
-        """Whether the site needs its own quantizer op (else ``quant_linear`` quantizes its input)."""
-        return self.kind in ("post_softmax", "attention_operand") or self.quantizer != "uniform" or self.time_grouped
-
-    @property
-    def parameters(self) -> tuple[str, ...]:
-        return PARAMETERS[self.quantizer]
-
-
-@dataclass(frozen=True)
-class MatmulLayer:
-    node: str
-    name: str
-    role: str            # attn_scores (q k^T) | attn_value (P v)
 
 
 @dataclass
@@ -149,7 +117,7 @@ def plan_sites(gm: fx.GraphModule, analysis: GraphAnalysis, annotations: dict[st
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     plan.sites.sort(key=lambda s: (order[s.consumer], s.arg))
     for node in (n for n in gm.graph.nodes if n.name in plan.matmuls):
-        node.meta["ditq_matmul_layer"] = plan.matmuls[node.name]
+        meta.update(node, matmul_layer=plan.matmuls[node.name])
     return plan
 
 

@@ -1,30 +1,20 @@
-"""Annotation: the recipe's decision for each layer, written to ``node.meta['ditq']``.
+"""Annotation: the recipe's decision for each layer, recorded on the node (``meta.NodeMeta.annotation``).
 
 Deciding what to quantize is kept apart from rewriting: passes read these annotations.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import fx
 
 from ditq_compiler.graph import GraphAnalysis
-from ditq_compiler.quant import QuantSpec
 from ditq_compiler.recipe import Recipe, RecipeError
-
-
-@dataclass(frozen=True)
-class LayerAnnotation:
-    name: str
-    role: str
-    op: str
-    weights: QuantSpec
-    activations: QuantSpec | None
+from ditq_compiler import meta
+from ditq_compiler.meta import LayerAnnotation
 
 
 def annotate(gm: fx.GraphModule, analysis: GraphAnalysis, recipe: Recipe) -> dict[str, LayerAnnotation]:
-    """Write ``meta['ditq']`` on every layer the recipe quantizes; return them by node name."""
+    """Record the annotation on every layer the recipe quantizes; return them by node name."""
     nodes = {n.name: n for n in gm.graph.nodes}
     plans: dict[str, LayerAnnotation] = {}
     for node_name, layer in analysis.layers.items():
@@ -38,7 +28,7 @@ def annotate(gm: fx.GraphModule, analysis: GraphAnalysis, recipe: Recipe) -> dic
             raise RecipeError(f"recipe '{recipe.name}': layer '{layer.name}' is a conv; per-token activations "
                               "are defined for linears")
         annotation = LayerAnnotation(layer.name, layer.role, layer.op, plan.weights, plan.activations)
-        nodes[node_name].meta["ditq"] = annotation
+        meta.update(nodes[node_name], annotation=annotation)
         plans[node_name] = annotation
     if not plans and recipe.rotation is None:   # a rotation-only recipe (hadamard-only) quantizes nothing
         found = sorted({layer.role for layer in analysis.layers.values()})

@@ -36,6 +36,7 @@ from ditq_compiler.passes.migrate_outliers import channel_affine
 from ditq_compiler.passes.quantize_activations import QuantizeActivations
 from ditq_compiler.passes.quantize_linears import QuantizeLinears
 from ditq_compiler.train import Allocation, choose_activation_bits, distill
+from ditq_compiler import meta
 
 BACKENDS = ("torch", "torch-int8")
 # compile()'s stages in the order they run (``CompiledModel.stage_seconds`` keys, a subset of these)
@@ -147,7 +148,7 @@ class CompiledModel(torch.nn.Module):
 
     def _captured_layers(self):
         return [n for n in self.graph_module.graph.nodes
-                if n.op in ("call_function", "call_module") and ("ditq_role" in n.meta)]
+                if n.op in ("call_function", "call_module") and (meta.get(n).role is not None)]
 
     def print_readable(self, print_output: bool = True) -> str:
         return self.graph_module.print_readable(print_output=print_output)

@@ -35,6 +35,7 @@ from typing import Callable, Iterable
 import networkx as nx
 import torch
 from torch import fx
+from ditq_compiler import meta
 
 ROLES = ("qkv", "attn_out", "fc1", "fc2", "adaln", "embed", "patch_embed", "final", "conv", "linear")
 SITES = ("post_gelu", "post_softmax")
@@ -320,10 +321,10 @@ def analyse(gm: fx.GraphModule, sample_input: str, timestep_input: str | None = 
         name = path if calls[path] == 1 else f"{path}#{calls[path]}"
         layers[n.name] = LayerInfo(node=n.name, name=name, op=op_name(n), role=role,
                                    timestep_dependent=n.name in time_dep)
-        n.meta["ditq_role"] = role
+        meta.update(n, role=role)
     for name, site in sites.items():
-        nodes[name].meta["ditq_site"] = site
+        meta.update(nodes[name], site=site)
     for name in time_dep:
-        nodes[name].meta["ditq_timestep_dependent"] = True
+        meta.update(nodes[name], timestep_dependent=True)
     return GraphAnalysis(graph=g, layers=layers, sites=sites, timestep_dependent=time_dep,
                          sample_dependent=sample_dep)

@@ -97,14 +97,6 @@ def linear_node(gm: fx.GraphModule, name: str, what: str) -> fx.Node:
     return node
 
 
-def record_applied(node: fx.Node, pass_name: str, **details) -> None:
-    """Note on layer ``node`` that ``pass_name`` changed it, with JSON-able details (``ditq inspect`` lists them).
-
-    A new list each time: graph copies share meta values, so the note must not reach the copies.
-    """
-    node.meta["ditq_applied"] = [*node.meta.get("ditq_applied", []), {"pass": pass_name, **details}]
-
-
 def copy_graph_sharing_tensors(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` whose graph and modules are new but whose parameters and buffers are the same
     tensors: for a pass that rewrites one copy while the other is kept as the float reference.
@@ -119,13 +111,6 @@ def copy_graph_sharing_tensors(gm: fx.GraphModule) -> fx.GraphModule:
     with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
         return copy.deepcopy(gm, memo)
-
-
-def copy_location(new: fx.Node, like: fx.Node) -> None:
-    """Give an inserted node the module location of the layer it serves (for names and block grouping)."""
-    for key in ("nn_module_stack", "stack_trace", "ditq_timestep_dependent"):
-        if key in like.meta:
-            new.meta[key] = like.meta[key]
 
 
 class PassPipeline:

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_leaves
 
 from ditq_compiler.annotate import LayerAnnotation
 from ditq_compiler.pipeline import fetch_attr
+from ditq_compiler import meta
 
 
 @dataclass
@@ -54,7 +55,7 @@ class _Energy:
 
 def quantized_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
     """Source node name -> quantized node, for every node the quantize pass rewrote."""
-    return {n.meta["ditq_source_node"]: n for n in gm.graph.nodes if "ditq_source_node" in n.meta}
+    return {meta.get(n).source_node: n for n in gm.graph.nodes if meta.get(n).source_node is not None}
 
 
 def _call_with_input(gm: fx.GraphModule, node: fx.Node, x: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ The G time groups are contiguous timestep ranges with ascending boundaries ``b``
     group = sum(unsqueeze(timestep, -1) > b, -1)          int64, one group per sample (shape of timestep)
 
 from a constant ``ditq_time_group_boundaries`` (aten unsqueeze, gt, sum: in ONNX Unsqueeze, Greater,
-Cast, ReduceSum), and passes ``group`` to every quantizer marked ``meta['ditq_time_grouped']``, whose
+Cast, ReduceSum), and passes ``group`` to every quantizer marked ``time_grouped``, whose
 tables then answer ``table[group]`` per sample (``ditq_compiler.activation_ops``). Nothing else
 changes; a graph with no time-grouped quantizer is left as it is.
 """
@@ -19,6 +19,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ditq_compiler.pipeline import fetch_attr
+from ditq_compiler import meta
 
 aten = torch.ops.aten
 BOUNDARIES = "ditq_time_group_boundaries"
@@ -34,7 +35,7 @@ class AttachTimeGroups:
         self.timestep_input = timestep_input
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        grouped = [n for n in gm.graph.nodes if n.meta.get("ditq_time_grouped")]
+        grouped = [n for n in gm.graph.nodes if meta.get(n).time_grouped]
         if not grouped:
             return PassResult(gm, False)
         if self.boundaries is None or self.boundaries.dim() != 1:
@@ -73,5 +74,5 @@ class AttachTimeGroups:
             with fake_mode:
                 node.meta["val"] = target(*[a.meta["val"] if isinstance(a, fx.Node) else a for a in args])
             previous = node
-        previous.meta["ditq_time_group_index"] = True
+        meta.update(previous, time_group_index=True)
         return previous

@@ -4,12 +4,12 @@ Fused attention hides the values TQ-DiT quantizes: both operands of the two atte
 and the post-softmax probabilities. Every ``aten.scaled_dot_product_attention`` node (the form
 diffusers' attention processors export to, self- and cross-attention alike) becomes
 
-    S = matmul(q, transpose(k, -2, -1))          the q.k^T matmul   (meta['ditq_matmul'] = 'attn_scores')
+    S = matmul(q, transpose(k, -2, -1))          the q.k^T matmul   (meta record: matmul = 'attn_scores')
     S = S * scale                                scale = 1 / sqrt(q.shape[-1]) unless given
     S = S + attn_mask          (float mask)      or  masked_fill(S, ~attn_mask, -inf)   (boolean mask)
     S = masked_fill(S, ~tril(ones(L, S)), -inf)  (is_causal)
     P = softmax(S, -1)                           the post-softmax site
-    O = matmul(P, v)                             the P.v matmul     (meta['ditq_matmul'] = 'attn_value')
+    O = matmul(P, v)                             the P.v matmul     (meta record: matmul = 'attn_value')
 
 which is the definition of SDPA, so the rewrite is exact up to float rounding (the fused CPU
 kernel accumulates in another order; tested to 1e-5 on diffusers DiT, PixArt and UNet2DCondition
@@ -28,7 +28,8 @@ from torch import fx
 from torch._guards import detect_fake_mode
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ditq_compiler.pipeline import copy_location
+
+from ditq_compiler import meta
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -72,11 +73,11 @@ class DecomposeAttention:
             values = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
             with fake_mode:
                 new.meta["val"] = target(*values)
-            copy_location(new, node)
+            meta.copy_location(new, node)
             return new
 
         scores = emit(aten.matmul.default, q, emit(aten.transpose.int, k, -2, -1))
-        scores.meta["ditq_matmul"] = "attn_scores"
+        meta.update(scores, matmul="attn_scores")
         scaled = emit(aten.mul.Tensor, scores, scale)
         if mask is not None and mask.meta["val"].dtype == torch.bool:
             scaled = emit(aten.masked_fill.Scalar, scaled, emit(aten.logical_not.default, mask), -math.inf)
@@ -95,6 +96,6 @@ class DecomposeAttention:
             scaled = emit(aten.masked_fill.Scalar, scaled, future_node, -math.inf)
         probs = emit(aten.softmax.int, scaled, -1)
         out = emit(aten.matmul.default, probs, v)
-        out.meta["ditq_matmul"] = "attn_value"
+        meta.update(out, matmul="attn_value")
         node.replace_all_uses_with(out)
         graph.erase_node(node)

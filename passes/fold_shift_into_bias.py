@@ -8,7 +8,7 @@ so the graph computes ``x - d`` in front of the layer (the activation quantizer 
 shifted, more symmetric values) and the layer's bias becomes ``b + W d``. Exact in real
 arithmetic; the float rewrite matches the original to rounding. ``d`` is TaQ-DiT's momentum
 shift (``ditq_compiler.calibration.channel_stats.momentum_shift``). The inserted ``aten.sub``
-node is marked ``meta['ditq_shift']`` so outlier migration can find it.
+node is marked ``shift`` in its meta record so outlier migration can find it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ditq_compiler.pipeline import copy_location, fetch_attr, linear_node, record_applied, register_constant
+from ditq_compiler.pipeline import fetch_attr, linear_node, register_constant
+from ditq_compiler import meta
 
 
 class FoldShiftIntoBias:
@@ -54,10 +55,10 @@ class FoldShiftIntoBias:
         with gm.graph.inserting_before(node):
             shifted = gm.graph.call_function(torch.ops.aten.sub.Tensor, (x, shift_node))
         shifted.meta["val"] = x.meta.get("val")
-        shifted.meta["ditq_shift"] = True
-        copy_location(shifted, node)
+        meta.update(shifted, shift=True)
+        meta.copy_location(shifted, node)
         node.args = (shifted, weight_node, new_bias, *node.args[3:])
-        record_applied(node, "fold_shift_into_bias", channels=int(shift.numel()),
+        meta.record_applied(node, "fold_shift_into_bias", channels=int(shift.numel()),
                        shift_min=float(shift.min()), shift_max=float(shift.max()))
         if bias_node is not None and not bias_node.users:
             gm.graph.erase_node(bias_node)

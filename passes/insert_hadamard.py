@@ -28,7 +28,7 @@ quantizer sees: every channel a +-1/sqrt(n) mix of all channels, outliers spread
 With ``fuse=False`` every rotation is online (the full ``H_n``); the two graphs compute the same
 function. Each rotated layer gets a ``Rotation`` record (``pass.rotations``) that says which of
 these it got; ``compiled.summary()`` prints them, and ``ditq inspect --html`` lists them among the
-layer's passes (``meta['ditq_applied']``, as does a producer that took a fused rotation).
+layer's passes (``meta.record_applied``, as does a producer that took a fused rotation).
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 import ditq_compiler.ops  # noqa: F401  (registers ditq::hadamard)
 from ditq_compiler.graph import LayerInfo, op_name
-from ditq_compiler.pipeline import copy_location, delete_unused_attrs, fetch_attr, record_applied, register_constant
+from ditq_compiler.pipeline import delete_unused_attrs, fetch_attr, register_constant
 from ditq_compiler.quant.hadamard import describe, hadamard_factors, hadamard_matrix
+from ditq_compiler import meta
 
 # ops that keep the last dim element for element (checked against the shapes as well)
 SAME_LAST_DIM = {"view", "reshape", "_unsafe_view", "clone", "contiguous", "_to_copy", "to", "dropout", "alias",
@@ -134,11 +135,11 @@ class InsertHadamard:
                                    describe(int(_linear_weight(gm, nodes[name]).shape[1])), placements[name])
                           for name, info in self.layers.items()]
         for name, rotation in zip(self.layers, self.rotations, strict=True):
-            record_applied(nodes[name], "insert_hadamard", rotation=rotation.construction,
+            meta.record_applied(nodes[name], "insert_hadamard", rotation=rotation.construction,
                            placement=rotation.placement)
         for node, plan in plans.items():
             if plan.output_rotation is not None:
-                record_applied(node, "insert_hadamard", output_rotated="for the rotated layers it feeds")
+                meta.record_applied(node, "insert_hadamard", output_rotated="for the rotated layers it feeds")
         return PassResult(gm, bool(self.layers))
 
     # ---- where the rotation goes -----------------------------------------------------------
@@ -224,8 +225,8 @@ class InsertHadamard:
             with gm.graph.inserting_before(first):
                 rotated = gm.graph.call_function(torch.ops.ditq.hadamard.default, (x, *args))
             rotated.meta["val"] = x.meta.get("val")
-            rotated.meta["ditq_rotation"] = True
-            copy_location(rotated, first)
+            meta.update(rotated, rotation=True)
+            meta.copy_location(rotated, first)
             for node in nodes:
                 node.args = (rotated, *node.args[1:])
 

@@ -20,14 +20,15 @@ import torch
 from torch import Tensor, fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ditq_compiler.pipeline import copy_location, fetch_attr, linear_node, record_applied, register_constant
+from ditq_compiler.pipeline import fetch_attr, linear_node, register_constant
+from ditq_compiler import meta
 
 
 def channel_affine(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Tensor | None, Tensor | None, fx.Node | None]:
     """(raw input, shift d, factors a, affine node) in front of layer ``node``; (input, None, None, None)
     when there is none, factors None after a shift alone."""
     affine = node.args[0]
-    if not (isinstance(affine, fx.Node) and affine.meta.get("ditq_shift")):
+    if not (isinstance(affine, fx.Node) and meta.get(affine).shift):
         return affine, None, None, None
     if affine.target is torch.ops.aten.sub.Tensor:
         return affine.args[0], fetch_attr(gm, affine.args[1].target), None, affine
@@ -49,7 +50,7 @@ class MigrateOutliers:
             node = linear_node(gm, name, "migration factors")
             shifted = node.args[0]
             if not (isinstance(shifted, fx.Node) and shifted.target is torch.ops.aten.sub.Tensor
-                    and shifted.meta.get("ditq_shift")):
+                    and meta.get(shifted).shift):
                 raise ValueError(f"layer node '{name}' has no shift in front of it: run fold_shift_into_bias first "
                                  "(migration works on shifted activations)")
             self._rewrite(gm, node, shifted, factors)
@@ -74,14 +75,14 @@ class MigrateOutliers:
         with gm.graph.inserting_before(shifted):
             affine = gm.graph.call_function(torch.ops.aten.addcmul.default, (offset, x, inv))
         affine.meta["val"] = shifted.meta.get("val")
-        affine.meta["ditq_shift"] = True
-        copy_location(affine, node)
+        meta.update(affine, shift=True)
+        meta.copy_location(affine, node)
         shifted.replace_all_uses_with(affine)
         gm.graph.erase_node(shifted)
         if not shift_node.users:
             gm.graph.erase_node(shift_node)
         node.args = (node.args[0], migrated, *node.args[2:])
-        record_applied(node, "migrate_outliers", migrated_channels=int((factors > 1).sum()),
+        meta.record_applied(node, "migrate_outliers", migrated_channels=int((factors > 1).sum()),
                        max_factor=float(factors.max()))
         if not weight_node.users:
             gm.graph.erase_node(weight_node)

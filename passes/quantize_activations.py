@@ -10,9 +10,9 @@ tables fitted by the scale search, the consumer's input ``x`` is replaced by
 
 (``ditq_compiler.activation_ops`` defines them), each table a get_attr constant with one row per
 time group. The ``group`` argument stays None here; ``attach_time_groups`` wires the run-time group
-index into the time-grouped ones (marked ``meta['ditq_time_grouped']``). A linear whose input gets
-such a quantizer is marked ``meta['ditq_input_site']``, so ``quantize_linears`` leaves its own
-activation quantizer off. Each site is noted on its consumer (``meta['ditq_applied']``: operand,
+index into the time-grouped ones (their ``meta`` record has ``time_grouped``). A linear whose input gets
+such a quantizer is marked ``input_site``, so ``quantize_linears`` leaves its own
+activation quantizer off. Each site is noted on its consumer (``record_applied``: operand,
 quantizer, regions, time groups), which ``ditq inspect --html`` lists with the layer's passes. Not
 an identity: it is the quantization the sites ask for, and with the searched tables it reproduces
 the scale search's quantizers exactly.
@@ -28,7 +28,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 import ditq_compiler.activation_ops  # noqa: F401  (registers the ditq:: activation ops)
 from ditq_compiler.activation_sites import ActivationSite
-from ditq_compiler.pipeline import copy_location, record_applied, register_constant
+from ditq_compiler.pipeline import register_constant
+from ditq_compiler import meta
 
 OPS = {"uniform": torch.ops.ditq.quant_act.default, "softmax_mrq": torch.ops.ditq.quant_softmax_mrq.default,
        "gelu_mrq": torch.ops.ditq.quant_gelu_mrq.default}
@@ -67,15 +68,15 @@ class QuantizeActivations:
         with gm.graph.inserting_before(consumer):
             quantized = gm.graph.call_function(OPS[site.quantizer], (x, None, *constants, site.spec.bits))
         quantized.meta["val"] = x.meta.get("val")
-        quantized.meta["ditq_activation_site"] = site
+        meta.update(quantized, activation_site=site)
         if site.time_grouped:
-            quantized.meta["ditq_time_grouped"] = True
-        copy_location(quantized, consumer)
+            meta.update(quantized, time_grouped=True)
+        meta.copy_location(quantized, consumer)
         args = list(consumer.args)
         args[site.arg] = quantized
         consumer.args = tuple(args)
         if consumer.target in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
-            consumer.meta["ditq_input_site"] = site.key
-        record_applied(consumer, "quantize_activations", operand=site.operand, site=site.kind,
+            meta.update(consumer, input_site=site.key)
+        meta.record_applied(consumer, "quantize_activations", operand=site.operand, site=site.kind,
                        quantizer=site.quantizer, regions=2 if site.quantizer != "uniform" else 1,
                        time_groups=next(iter(rows)) if site.time_grouped else 1)

@@ -1,6 +1,6 @@
 """Replace annotated ``aten.linear`` / ``aten.conv2d`` nodes with quantized custom ops.
 
-For each node annotated by the recipe (``node.meta['ditq']``), the float weight ``W`` is
+For each node annotated by the recipe (``meta.get(node).annotation``), the float weight ``W`` is
 replaced by integer codes and their quantization parameters,
 
     q_w = clamp(round(W / s_w) + z_w, qmin, qmax),      (s_w, z_w) from the weight observer,
@@ -11,7 +11,7 @@ with the calibrated input-activation parameters ``(s_a, z_a)``. The rewrite pres
     op(x) = linear(x_hat, (q_w - z_w) s_w, b)
 
 which is the fake-quant reference every backend is checked against. A layer whose input already
-passes through a standalone quantizer op (``meta['ditq_input_site']``, set by
+passes through a standalone quantizer op (``input_site`` in its meta record, set by
 ``quantize_activations``) gets ``a_bits = 0``. Float weights that no other node uses are deleted
 from the module.
 """
@@ -26,8 +26,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 import ditq_compiler.ops  # noqa: F401  (registers the ditq:: ops)
 from ditq_compiler.annotate import LayerAnnotation
-from ditq_compiler.pipeline import delete_unused_attrs, fetch_attr, record_applied, register_constant
+from ditq_compiler.pipeline import delete_unused_attrs, fetch_attr, register_constant
 from ditq_compiler.quant import quantize, weight_qparams
+from ditq_compiler import meta
 
 
 class QuantizeLinears:
@@ -52,7 +53,7 @@ class QuantizeLinears:
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         for node in list(gm.graph.nodes):
-            annotation: LayerAnnotation | None = node.meta.get("ditq")
+            annotation: LayerAnnotation | None = meta.get(node).annotation
             if annotation is None or node.op != "call_function" or node.target not in (
                     torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
                 continue
@@ -81,7 +82,7 @@ class QuantizeLinears:
                 register_constant(gm, f"{prefix}_w_zero_point", w_zero_point, node),
                 bias_node]
         acts = annotation.activations
-        if acts is None or node.meta.get("ditq_input_site"):   # weight-only, or a quantizer op feeds it
+        if acts is None or meta.get(node).input_site:   # weight-only, or a quantizer op feeds it
             args += [None, None, 0, False]
         elif acts.granularity == "token":
             clip = self.token_clips.get(node.name)
@@ -104,8 +105,8 @@ class QuantizeLinears:
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(target, tuple(args))
         new.meta.update(node.meta)
-        new.meta["ditq_source_node"] = node.name
-        record_applied(new, "quantize_linears", op=str(target),
+        meta.update(new, source_node=node.name)
+        meta.record_applied(new, "quantize_linears", op=str(target),
                        weight_rounding="learned (reconstruction)" if node.name in self.weight_codes else "nearest")
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

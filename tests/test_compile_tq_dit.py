@@ -11,6 +11,7 @@ from ditq_compiler import zoo
 from ditq_compiler.calibration import CalibrationError, from_sampler
 from ditq_compiler.quant.multi_region import softmax_two_region
 from ditq_compiler.toy import small_pixart
+from ditq_compiler import meta
 
 ops = torch.ops.ditq
 
@@ -45,7 +46,7 @@ def test_graph_holds_the_tq_dit_quantizers_and_reexports(compiled_w6a6, digits_c
     assert _count(gm, torch.ops.aten.scaled_dot_product_attention.default) == 0
     assert _count(gm, ops.quant_softmax_mrq.default) == 6 and _count(gm, ops.quant_gelu_mrq.default) == 6
     assert _count(gm, ops.quant_act.default) == 18 and _count(gm, ops.quant_linear.default) == 36
-    grouped = [n for n in gm.graph.nodes if n.meta.get("ditq_time_grouped")]
+    grouped = [n for n in gm.graph.nodes if meta.get(n).time_grouped]
     assert len(grouped) == 6 and all(n.target is ops.quant_softmax_mrq.default for n in grouped)
     assert compiled_w6a6.output_sqnr_db > 12       # W6A6 with the attention matmuls quantized too
     args, kwargs = next(iter(digits_calibration[1]))
@@ -81,7 +82,7 @@ class _SiteInputs(fx.Interpreter):
 def test_time_group_tables_are_used(compiled_w6a6, digits_calibration):
     """The same input at two timesteps in different groups is quantized with different parameters."""
     gm, calibration = compiled_w6a6.graph_module, digits_calibration[1]
-    node = next(n for n in gm.graph.nodes if n.meta.get("ditq_time_grouped"))
+    node = next(n for n in gm.graph.nodes if meta.get(n).time_grouped)
     s1 = getattr(gm, node.args[2].target)
     assert len(s1) == 4 and len(set(s1.tolist())) > 1
     x = calibration.inputs[:2]
@@ -104,7 +105,7 @@ def test_one_time_group_equals_the_ungrouped_path(digits_calibration):
     one = dq.compile(model, _recipe(time_groups={"groups": 1, "sites": ["post_softmax", "post_gelu"]}),
                      calibration=calibration, progress=False)
     ungrouped = dq.compile(model, _recipe(time_groups=None), calibration=calibration, progress=False)
-    assert not any(n.meta.get("ditq_time_group_index") for n in one.graph_module.graph.nodes)
+    assert not any(meta.get(n).time_group_index for n in one.graph_module.graph.nodes)
     assert one.graph_module.code == ungrouped.graph_module.code
     for name, value in ungrouped.graph_module.named_buffers():
         assert torch.equal(value, one.graph_module.get_buffer(name)), name

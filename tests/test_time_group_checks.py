@@ -7,6 +7,7 @@ import torch
 
 import ditq_compiler as dq
 from ditq_compiler import compiler
+from ditq_compiler import meta
 from tests.test_bad_input import TimedMLP
 from tests.test_compile import assert_unchanged, snapshot
 
@@ -106,7 +107,7 @@ def test_only_inputs_that_depend_on_the_timestep_are_time_grouped():
                           progress=False)
     grouped = {s.layer: s.groups for s in compiled.sites}
     assert grouped == {"proj": 1, "fc1": 2, "fc2": 2}, grouped
-    grouped_ops = [n for n in compiled.graph_module.graph.nodes if n.meta.get("ditq_time_grouped")]
+    grouped_ops = [n for n in compiled.graph_module.graph.nodes if meta.get(n).time_grouped]
     assert len(grouped_ops) == 2
 
 

@@ -16,8 +16,9 @@ format unpickles nothing. A node is
 * Arguments are nodes, ``None``, bools, ints, floats (``inf``/``nan`` spelled out), strings,
   lists, tuples, dicts with string keys, ``torch.dtype`` / ``device`` / ``layout`` /
   ``memory_format``. Anything else is an error naming the node.
-* ``meta`` keeps ``nn_module_stack`` and every ``ditq*`` key whose value is JSON-able or a
-  dataclass defined in ``ditq_compiler`` (rebuilt by field, never unpickled). ``val`` (fake
+* ``meta`` keeps ``nn_module_stack`` and the node's ``ditq_compiler.meta`` record, stored and rebuilt
+  field by field against that module's schema (no class is looked up by a name from the file).
+  Graph format 1 spread the record over ``ditq_*`` keys; it is read through ``meta.from_legacy_json``. ``val`` (fake
   tensors) is not kept: ``dq.load`` propagates it again from the artifact's example call
   (``artifact.store._restore_shapes``), with a symbolic batch on the inputs.
 * The pytree specs of the call signature and of the output (e.g. diffusers'
@@ -29,20 +30,19 @@ Python; the ops check shapes anyway). Any other ``call_module`` node is an error
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import math
 import operator
-import warnings
 from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
+from ditq_compiler import meta
 from ditq_compiler.pipeline import fetch_attr
 
-GRAPH_FORMAT_VERSION = 1
+GRAPH_FORMAT_VERSION = 2     # 2: node meta as one typed record (``ditq_compiler.meta``)
 GUARDS_MODULE = "_guards_fn"
 # packages whose registered pytree types (model outputs) may be imported by name when loading
 SPEC_TYPE_PACKAGES = ("diffusers.", "transformers.", "ditq_compiler.")
@@ -153,67 +153,39 @@ def decode_value(data: Any, nodes: dict[str, fx.Node], where: str) -> Any:
 
 
 # ---- node meta -----------------------------------------------------------------------------------
-def _encode_meta_value(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        cls = type(value)
-        if not cls.__module__.startswith("ditq_compiler."):
-            raise TypeError(cls.__name__)
-        return {"dataclass": f"{cls.__module__}:{cls.__qualname__}",
-                "fields": {f.name: _encode_meta_value(getattr(value, f.name)) for f in dataclasses.fields(value)}}
-    if isinstance(value, (list, tuple)):
-        encoded = [_encode_meta_value(v) for v in value]
-        return encoded if isinstance(value, list) else {"tuple": encoded}
-    if isinstance(value, dict):
-        if not all(isinstance(k, str) for k in value):
-            raise TypeError("dict with non-string keys")
-        return {"dict": [[k, _encode_meta_value(v)] for k, v in value.items()]}
-    if value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
-        return value
-    raise TypeError(type(value).__name__)
-
-
-def _decode_meta_value(data: Any) -> Any:
-    if isinstance(data, list):
-        return [_decode_meta_value(v) for v in data]
-    if not isinstance(data, dict):
-        return data
-    if "dataclass" in data:
-        module_name, _, qualname = data["dataclass"].partition(":")
-        if not module_name.startswith("ditq_compiler."):
-            raise GraphFormatError(f"meta names class {data['dataclass']!r} outside ditq_compiler")
-        cls: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            cls = getattr(cls, part)
-        if not dataclasses.is_dataclass(cls):
-            raise GraphFormatError(f"meta names {data['dataclass']!r}, which is not a dataclass")
-        return cls(**{k: _decode_meta_value(v) for k, v in data["fields"].items()})
-    if "tuple" in data:
-        return tuple(_decode_meta_value(v) for v in data["tuple"])
-    if "dict" in data:
-        return {k: _decode_meta_value(v) for k, v in data["dict"]}
-    raise GraphFormatError(f"malformed meta value {data!r}")
-
-
 def encode_meta(node: fx.Node) -> dict[str, Any]:
     out: dict[str, Any] = {}
     stack = node.meta.get("nn_module_stack")
     if stack:
         out["nn_module_stack"] = [[key, str(path), str(kind)] for key, (path, kind) in stack.items()]
-    for key, value in node.meta.items():
-        if not key.startswith("ditq"):
-            continue
-        try:
-            out[key] = _encode_meta_value(value)
-        except TypeError as e:
-            warnings.warn(f"node '{node.name}': meta['{key}'] holds a {e} and is not saved", stacklevel=3)
+    if meta.has(node):
+        out[meta.KEY] = meta.get(node).to_json()
     return out
 
 
-def decode_meta(data: dict[str, Any]) -> dict[str, Any]:
-    meta = {key: _decode_meta_value(value) for key, value in data.items() if key != "nn_module_stack"}
-    if "nn_module_stack" in data:
-        meta["nn_module_stack"] = {key: (path, kind) for key, path, kind in data["nn_module_stack"]}
-    return meta
+def decode_meta(data: Any, version: int, where: str) -> dict[str, Any]:
+    """torch's ``nn_module_stack`` and our record; format 1 spread the record over ``ditq_*`` keys."""
+    if not isinstance(data, dict):
+        raise GraphFormatError(f"{where}: meta must be a mapping")
+    decoded: dict[str, Any] = {}
+    stack = data.get("nn_module_stack")
+    if stack is not None:
+        entries_ok = isinstance(stack, list) and all(
+            isinstance(e, list) and len(e) == 3 and all(isinstance(v, str) for v in e) for e in stack)
+        if not entries_ok:
+            raise GraphFormatError(f"{where}: malformed nn_module_stack")
+        decoded["nn_module_stack"] = {key: (path, kind) for key, path, kind in stack}
+    ours = {key: value for key, value in data.items() if key != "nn_module_stack"}
+    try:
+        if version == 1 and ours:
+            decoded[meta.KEY] = meta.from_legacy_json(ours, where)
+        elif ours:
+            if set(ours) != {meta.KEY}:
+                raise GraphFormatError(f"{where}: unknown meta key {sorted(set(ours) - {meta.KEY})[0]!r}")
+            decoded[meta.KEY] = meta.NodeMeta.from_json(ours[meta.KEY], where)
+    except meta.MetaFormatError as e:
+        raise GraphFormatError(str(e)) from None
+    return decoded
 
 
 # ---- pytree specs --------------------------------------------------------------------------------
@@ -343,7 +315,7 @@ def graph_from_json(description: dict[str, Any], tensors: dict[str, torch.Tensor
         node = graph.create_node(op, target, tuple(args), dict(kwargs), name=name)
         if node.name != name:
             raise GraphFormatError(f"{where}: duplicate node name in the graph description")
-        node.meta.update(decode_meta(entry.get("meta", {})))
+        node.meta.update(decode_meta(entry.get("meta", {}), version, where))
         nodes[name] = node
     tree = description.get("pytree")
     if tree is not None:

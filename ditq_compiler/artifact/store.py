@@ -61,9 +61,10 @@ from ditq_compiler.inspection.activations import LayerActivations
 from ditq_compiler.provenance import Provenance
 from ditq_compiler.recipe import Recipe
 from ditq_compiler.report import LayerReport
+from ditq_compiler import meta
 
 FORMAT = "ditq-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: graph.json node meta as one typed record (format 1 is read and migrated)
 MANIFEST = "manifest.json"
 GRAPH, TENSORS, RECIPE, REPORT = "graph.json", "tensors.safetensors", "recipe.yaml", "report.json"
 RUN = "run.json"
@@ -329,8 +330,8 @@ def load(path: str | os.PathLike, progress: bool = False):
     lowered = graph_module
     if backend != "torch":
         lowered, kernels = _lower(_copy_graph(graph_module), backend)
-        sources = {n.meta["ditq"].name: n.meta["ditq_source_node"] for n in graph_module.graph.nodes
-                   if "ditq_source_node" in n.meta and "ditq" in n.meta}
+        sources = {meta.get(n).annotation.name: meta.get(n).source_node for n in graph_module.graph.nodes
+                   if meta.get(n).source_node is not None and meta.get(n).annotation is not None}
         for layer in layers:
             layer.kernel = kernels.get(sources.get(layer.name), "reference")
     run = _read_run(path)

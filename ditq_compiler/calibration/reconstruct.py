@@ -50,8 +50,9 @@ from ditq_compiler.calibration.cache import WorkCache, pack, unpack
 from ditq_compiler.calibration.recon_layer import ReconLayer
 from ditq_compiler.graph import module_path
 from ditq_compiler.passes.migrate_outliers import channel_affine
-from ditq_compiler.pipeline import (copy_graph_sharing_tensors, fetch_attr, layer_parameters, record_applied,
-                                    register_constant, swap_for_module)
+from ditq_compiler import meta
+from ditq_compiler.pipeline import (copy_graph_sharing_tensors, fetch_attr, layer_parameters, register_constant,
+                                    swap_for_module)
 from ditq_compiler.recipe import ReconstructionSpec
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|#|$)")
@@ -469,6 +470,6 @@ def apply_factors(gm: fx.GraphModule, factors: Mapping[str, Tensor]) -> None:
             setattr(gm.get_submodule(owner) if owner else gm, attr, value)
         weight = register_constant(gm, f"ditq_{name}_reconstructed_weight", base * new.reshape(1, -1), node)
         node.args = (node.args[0], weight, *node.args[2:])
-        record_applied(node, "reconstruct (migration factors)", max_factor=float(new.max()))
+        meta.record_applied(node, "reconstruct (migration factors)", max_factor=float(new.max()))
     gm.graph.eliminate_dead_code()
     gm.recompile()

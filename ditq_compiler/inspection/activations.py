@@ -4,8 +4,8 @@ For each quantized layer two tensors are watched on the calibration data, runnin
 after the transformation passes and before quantization:
 
 * ``before``: the layer's input as the original model computes it, found by walking back from the
-  layer over the nodes that transformation passes inserted in front of it (marked
-  ``meta['ditq_transform']``, or ``meta['ditq_shift']`` for TaQ-DiT's shift / affine), taking each
+  layer over the nodes that transformation passes inserted in front of it (marked with a
+  ``transform`` label in their ``ditq_compiler.meta`` record, or ``shift`` for TaQ-DiT's shift / affine), taking each
   one's first non-constant input;
 * ``after``: the layer's input as its activation quantizer sees it.
 
@@ -14,7 +14,7 @@ timestep (sampling order, noisiest first: the TaQ-DiT paper's Fig. 2(d) view), m
 channel over all timesteps (Fig. 3(c)/(f)), and exact 64-bin histograms of all values on one
 shared range (Fig. 3(a)/(b)). Two passes over the calibration batches: the first finds the
 ranges, the second bins. A new pass that inserts activation transforms only has to mark its
-nodes ``meta['ditq_transform'] = "<pass name>"`` to be seen here.
+nodes ``meta.update(node, transform="<pass name>")`` to be seen here.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, fx
 
+from ditq_compiler import meta
+
 BINS = 64
 UNKNOWN_TIMESTEP = -1.0     # rows of a tensor whose first dim is not the batch
-TRANSFORM_KEYS = ("ditq_transform", "ditq_shift")
 
 
 def is_transform(node: Any) -> bool:
-    return isinstance(node, fx.Node) and any(node.meta.get(key) for key in TRANSFORM_KEYS)
+    return isinstance(node, fx.Node) and (meta.get(node).transform is not None or meta.get(node).shift)
 
 
 def raw_input(node: fx.Node) -> fx.Node:

@@ -35,6 +35,7 @@ import ditq_compiler.activation_ops  # noqa: F401  (registers the ditq:: quantiz
 import ditq_compiler.ops  # noqa: F401
 from ditq_compiler.calibration import as_batches
 from ditq_compiler.pipeline import copy_graph_sharing_tensors
+from ditq_compiler import meta
 
 STANDALONE = {torch.ops.ditq.quant_act.default, torch.ops.ditq.quant_softmax_mrq.default,
               torch.ops.ditq.quant_gelu_mrq.default}
@@ -74,15 +75,15 @@ def quantizer_classes(gm: fx.GraphModule) -> dict[str, list[str]]:
         if node.op != "call_function":
             continue
         if node.target in STANDALONE:
-            site = node.meta.get("ditq_activation_site")
+            site = meta.get(node).activation_site
             if site is None:
                 raise ValueError(f"quantizer node {node.name} carries no activation site (meta "
-                                 "'ditq_activation_site'): not a graph that compile() wrote")
+                                 "an activation_site record): not a graph that compile() wrote")
             consumer = next(iter(node.users))
-            role = consumer.meta.get("ditq_role")
+            role = meta.get(consumer).role
             name = f"input of {role}" if site.operand == "input" and role else f"attention {site.operand}"
         elif node.target in WEIGHTED and node.args[A_BITS]:   # 0 when a standalone op quantizes its input
-            name = f"input of {node.meta.get('ditq_role', 'linear')}"
+            name = f"input of {meta.get(node).role or 'linear'}"
         else:
             continue
         classes.setdefault(name, []).append(node.name)

@@ -8,8 +8,8 @@ calls again later, like DiT's ``transformer_blocks.0.norm1.emb`` for the final l
 second card); the card counts the block's other ops. A quantized
 layer is coloured by its local SQNR (red at or below ``SQNR_BAD_DB``, green at or above
 ``SQNR_GOOD_DB``, the hue linear in dB between), a full-precision one is grey. Clicking a layer
-opens its panel: formats, kernel, SQNR, the passes applied to it (``meta['ditq_applied']``, written
-by each pass through ``ditq_compiler.pipeline.record_applied``), statistics of every constant the
+opens its panel: formats, kernel, SQNR, the passes applied to it (``meta.NodeMeta.applied``, written
+by each pass through ``ditq_compiler.meta.record_applied``), statistics of every constant the
 quantized op reads (named by the op schema, so new ops show up without changes here), and, from
 the statistics recorded at compile time on the calibration data
 (``ditq_compiler.inspection.activations``), the histogram of its input activations and their range
@@ -35,6 +35,7 @@ from ditq_compiler.graph import is_weighted, module_path
 from ditq_compiler.inspection.activations import is_transform
 from ditq_compiler.inspection.summary import SQNR_BAD_DB, SQNR_GOOD_DB
 from ditq_compiler.pipeline import fetch_attr
+from ditq_compiler import meta
 
 MAX_CHANNELS = 512        # per-channel ranges wider than this are shown as the min / max of 512 bins
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
@@ -100,7 +101,7 @@ def _activations(stats) -> dict[str, Any] | None:
 
 
 def _transform_label(node: fx.Node) -> str:
-    label = node.meta.get("ditq_transform")
+    label = meta.get(node).transform
     if isinstance(label, str):
         return label
     return "shift + migrate" if node.target is torch.ops.aten.addcmul.default else "shift"
@@ -117,8 +118,8 @@ def view_data(compiled, manifest: dict[str, Any] | None = None) -> dict[str, Any
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        annotation = node.meta.get("ditq")
-        if "ditq_source_node" in node.meta and annotation is not None:
+        annotation = meta.get(node).annotation
+        if meta.get(node).source_node is not None and annotation is not None:
             name, kind = annotation.name, "layer"
         elif is_weighted(node):
             name, kind = module_path(node), "fp"
@@ -139,7 +140,7 @@ def view_data(compiled, manifest: dict[str, Any] | None = None) -> dict[str, Any
         cards[-1]["items"].append(item)
         if kind != "layer":
             continue
-        source = node.meta["ditq_source_node"]
+        source = meta.get(node).source_node
         report = reports.get(name)
         item["id"] = source
         layers[source] = {
@@ -147,7 +148,7 @@ def view_data(compiled, manifest: dict[str, Any] | None = None) -> dict[str, Any
             "weights": report.weights if report else "", "activations": report.activations if report else "",
             "kernel": report.kernel if report else "", "sqnr_db": report.sqnr_db if report else None,
             "transforms": report.transforms if report else "",
-            "passes": node.meta.get("ditq_applied", []),
+            "passes": [dict(entry) for entry in meta.get(node).applied],
             "parameters": op_parameters(gm, node),
             "activation_stats": _activations(compiled.activation_stats.get(source)),
         }

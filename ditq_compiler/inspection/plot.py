@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ditq_compiler.atomic import replacing
+from ditq_compiler import meta
 
 BEFORE, AFTER = "#8a939c", "#2f6fd6"
 
@@ -65,8 +66,8 @@ def plot_layer(stats, title: str, path: Path) -> Path:
 
 def plot_activations(compiled, out_dir: str | Path, layers: Iterable[str] | None = None) -> list[Path]:
     """Write one PNG per quantized layer (or per layer named in ``layers``); returns their paths."""
-    sources = {n.meta["ditq"].name: n.meta["ditq_source_node"] for n in compiled.reference_graph_module.graph.nodes
-               if "ditq_source_node" in n.meta and "ditq" in n.meta}
+    sources = {meta.get(n).annotation.name: meta.get(n).source_node for n in compiled.reference_graph_module.graph.nodes
+               if meta.get(n).source_node is not None and meta.get(n).annotation is not None}
     wanted = list(sources) if layers is None else list(layers)
     unknown = [name for name in wanted if name not in sources]
     if unknown:

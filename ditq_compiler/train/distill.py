@@ -40,6 +40,7 @@ from ditq_compiler.calibration.reconstruct import unit_of
 from ditq_compiler.pipeline import layer_parameters, swap_for_module
 from ditq_compiler.recipe import DistillationSpec
 from ditq_compiler.train.qat_layer import QATLayer
+from ditq_compiler import meta
 
 EVAL_CHUNK = 256
 
@@ -82,7 +83,7 @@ def block_outputs(gm: fx.GraphModule, blocks: list[str], sample_dependent: set[s
 
 
 def _insert_taps(gm: fx.GraphModule, names: list[str]) -> list[_Tap]:
-    nodes = {n.meta.get("ditq_qat_of", n.name): n for n in gm.graph.nodes}   # a swapped layer keeps its name
+    nodes = {meta.get(n).trainable_of or n.name: n for n in gm.graph.nodes}   # a swapped layer keeps its name
     taps = []
     for i, name in enumerate(names):
         tap = _Tap()
@@ -104,7 +105,7 @@ def _swap_in_layers(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotatio
         weight, bias, conv = layer_parameters(gm, node)
         layer = QATLayer(weight, bias, annotation.weights, annotation.activations, act_qparams.get(node.name), conv)
         call = swap_for_module(gm, node, f"ditq_qat_{node.name}", layer, node.args[0])
-        call.meta["ditq_qat_of"] = node.name
+        meta.update(call, trainable_of=node.name)
         layers[node.name] = layer
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -45,6 +45,7 @@ from ditq_compiler.annotate import LayerAnnotation
 from ditq_compiler.pipeline import fetch_attr
 from ditq_compiler.recipe import DistillationSpec, MixedPrecisionSpec, Recipe
 from ditq_compiler.train.distill import Distiller
+from ditq_compiler import meta
 
 SENSITIVITY_ROWS = 256
 MAX_UNITS = 20000
@@ -142,7 +143,7 @@ def choose_activation_bits(gm: fx.GraphModule, annotations: Mapping[str, LayerAn
                            recipe: Recipe, sample_dependent: set[str],
                            progress: bool = True) -> tuple[dict[str, LayerAnnotation], Allocation]:
     """AMPN: measure sensitivities, allocate widths, return the re-annotated layers (``gm`` keeps the new
-    annotations in ``node.meta['ditq']``)."""
+    annotations in the nodes' meta records)."""
     spec: MixedPrecisionSpec = recipe.mixed_precision
     names = [n for n, a in annotations.items() if a.activations is not None and a.activations.granularity == "token"]
     if not names:
@@ -161,6 +162,6 @@ def choose_activation_bits(gm: fx.GraphModule, annotations: Mapping[str, LayerAn
         annotation = annotations[name]
         updated[name] = dataclasses.replace(annotation, activations=dataclasses.replace(annotation.activations,
                                                                                        bits=width))
-        nodes[name].meta["ditq"] = updated[name]
+        meta.update(nodes[name], annotation=updated[name])
     return updated, Allocation(bits, sensitivity, cost, base, spec.sensitivity,
                                {n: annotations[n].name for n in names})

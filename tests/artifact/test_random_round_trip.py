@@ -23,6 +23,7 @@ import ditq_compiler as dq
 from ditq_compiler.backends.ort import OrtModel
 from ditq_compiler.cli import cli
 from ditq_compiler.quant import sqnr_db
+from ditq_compiler import meta
 from tests.inspection.test_html import embedded_data
 
 ROLES = list(dq.recipe.ROLES)
@@ -122,7 +123,7 @@ def test_random_quantizers_round_trip_bitwise(recipe, seed, tmp_path_factory):
         assert value.dtype == saved[name].dtype and torch.equal(value, saved[name]), name
     for expected, got in zip(_outputs(compiled, batches), _outputs(loaded, batches), strict=True):
         assert torch.equal(expected, got)
-    grouped = [n for n in loaded.graph_module.graph.nodes if n.meta.get("ditq_time_grouped")]
+    grouped = [n for n in loaded.graph_module.graph.nodes if meta.get(n).time_grouped]
     assert len(grouped) == sum(1 for s in compiled.sites if s.groups > 1)
 
 

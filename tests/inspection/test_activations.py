@@ -3,6 +3,7 @@ import torch
 
 import ditq_compiler as dq
 from ditq_compiler.pipeline import fetch_attr
+from ditq_compiler import meta
 
 SHIFT = {"name": "w8a8-shift", "weights": {"observer": "minmax"}, "activations": {"observer": "minmax"}, "shift": {}}
 
@@ -26,9 +27,9 @@ def fc2_inputs(model, batches):
 
 
 def test_before_is_the_models_own_activation_and_after_is_shifted(shifted, dit, dit_batches):
-    node = next(n for n in shifted.graph_module.graph.nodes if n.meta.get("ditq") is not None
-                and n.meta["ditq"].name == "transformer_blocks.0.ff.net.2")
-    stats = shifted.activation_stats[node.meta["ditq_source_node"]]
+    node = next(n for n in shifted.graph_module.graph.nodes if meta.get(n).annotation is not None
+                and meta.get(n).annotation.name == "transformer_blocks.0.ff.net.2")
+    stats = shifted.activation_stats[meta.get(node).source_node]
     raw = fc2_inputs(dit, dit_batches)
     values = torch.cat([x.reshape(-1, x.shape[-1]) for x in raw])
     assert bool(stats.transformed)

@@ -12,6 +12,7 @@ from ditq_compiler.passes.attach_time_groups import AttachTimeGroups
 from ditq_compiler.passes.quantize_activations import QuantizeActivations
 from ditq_compiler.passes.quantize_linears import QuantizeLinears
 from ditq_compiler.pipeline import PassPipeline
+from ditq_compiler import meta
 
 ops = torch.ops.ditq
 SITES = {"post_softmax", "post_gelu", "attention_operands"}
@@ -33,17 +34,17 @@ class _Groups(fx.Interpreter):
         self.groups = {}
 
     def run_node(self, node):
-        if node.meta.get("ditq_time_grouped"):
+        if meta.get(node).time_grouped:
             self.groups[node.name] = self.env[node.args[1]].clone()
         return super().run_node(node)
 
 
 def test_one_lookup_feeds_every_time_grouped_quantizer(planned_dit):
     captured, gm, plan, flat, searched = _quantized(planned_dit, SITES)
-    lookups = [n for n in gm.graph.nodes if n.meta.get("ditq_time_group_index")]
+    lookups = [n for n in gm.graph.nodes if meta.get(n).time_group_index]
     assert len(lookups) == 1 and lookups[0].target is torch.ops.aten.sum.dim_IntList
     assert searched.boundaries.shape == (2,)
-    grouped = [n for n in gm.graph.nodes if n.meta.get("ditq_time_grouped")]
+    grouped = [n for n in gm.graph.nodes if meta.get(n).time_grouped]
     # per block: q, k^T, v, P and the fc2 input
     assert len(grouped) == 10 and all(n.args[1] is lookups[0] for n in grouped)
     site_ops = (ops.quant_act.default, ops.quant_softmax_mrq.default, ops.quant_gelu_mrq.default)
@@ -92,7 +93,7 @@ def test_the_group_lookup_lowers_to_onnx_and_runs_in_onnx_runtime(planned_dit):
     import onnxruntime as ort
 
     captured, gm, _, flat, searched = _quantized(planned_dit, {"post_softmax"})
-    lookup = next(n for n in gm.graph.nodes if n.meta.get("ditq_time_group_index"))
+    lookup = next(n for n in gm.graph.nodes if meta.get(n).time_group_index)
     graph, env = fx.Graph(), {}
     for node in gm.graph.nodes:
         if node.op == "placeholder" and node.name == captured.timestep_input:

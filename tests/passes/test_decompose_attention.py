@@ -17,6 +17,7 @@ from ditq_compiler.graph import analyse
 from ditq_compiler.passes.decompose_attention import SDPA, DecomposeAttention
 from ditq_compiler.pipeline import PassPipeline
 from ditq_compiler.toy import small_pixart, small_unet_condition
+from ditq_compiler import meta
 
 aten = torch.ops.aten
 
@@ -54,7 +55,7 @@ def test_exact_on_diffusers_attention_including_cross_attention(factory, attenti
     assert sum(n.args[0].meta["val"].shape[-2] != n.args[1].meta["val"].shape[-2] for n in sdpa) == cross
     assert _count(gm, SDPA) == 0
     assert _count(gm, aten.softmax.int) == attentions and _count(gm, aten.matmul.default) == 2 * attentions
-    marks = [n.meta.get("ditq_matmul") for n in gm.graph.nodes if n.meta.get("ditq_matmul")]
+    marks = [meta.get(n).matmul for n in gm.graph.nodes if meta.get(n).matmul]
     assert marks == ["attn_scores", "attn_value"] * attentions
     for seed in range(2):
         torch.manual_seed(seed)

@@ -8,6 +8,7 @@ from ditq_compiler.capture import capture
 from ditq_compiler.graph import analyse
 from ditq_compiler.passes.quantize_linears import QuantizeLinears
 from ditq_compiler.quant import sqnr_db
+from ditq_compiler import meta
 
 
 def _targets(gm, op):
@@ -18,7 +19,7 @@ def test_structure_all_attention_and_mlp_linears_replaced(compiled_dit_w8a8):
     gm = compiled_dit_w8a8.graph_module
     quantized = _targets(gm, torch.ops.ditq.quant_linear.default)
     assert len(quantized) == 12
-    assert {n.meta["ditq"].role for n in quantized} == {"qkv", "attn_out", "fc1", "fc2"}
+    assert {meta.get(n).annotation.role for n in quantized} == {"qkv", "attn_out", "fc1", "fc2"}
     # embedders, adaLN, patch embed and final layer stay float: 22 - 12 linears + 1 conv
     assert len(_targets(gm, torch.ops.aten.linear.default)) == 10
     for node in quantized:

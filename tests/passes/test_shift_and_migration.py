@@ -15,6 +15,7 @@ from ditq_compiler.graph import analyse
 from ditq_compiler.passes.fold_shift_into_bias import FoldShiftIntoBias
 from ditq_compiler.passes.migrate_outliers import MigrateOutliers
 from ditq_compiler.pipeline import PassPipeline
+from ditq_compiler import meta
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def _run(gm, flat):
 
 
 def _count(gm, target, shift_only=True):
-    return sum(1 for n in gm.graph.nodes if n.target is target and (n.meta.get("ditq_shift") or not shift_only))
+    return sum(1 for n in gm.graph.nodes if n.target is target and (meta.get(n).shift or not shift_only))
 
 
 def _max_relative_error(a, b):
@@ -64,7 +65,7 @@ def test_shift_and_migration_are_exact_on_reference_dit(reference):
     # every fc2 now reads the shifted value and its bias became b + W d
     nodes = {n.name: n for n in shifted.graph.nodes}
     for name in fc2:
-        assert nodes[name].args[0].meta.get("ditq_shift")
+        assert meta.get(nodes[name].args[0]).shift
         assert nodes[name].args[2].target == f"ditq_{name}_shifted_bias"
 
     migrated = PassPipeline([migrate], debug=True)(shifted).graph_module
