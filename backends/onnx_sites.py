@@ -56,8 +56,8 @@ from typing import Union
 import torch
 from torch import Tensor, fx
 
-from ditq_compiler.backends.onnx import (ONNX, QUANTIZED_INPUT, LoweringContext, LoweringError, QuantizedInput,
-                                         _code_offset, _signed_range, register_lowering, static_activation)
+from ditq_compiler.backends.onnx_lowering import (ONNX, LoweringContext, LoweringError, QuantizedInput, code_offset,
+                                                  register_lowering, signed_range, static_activation)
 from ditq_compiler.quant.multi_region import levels
 
 aten = torch.ops.aten
@@ -82,7 +82,7 @@ def _zero_point(ctx: LoweringContext, lo: int, hi: int) -> Tensor:
     """A constant zero point (target dtype) under which codes [lo, hi] fit; 0 when possible."""
     dtype = ctx.target.activation_dtype
     info = torch.iinfo(dtype)
-    for zero in (0, _code_offset(dtype), info.min, info.max - hi):
+    for zero in (0, code_offset(dtype), info.min, info.max - hi):
         if info.min <= lo + zero and hi + zero <= info.max and (zero == 0 or not ctx.target.symmetric_int8_only):
             return torch.tensor(zero, dtype=dtype)
     raise LoweringError(f"codes [{lo}, {hi}] do not fit {str(dtype).removeprefix('torch.')} with zero point 0, "
@@ -123,9 +123,8 @@ def lower_quant_act(ctx: LoweringContext, node: fx.Node) -> fx.Node:
     zeros = zero_point.detach().reshape(-1).float()
     if isinstance(s, Tensor) and not (ctx.target.symmetric_int8_only and bool(zeros.any())):
         codes, _ = static_activation(ctx, x, s, zero_point.reshape(()), bits)
-        codes.meta[QUANTIZED_INPUT] = (QuantizedInput(codes, bits),)
-        return codes
-    qmin, qmax = _signed_range(bits)
+        return ctx.set_quantized_input(codes, QuantizedInput(codes, bits))
+    qmin, qmax = signed_range(bits)
     z = _rows(ctx, "a_zero_point", zeros, group) if bool(zeros.any()) else None
     s, z = (ctx.constant(f"a_{name}", v) if isinstance(v, Tensor) else v for name, v in (("step", s), ("shift", z)))
     v = ctx.call(aten.round.default, ctx.call(aten.div.Tensor, x, s))
@@ -133,12 +132,11 @@ def lower_quant_act(ctx: LoweringContext, node: fx.Node) -> fx.Node:
         v = ctx.call(aten.add.Tensor, v, z)
     if bits < 8:   # at 8 bits QuantizeLinear's saturation is the clamp to [qmin, qmax]
         v = ctx.call(aten.clamp.default, v, qmin, qmax)
-    zero = torch.tensor(_code_offset(ctx.target.activation_dtype), dtype=ctx.target.activation_dtype)
+    zero = torch.tensor(code_offset(ctx.target.activation_dtype), dtype=ctx.target.activation_dtype)
     codes = _qdq(ctx, v, torch.tensor(1.0), zero, "a_codes")
     centred = ctx.call(aten.sub.Tensor, codes, z) if z is not None else codes
     out = ctx.call(aten.mul.Tensor, centred, s)
-    out.meta[QUANTIZED_INPUT] = (QuantizedInput(codes, bits, z if z is not None else 0.0, s),)
-    return out
+    return ctx.set_quantized_input(out, QuantizedInput(codes, bits, z if z is not None else 0.0, s))
 
 
 @register_lowering(torch.ops.ditq.quant_gelu_mrq.default)
@@ -150,8 +148,7 @@ def lower_quant_gelu_mrq(ctx: LoweringContext, node: fx.Node) -> fx.Node:
     positive, pos_term = uniform_branch(ctx, x, _rows(ctx, "s_pos", s_pos.clamp_min(TINY), group), 0, n - 1, bits,
                                         "pos")
     out = ctx.call(aten.add.Tensor, negative, positive)
-    out.meta[QUANTIZED_INPUT] = (neg_term, pos_term)
-    return out
+    return ctx.set_quantized_input(out, neg_term, pos_term)
 
 
 @register_lowering(torch.ops.ditq.quant_softmax_mrq.default)

@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, fx
 
 import ditq_compiler.ops  # noqa: F401  (registers the ditq:: ops)
-from ditq_compiler.pipeline import fetch_attr
+from ditq_compiler.backends.registry import register_backend
+from ditq_compiler.pipeline import copy_graph, fetch_attr
 from ditq_compiler import meta
 
 PROBE_TOLERANCE_STEPS = 0.5
@@ -173,3 +174,13 @@ def lower_int8(gm: fx.GraphModule, vnni: bool | None = None) -> tuple[fx.GraphMo
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm, kernels
+
+
+@register_backend("torch", "the fake-quant reference: every quantized op in float on the integer grid")
+def lower_reference(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
+    return gm, {}
+
+
+@register_backend("torch-int8", "real int8 GEMMs where they are exact (FBGEMM on CPU, torch._int_mm on CUDA)")
+def lower_torch_int8(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
+    return lower_int8(copy_graph(gm))

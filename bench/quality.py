@@ -44,7 +44,7 @@ import ditq_compiler as dq
 from ditq_compiler import quality, zoo
 from ditq_compiler.atomic import replacing, write_text
 from ditq_compiler.calibration import from_sampler
-from ditq_compiler.compiler import STAGES
+from ditq_compiler.stages import CLOCKS as STAGES
 from ditq_compiler.sampling import sample
 from ditq_compiler.zoo.data import digits
 

@@ -149,7 +149,7 @@ def run_shape(shape: str, args) -> dict:
     with torch.no_grad():
         reference_out = w8(**inputs).sample
     int8_gm, int8_kernels = lower_int8(copy.deepcopy(w8.graph_module))
-    int8_inputs = w8._captured.bind((), inputs)
+    int8_inputs = w8.captured.bind((), inputs)
     paths = {"ort W8A8": timed("export W8A8", w8.export_onnx, work / "w8a8.onnx"),
              "ort W8A8 s8-act": timed("export W8A8 s8-act", w8.export_onnx, work / "w8a8-s8.onnx",
                                       activation_dtype="int8")}

@@ -8,19 +8,20 @@
 import importlib
 
 from ditq_compiler import calibration, ops  # noqa: F401  (ops registers the ditq:: custom ops)
-from ditq_compiler.artifact import ArtifactError, load
-from ditq_compiler.capture import CaptureError
+from ditq_compiler.artifact import ArtifactError
 from ditq_compiler.calibration import CalibrationError
-from ditq_compiler.compiler import CompiledModel, compile
+from ditq_compiler.capture import CaptureError
+from ditq_compiler.compiled import CompiledModel, load
+from ditq_compiler.compiler import compile
 from ditq_compiler.graph import UnsupportedLayerError
 from ditq_compiler.pipeline import PassError
 from ditq_compiler.recipe import Recipe, RecipeError
+from ditq_compiler.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["ArtifactError", "CalibrationError", "CaptureError", "CompiledModel", "PassError", "Recipe", "RecipeError",
-           "UnsupportedLayerError", "calibration", "compile", "load"]
+           "UnsupportedLayerError", "__version__", "calibration", "compile", "load"]
 
-_LAZY_SUBMODULES = ("diffusers", "zoo", "inspection", "artifact", "sampling", "quality")
+_LAZY_SUBMODULES = ("diffusers", "zoo", "inspection", "artifact", "sampling", "quality", "stages")
 
 
 def __getattr__(name: str):

@@ -16,7 +16,7 @@ scores (``attn_scores``, operands q and k^T).
 A site is time-grouped only when the recipe asks for it, G > 1 and its input depends on the
 timestep (``GraphAnalysis.timestep_dependent``): with one group, or an input that is the same
 function of the data at every timestep (PixArt's cross-attention k, v; a U-Net's ``conv_in``), the
-quantizer is the ungrouped one. ``ditq_compiler.time_group_checks`` refuses a recipe whose listed
+quantizer is the ungrouped one. ``ditq_compiler.recipe_rules`` refuses a recipe whose listed
 site kinds end up with no time-grouped site. Sites that a ``ditq::quant_linear`` cannot hold itself
 (two-region or time-grouped linear inputs, every matmul operand) become standalone quantizer ops
 (``passes/quantize_activations.py``).
@@ -31,13 +31,11 @@ from torch import fx
 from ditq_compiler.graph import VIEW_OPS, GraphAnalysis, _reach_forward, _trace_back, module_path, op_name
 from ditq_compiler.quant import QuantSpec
 from ditq_compiler.recipe import Recipe, RecipeError
+from ditq_compiler.recipe_rules import GROUPED_BY
 from ditq_compiler import meta
 from ditq_compiler.meta import ActivationSite, LayerAnnotation, MatmulLayer
 
 MATMULS = ("matmul", "bmm")
-GROUPED_BY = {"post_softmax": "post_softmax", "post_gelu": "post_gelu", "linear_input": "linear_inputs",
-              "attention_operand": "attention_operands"}
-
 
 @dataclass
 class SitePlan:

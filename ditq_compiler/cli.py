@@ -134,7 +134,7 @@ def export_command(ctx, artifact, target, out, quiet):
     if _quiet(ctx, quiet):
         compiled.export_onnx(out, target=target)
     else:
-        with console.status(f"exporting {compiled._captured.model_class} to {out} (target {target})"):
+        with console.status(f"exporting {compiled.captured.model_class} to {out} (target {target})"):
             compiled.export_onnx(out, target=target)
     _console().print(f"wrote {out} ({_mib(Path(out).stat().st_size)})")
 

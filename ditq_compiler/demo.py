@@ -15,7 +15,9 @@ import torch
 
 from ditq_compiler import quality, zoo
 from ditq_compiler.calibration import from_sampler
-from ditq_compiler.compiler import BACKENDS, CompiledModel, compile
+from ditq_compiler.backends.registry import get_backend
+from ditq_compiler.compiled import CompiledModel
+from ditq_compiler.compiler import compile
 from ditq_compiler.recipe import Recipe
 from ditq_compiler.report import format_table
 from ditq_compiler.sampling import sample
@@ -30,8 +32,7 @@ class DemoResult:
 
 def run_demo(recipe: str = "w8a8", backend: str = "torch", samples: int = 100, steps: int = 100,
              guidance: float = 2.0, grid: str | Path = "ditq-demo.png", progress: bool = True) -> DemoResult:
-    if backend not in BACKENDS:  # bad input fails before minutes of calibration
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    get_backend(backend)   # bad input fails before minutes of calibration
     recipe = Recipe.load(recipe)
     model, scheduler = zoo.load("dit-digits"), zoo.scheduler("dit-digits")
     calibration = from_sampler(model, scheduler, num_inference_steps=steps, guidance_scale=guidance,

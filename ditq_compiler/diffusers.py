@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-from ditq_compiler.compiler import CompiledModel, compile
+from ditq_compiler.compiled import CompiledModel
+from ditq_compiler.compiler import compile
 
 DENOISERS = ("transformer", "unet")
 DEFAULT_STEPS = 25

@@ -29,6 +29,7 @@ timestep-dependent if it is a descendant of the timestep input.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -36,6 +37,7 @@ import networkx as nx
 import torch
 from torch import fx
 from ditq_compiler import meta
+from ditq_compiler.records import UnsupportedLayer
 
 ROLES = ("qkv", "attn_out", "fc1", "fc2", "adaln", "embed", "patch_embed", "final", "conv", "linear")
 SITES = ("post_gelu", "post_softmax")
@@ -73,6 +75,16 @@ def module_path(node: fx.Node) -> str:
     return list(stack.values())[-1][0] or node.name
 
 
+_BLOCK = re.compile(r"^(.*?\.\d+)(\.|#|$)")
+
+
+def unit_of(layer_name: str) -> str:
+    """A layer's block (the module path up to its first numeric component, ``transformer_blocks.3``), or the
+    layer itself outside any block: the unit reconstruction learns at once and distillation mimics."""
+    match = _BLOCK.match(layer_name)
+    return match.group(1) if match else layer_name
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     node: str            # fx node name in the captured graph
@@ -102,19 +114,6 @@ UNSUPPORTED_WEIGHTED = {"conv1d": "conv", "conv3d": "conv", "conv_transpose1d": 
 
 class UnsupportedLayerError(ValueError):
     """strict compile: the model has weight-carrying ops the compiler cannot quantize."""
-
-
-@dataclass(frozen=True)
-class UnsupportedLayer:
-    node: str
-    name: str            # module path
-    op: str
-    closest_role: str
-
-    def describe(self) -> str:
-        supported = "aten.conv2d (nn.Conv2d)" if self.closest_role == "conv" else "aten.linear (nn.Linear)"
-        return f"'{self.name}' (node {self.node}, aten.{self.op}): closest supported role '{self.closest_role}', " \
-               f"which needs {supported}"
 
 
 def unsupported_layers(gm: fx.GraphModule) -> list[UnsupportedLayer]:

@@ -1,11 +1,17 @@
 """Pass infrastructure: run graph passes in order, verify the graph between them in debug mode.
 
-A pass is a callable ``GraphModule -> PassResult`` (``torch.fx.passes.infra.pass_base``).
-When one raises, the error names it and the passes that ran before it.
+A pass subclasses ``torch.fx.passes.infra.pass_base.PassBase``: ``requires(gm)`` checks what it
+needs of the graph (another pass having run, the nodes it was given existing and being what it
+rewrites) and raises ``PreconditionError`` naming the node when it is not so; ``call(gm)`` rewrites
+and returns a ``PassResult``; a class attribute ``name`` names it (the module's file name: one pass
+per file in ``passes/``). ``PassPipeline`` runs passes in order; when one raises, the error names it
+and the passes that ran before it. Helpers every pass uses to add and read constants live here too.
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -19,8 +25,12 @@ class PassError(RuntimeError):
     """A pass raised, or left an invalid graph behind."""
 
 
+class PreconditionError(ValueError):
+    """A pass's ``requires`` found the graph unfit for it; the message names the pass and the node."""
+
+
 def pass_name(p: Pass) -> str:
-    return getattr(p, "__name__", type(p).__name__)
+    return getattr(p, "name", None) or getattr(p, "__name__", type(p).__name__)
 
 
 def verify_graph(gm: fx.GraphModule) -> None:
@@ -97,6 +107,13 @@ def linear_node(gm: fx.GraphModule, name: str, what: str) -> fx.Node:
     return node
 
 
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of ``gm``, tensors included."""
+    with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
+        warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(gm)
+
+
 def copy_graph_sharing_tensors(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` whose graph and modules are new but whose parameters and buffers are the same
     tensors: for a pass that rewrites one copy while the other is kept as the float reference.
@@ -104,9 +121,6 @@ def copy_graph_sharing_tensors(gm: fx.GraphModule) -> fx.GraphModule:
     Safe because passes never write into a tensor in place (they register new constants and drop
     old attributes); it saves one copy of the weights (2.7 GB at DiT-XL size).
     """
-    import copy
-    import warnings
-
     memo = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
     with warnings.catch_warnings():  # torch's own pytree deprecation notice on deepcopy
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)

@@ -11,32 +11,16 @@ attributes the error to that layer alone. The model's output SQNR is measured en
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, fx
 from torch.utils._pytree import tree_leaves
 
-from ditq_compiler.annotate import LayerAnnotation
+from ditq_compiler.meta import LayerAnnotation
+from ditq_compiler.records import LayerReport, SiteReport
 from ditq_compiler.pipeline import fetch_attr
 from ditq_compiler import meta
-
-
-@dataclass
-class LayerReport:
-    name: str
-    role: str
-    op: str
-    weights: str
-    activations: str
-    weight_scale: tuple[float, float]
-    activation_scale: float | None
-    sqnr_db: float | None = None
-    kernel: str = "reference"
-    transforms: str = ""          # "shift" / "shift+migrate" in front of the layer (TaQ-DiT), "hadamard ..." (RobuQ)
-    input_site: str = ""          # its input's standalone quantizer (TQ-DiT), e.g. 'int6 2-region'; see the sites
-    activation_clip: float | None = None   # per-token range clipping ratio (learned by distillation)
 
 
 class _Energy:
@@ -152,20 +136,6 @@ def summary_rows(reports: list[LayerReport]) -> tuple[list[str], list[list[str]]
 def summary_table(reports: list[LayerReport]) -> str:
     header, rows = summary_rows(reports)
     return format_table(rows, header)
-
-
-@dataclass
-class SiteReport:
-    """One TQ-DiT activation site: the quantizer of one input of a linear or an attention matmul."""
-
-    layer: str
-    operand: str                  # input | q | k^T | P | v
-    kind: str                     # post_softmax | post_gelu | linear_input | attention_operand
-    quantizer: str                # e.g. 'int6 asym', 'int6 2-region'
-    regions: str                  # '1' or the two regions
-    groups: int                   # time groups (1: one parameter set for all timesteps)
-    parameters: str               # the searched values (range over the groups)
-    sqnr_db: float | None = None  # the layer's output SQNR with both operands quantized, on the calibration data
 
 
 def _span(values: Tensor) -> str:

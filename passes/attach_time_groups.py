@@ -16,41 +16,49 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx
 from torch._guards import detect_fake_mode
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ditq_compiler.pipeline import fetch_attr
+from ditq_compiler.pipeline import PreconditionError, fetch_attr
 from ditq_compiler import meta
 
 aten = torch.ops.aten
 BOUNDARIES = "ditq_time_group_boundaries"
 
 
-class AttachTimeGroups:
+class AttachTimeGroups(PassBase):
     """The pass; ``boundaries`` (G - 1 ascending values) and the name of the timestep placeholder."""
 
-    __name__ = "attach_time_groups"
+    name = "attach_time_groups"
 
     def __init__(self, boundaries: Tensor | None, timestep_input: str | None):
         self.boundaries = boundaries
         self.timestep_input = timestep_input
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def requires(self, gm: fx.GraphModule) -> None:
+        """Time-grouped quantizers (``quantize_activations`` ran) have tables of G rows and the graph has the
+        timestep input."""
         grouped = [n for n in gm.graph.nodes if meta.get(n).time_grouped]
         if not grouped:
-            return PassResult(gm, False)
+            return
         if self.boundaries is None or self.boundaries.dim() != 1:
-            raise ValueError(f"{len(grouped)} time-grouped quantizers (e.g. '{grouped[0].name}') but no 1-D "
-                             "group boundaries")
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        timestep = next((n for n in placeholders if n.name == self.timestep_input), None)
-        if timestep is None:
-            raise ValueError(f"time-grouped quantizers (e.g. '{grouped[0].name}') need the timestep input, and the "
-                             f"graph has no placeholder '{self.timestep_input}'")
+            raise PreconditionError(f"{self.name}: {len(grouped)} time-grouped quantizers (e.g. "
+                                    f"'{grouped[0].name}') but no 1-D group boundaries")
+        if not any(n.op == "placeholder" and n.name == self.timestep_input for n in gm.graph.nodes):
+            raise PreconditionError(f"{self.name}: time-grouped quantizers (e.g. '{grouped[0].name}') need the "
+                                    f"timestep input, and the graph has no placeholder '{self.timestep_input}'")
         groups = len(self.boundaries) + 1
         for node in grouped:
             rows = {len(fetch_attr(gm, a.target)) for a in node.args[2:] if isinstance(a, fx.Node)}
             if rows != {groups}:
-                raise ValueError(f"quantizer '{node.name}' has tables of {sorted(rows)} rows for {groups} time groups")
+                raise PreconditionError(f"{self.name}: quantizer '{node.name}' has tables of {sorted(rows)} rows "
+                                        f"for {groups} time groups")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        grouped = [n for n in gm.graph.nodes if meta.get(n).time_grouped]
+        if not grouped:
+            return PassResult(gm, False)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        timestep = next(n for n in placeholders if n.name == self.timestep_input)
         group = self._group_index(gm, timestep, placeholders[-1])
         for node in grouped:
             node.args = (node.args[0], group, *node.args[2:])

@@ -26,21 +26,32 @@ import math
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 
 from ditq_compiler import meta
+from ditq_compiler.pipeline import PreconditionError
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 
 
-class DecomposeAttention:
+def _query(node: fx.Node) -> fx.Node:
+    return node.args[0] if node.args else node.kwargs["query"]
+
+
+class DecomposeAttention(PassBase):
     """The pass: every SDPA node of the graph becomes the explicit attention above."""
 
-    __name__ = "decompose_attention"
+    name = "decompose_attention"
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def requires(self, gm: fx.GraphModule) -> None:
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target is SDPA and "val" not in _query(node).meta:
+                raise PreconditionError(f"{self.name}: attention node '{node.name}' has inputs without shapes "
+                                        "(meta['val']); decompose graphs captured by torch.export")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
         nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
         for node in nodes:
             self._rewrite(gm, node)

@@ -17,21 +17,30 @@ from typing import Mapping
 
 import torch
 from torch import Tensor, fx
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ditq_compiler.pipeline import fetch_attr, linear_node, register_constant
+from ditq_compiler.pipeline import PreconditionError, fetch_attr, linear_node, register_constant
 from ditq_compiler import meta
 
 
-class FoldShiftIntoBias:
+class FoldShiftIntoBias(PassBase):
     """The pass; ``shifts`` maps linear node name -> shift ``d`` (one value per input channel)."""
 
-    __name__ = "fold_shift_into_bias"
+    name = "fold_shift_into_bias"
 
     def __init__(self, shifts: Mapping[str, Tensor]):
         self.shifts = shifts
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def requires(self, gm: fx.GraphModule) -> None:
+        """Each named node is a linear with as many input channels as its shift has values."""
+        for name, shift in self.shifts.items():
+            node = linear_node(gm, name, f"{self.name}: a shift")
+            channels = fetch_attr(gm, node.args[1].target).shape[1]
+            if tuple(shift.shape) != (channels,):
+                raise PreconditionError(f"{self.name}: shift for '{name}' has shape {tuple(shift.shape)}, the layer "
+                                        f"has {channels} input channels")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
         for name, shift in self.shifts.items():
             self._rewrite(gm, linear_node(gm, name, "shift"), shift)
         if self.shifts:
@@ -44,9 +53,6 @@ class FoldShiftIntoBias:
         x, weight_node = node.args[0], node.args[1]
         bias_node = node.args[2] if len(node.args) > 2 else None
         weight = fetch_attr(gm, weight_node.target).detach()
-        if shift.shape != (weight.shape[1],):
-            raise ValueError(f"shift for '{node.name}' has shape {tuple(shift.shape)}, the layer has "
-                             f"{weight.shape[1]} input channels")
         shift = shift.to(weight.dtype)
         bias = fetch_attr(gm, bias_node.target).detach() if bias_node is not None else torch.zeros(weight.shape[0])
         shift_node = register_constant(gm, f"ditq_{node.name}_shift", shift, node)

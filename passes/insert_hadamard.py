@@ -38,13 +38,14 @@ from typing import Mapping
 
 import torch
 from torch import Tensor, fx
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 import ditq_compiler.ops  # noqa: F401  (registers ditq::hadamard)
 from ditq_compiler.graph import LayerInfo, op_name
-from ditq_compiler.pipeline import delete_unused_attrs, fetch_attr, register_constant
+from ditq_compiler.pipeline import PreconditionError, delete_unused_attrs, fetch_attr, register_constant
 from ditq_compiler.quant.hadamard import describe, hadamard_factors, hadamard_matrix
 from ditq_compiler import meta
+from ditq_compiler.records import Rotation
 
 # ops that keep the last dim element for element (checked against the shapes as well)
 SAME_LAST_DIM = {"view", "reshape", "_unsafe_view", "clone", "contiguous", "_to_copy", "to", "dropout", "alias",
@@ -53,17 +54,6 @@ SAME_LAST_DIM = {"view", "reshape", "_unsafe_view", "clone", "contiguous", "_to_
 HEAD_LAYOUT = SAME_LAST_DIM | {"transpose", "permute"}
 ATTENTION = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"}
 SIDE_EFFECT_ONLY = {"_assert_tensor_metadata"}
-
-
-@dataclass(frozen=True)
-class Rotation:
-    """What was done in front of one linear."""
-
-    layer: str
-    role: str
-    width: int
-    construction: str    # e.g. 'H128 = H8 x H16'
-    placement: str       # 'online', 'fused into <layer>', 'per-head H32 fused into <layer> + online H4 across heads'
 
 
 @dataclass
@@ -85,10 +75,10 @@ def _linear_weight(gm: fx.GraphModule, node: fx.Node) -> Tensor:
     return fetch_attr(gm, node.args[1].target)
 
 
-class InsertHadamard:
+class InsertHadamard(PassBase):
     """The pass; ``layers`` are the selected linears (node name -> LayerInfo), ``names`` every layer's name."""
 
-    __name__ = "insert_hadamard"
+    name = "insert_hadamard"
 
     def __init__(self, layers: Mapping[str, LayerInfo], names: Mapping[str, str], fuse: bool = True):
         self.layers = dict(layers)
@@ -96,17 +86,23 @@ class InsertHadamard:
         self.fuse = fuse
         self.rotations: list[Rotation] = []
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def requires(self, gm: fx.GraphModule) -> None:
+        """Every selected layer is a linear of the graph whose width has a Hadamard matrix."""
         nodes = {n.name: n for n in gm.graph.nodes}
         for name, info in self.layers.items():
+            if name not in nodes:
+                raise PreconditionError(f"{self.name}: layer '{info.name}' (node {name}) is not in the graph")
             if op_name(nodes[name]) != "linear":
-                raise ValueError(f"layer '{info.name}' ({info.role}) is a {info.op}: Hadamard rotation is defined "
-                                 "for linears; leave its role out of rotation.roles")
+                raise PreconditionError(f"layer '{info.name}' ({info.role}) is a {info.op}: Hadamard rotation is "
+                                        "defined for linears; leave its role out of rotation.roles")
             width = int(_linear_weight(gm, nodes[name]).shape[1])
             try:
                 hadamard_factors(width)
             except ValueError as e:
-                raise ValueError(f"layer '{info.name}': {e}") from None
+                raise PreconditionError(f"layer '{info.name}': {e}") from None
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        nodes = {n.name: n for n in gm.graph.nodes}
         plans: dict[fx.Node, _Plan] = {}
         online: dict[fx.Node, list[tuple[fx.Node, Tensor | None, Tensor | None]]] = {}
         placements: dict[str, str] = {}

@@ -18,9 +18,9 @@ from typing import Mapping
 
 import torch
 from torch import Tensor, fx
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ditq_compiler.pipeline import fetch_attr, linear_node, register_constant
+from ditq_compiler.pipeline import PreconditionError, fetch_attr, linear_node, register_constant
 from ditq_compiler import meta
 
 
@@ -37,23 +37,31 @@ def channel_affine(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Tensor |
     return x, -fetch_attr(gm, offset.target) / inv_value, 1 / inv_value, affine
 
 
-class MigrateOutliers:
+class MigrateOutliers(PassBase):
     """The pass; ``factors`` maps linear node name -> per-input-channel factors ``a`` (>= 1)."""
 
-    __name__ = "migrate_outliers"
+    name = "migrate_outliers"
 
     def __init__(self, factors: Mapping[str, Tensor]):
         self.factors = factors
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def requires(self, gm: fx.GraphModule) -> None:
+        """``fold_shift_into_bias`` ran on each named linear (migration works on shifted activations)."""
         for name, factors in self.factors.items():
-            node = linear_node(gm, name, "migration factors")
-            shifted = node.args[0]
+            shifted = linear_node(gm, name, f"{self.name}: migration factors").args[0]
             if not (isinstance(shifted, fx.Node) and shifted.target is torch.ops.aten.sub.Tensor
                     and meta.get(shifted).shift):
-                raise ValueError(f"layer node '{name}' has no shift in front of it: run fold_shift_into_bias first "
-                                 "(migration works on shifted activations)")
-            self._rewrite(gm, node, shifted, factors)
+                raise PreconditionError(f"layer node '{name}' has no shift in front of it: run fold_shift_into_bias "
+                                        "first (migration works on shifted activations)")
+            shift = fetch_attr(gm, shifted.args[1].target)
+            if factors.shape != shift.shape or not bool((factors > 0).all()):
+                raise PreconditionError(f"{self.name}: factors for '{name}' must be positive with shape "
+                                        f"{tuple(shift.shape)}, got shape {tuple(factors.shape)}")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        for name, factors in self.factors.items():
+            node = linear_node(gm, name, "migration factors")
+            self._rewrite(gm, node, node.args[0], factors)
         if self.factors:
             gm.graph.lint()
             gm.recompile()
@@ -65,9 +73,6 @@ class MigrateOutliers:
         shift = fetch_attr(gm, shift_node.target)
         weight_node = node.args[1]
         weight = fetch_attr(gm, weight_node.target).detach()
-        if factors.shape != shift.shape or not bool((factors > 0).all()):
-            raise ValueError(f"factors for '{node.name}' must be positive with shape {tuple(shift.shape)}, "
-                             f"got shape {tuple(factors.shape)}")
         factors = factors.to(weight.dtype)
         offset = register_constant(gm, f"ditq_{node.name}_affine_offset", -shift / factors, shifted)
         inv = register_constant(gm, f"ditq_{node.name}_affine_scale", 1 / factors, shifted)

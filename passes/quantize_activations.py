@@ -24,33 +24,39 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, fx
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 import ditq_compiler.activation_ops  # noqa: F401  (registers the ditq:: activation ops)
 from ditq_compiler.activation_sites import ActivationSite
-from ditq_compiler.pipeline import register_constant
+from ditq_compiler.pipeline import PreconditionError, register_constant
 from ditq_compiler import meta
 
 OPS = {"uniform": torch.ops.ditq.quant_act.default, "softmax_mrq": torch.ops.ditq.quant_softmax_mrq.default,
        "gelu_mrq": torch.ops.ditq.quant_gelu_mrq.default}
 
 
-class QuantizeActivations:
-    """The pass; ``tables`` maps site key -> parameter name -> (G,) table (``SearchResult.tables``)."""
+class QuantizeActivations(PassBase):
+    """The pass; ``tables`` maps site key -> parameter name -> (G,) table (``QuantParams.site_tables``)."""
 
-    __name__ = "quantize_activations"
+    name = "quantize_activations"
 
     def __init__(self, sites: Sequence[ActivationSite], tables: Mapping[str, Mapping[str, Tensor]]):
         self.sites = [s for s in sites if s.standalone]
         self.tables = tables
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
-        nodes = {n.name: n for n in gm.graph.nodes}
+    def requires(self, gm: fx.GraphModule) -> None:
+        nodes = {n.name for n in gm.graph.nodes}
         for site in self.sites:
             if site.consumer not in nodes:
-                raise ValueError(f"site {site.layer} ({site.operand}): node '{site.consumer}' is not in the graph")
-            if site.key not in self.tables:
-                raise KeyError(f"site {site.layer} ({site.operand}) has no calibrated parameters")
+                raise PreconditionError(f"{self.name}: site {site.layer} ({site.operand}): node '{site.consumer}' "
+                                        "is not in the graph")
+            if site.key not in self.tables or any(p not in self.tables[site.key] for p in site.parameters):
+                raise PreconditionError(f"{self.name}: site {site.layer} ({site.operand}) has no calibrated "
+                                        f"parameters {list(site.parameters)}")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for site in self.sites:
             self._rewrite(gm, nodes[site.consumer], site, self.tables[site.key])
         if self.sites:
             gm.graph.lint()

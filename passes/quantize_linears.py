@@ -18,46 +18,54 @@ from the module.
 
 from __future__ import annotations
 
-from typing import Mapping
 
 import torch
-from torch import Tensor, fx
-from torch.fx.passes.infra.pass_base import PassResult
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 import ditq_compiler.ops  # noqa: F401  (registers the ditq:: ops)
 from ditq_compiler.annotate import LayerAnnotation
-from ditq_compiler.pipeline import delete_unused_attrs, fetch_attr, register_constant
+from ditq_compiler.calibration.params import QuantParams
+from ditq_compiler.pipeline import PreconditionError, delete_unused_attrs, fetch_attr, register_constant
 from ditq_compiler.quant import quantize, weight_qparams
 from ditq_compiler import meta
 
 
-class QuantizeLinears:
-    """The pass; ``activation_qparams`` maps node name -> calibrated (scale, zero_point).
+def _layers(gm: fx.GraphModule) -> list[fx.Node]:
+    """The annotated ``aten.linear`` / ``aten.conv2d`` nodes."""
+    return [n for n in gm.graph.nodes if meta.get(n).annotation is not None and n.op == "call_function"
+            and n.target in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)]
 
-    ``weight_codes`` (node name -> codes, scale, zero_point) replaces the observer's rounding for
-    the layers it names, e.g. with the learned rounding of reconstruction. ``token_clips`` (node
-    name -> scalar) gives per-token activation quantizers a clipping ratio, and ``biases`` (node
-    name -> tensor) replaces biases; distillation learns both.
+
+class QuantizeLinears(PassBase):
+    """The pass, with the calibrated ``QuantParams``: ``activations`` (node name -> (scale, zero_point)),
+    ``weights`` (node name -> codes, scale, zero_point; replaces the observer's nearest rounding for the
+    layers it names, e.g. with the learned rounding of reconstruction), ``token_clips`` (node name ->
+    a per-token clipping ratio) and ``biases`` (node name -> a trained bias); distillation learns the last two.
     """
 
-    __name__ = "quantize_linears"
+    name = "quantize_linears"
 
-    def __init__(self, activation_qparams: Mapping[str, tuple[Tensor, Tensor]],
-                 weight_codes: Mapping[str, tuple[Tensor, Tensor, Tensor]] | None = None,
-                 token_clips: Mapping[str, Tensor] | None = None, biases: Mapping[str, Tensor] | None = None):
-        self.activation_qparams = activation_qparams
-        self.weight_codes = weight_codes or {}
-        self.token_clips = token_clips or {}
-        self.biases = biases or {}
+    def __init__(self, params: QuantParams):
+        self.activation_qparams = params.activations
+        self.weight_codes = params.weights
+        self.token_clips = params.token_clips
+        self.biases = params.biases
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def requires(self, gm: fx.GraphModule) -> None:
+        """Every annotated layer whose input it quantizes itself has calibrated (scale, zero point)."""
+        for node in _layers(gm):
+            annotation = meta.get(node).annotation
+            acts = annotation.activations
+            static = acts is not None and acts.granularity != "token" and not meta.get(node).input_site
+            if static and node.name not in self.activation_qparams:
+                raise PreconditionError(f"{self.name}: layer '{annotation.name}' (node {node.name}) quantizes its "
+                                        "input activation but has no calibrated activation parameters")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
-        for node in list(gm.graph.nodes):
-            annotation: LayerAnnotation | None = meta.get(node).annotation
-            if annotation is None or node.op != "call_function" or node.target not in (
-                    torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
-                continue
-            self._rewrite(gm, node, annotation)
+        for node in _layers(gm):
+            self._rewrite(gm, node, meta.get(node).annotation)
             modified = True
         if modified:
             delete_unused_attrs(gm)
@@ -89,9 +97,6 @@ class QuantizeLinears:
             clip = None if clip is None else register_constant(gm, f"{prefix}_a_clip", clip.reshape(()), node)
             args += [clip, None, acts.bits, True]
         else:
-            if node.name not in self.activation_qparams:
-                raise KeyError(f"layer '{annotation.name}' (node {node.name}) quantizes its input "
-                               "activation but has no calibrated activation parameters")
             a_scale, a_zero_point = self.activation_qparams[node.name]
             args += [register_constant(gm, f"{prefix}_a_scale", a_scale.reshape(()), node),
                      register_constant(gm, f"{prefix}_a_zero_point", a_zero_point.reshape(()), node),

@@ -61,7 +61,7 @@ def planned_dit():
     from ditq_compiler.annotate import annotate
     from ditq_compiler.calibration.scale_search import search_scales
     from ditq_compiler.capture import capture
-    from ditq_compiler.compiler import _flat
+    from ditq_compiler.calibration.data import flat_inputs
     from ditq_compiler.graph import analyse
     from ditq_compiler.passes.decompose_attention import DecomposeAttention
 
@@ -84,7 +84,7 @@ def planned_dit():
         analysis = analyse(gm, captured.sample_input, captured.timestep_input)
         annotations = annotate(gm, analysis, recipe)
         plan = plan_sites(gm, analysis, annotations, recipe)
-        flat = [_flat(captured.bind(a, k)) for a, k in batches]
+        flat = [flat_inputs(captured.bind(a, k)) for a, k in batches]
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         searched = search_scales(gm, annotations, plan, flat, recipe.scale_search, None,
                                  names.index(captured.timestep_input), progress=False)

@@ -50,7 +50,7 @@ def test_graph_holds_the_tq_dit_quantizers_and_reexports(compiled_w6a6, digits_c
     assert len(grouped) == 6 and all(n.target is ops.quant_softmax_mrq.default for n in grouped)
     assert compiled_w6a6.output_sqnr_db > 12       # W6A6 with the attention matmuls quantized too
     args, kwargs = next(iter(digits_calibration[1]))
-    inputs = compiled_w6a6._captured.bind(args, kwargs)
+    inputs = compiled_w6a6.captured.bind(args, kwargs)
     program = torch.export.export(gm, (), inputs)
     assert _count(program.graph_module, ops.quant_softmax_mrq.default) == 6
     torch.testing.assert_close(program.module()(**inputs)[0], compiled_w6a6(*args, **kwargs).sample, rtol=0, atol=0)
@@ -89,7 +89,7 @@ def test_time_group_tables_are_used(compiled_w6a6, digits_calibration):
     groups, probabilities = [], None
     for t in (10, 900):   # the ends of the sampler's range: groups 0 and 3
         recorder = _SiteInputs(gm, node.name)
-        inputs = compiled_w6a6._captured.bind((x, torch.full((2,), t), torch.tensor([3, 10])), {})
+        inputs = compiled_w6a6.captured.bind((x, torch.full((2,), t), torch.tensor([3, 10])), {})
         recorder.run(*torch.utils._pytree.tree_leaves(((), inputs)))
         probabilities = recorder.seen[0] if probabilities is None else probabilities
         groups.append(recorder.seen[1])
@@ -142,6 +142,6 @@ def test_cross_attention_sites_on_pixart_compile_and_reexport():
         ungrouped = caption_only.get(site.layer.removeprefix("transformer_blocks.0.")) == site.operand
         assert site.groups == (1 if ungrouped else 2), (site.layer, site.operand)
     assert compiled.output_sqnr_db > 20
-    inputs = compiled._captured.bind(*batches[0])
+    inputs = compiled.captured.bind(*batches[0])
     program = torch.export.export(gm, (), inputs)
     torch.testing.assert_close(program.module()(**inputs)[0], gm(**inputs)[0], rtol=0, atol=0)

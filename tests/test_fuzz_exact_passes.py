@@ -25,13 +25,15 @@ from torch import fx
 
 import ditq_compiler as dq
 from ditq_compiler.annotate import annotate
-from ditq_compiler.calibration.channel_stats import calibrate_transforms, transform_passes
+from ditq_compiler.calibration.channel_stats import calibrate_transforms
 from ditq_compiler.capture import capture
-from ditq_compiler.compiler import _copy_graph, _flat, _timestep_index
+from ditq_compiler.calibration.data import flat_inputs, timestep_position
+from ditq_compiler.pipeline import copy_graph
 from ditq_compiler.graph import GraphAnalysis, analyse
 from ditq_compiler.passes.decompose_attention import DecomposeAttention
 from ditq_compiler.passes.insert_hadamard import InsertHadamard
 from ditq_compiler.pipeline import PassPipeline
+from ditq_compiler.stages import transform_passes
 
 ALL_LINEARS = {"name": "every-linear", "quantize_roles": ["qkv", "attn_out", "fc1", "fc2", "linear", "conv"],
                "shift": {"sites": "all"}, "migration": {"top_k": 0.1}}
@@ -39,8 +41,8 @@ ALL_LINEARS = {"name": "every-linear", "quantize_roles": ["qkv", "attn_out", "fc
 
 def shift_and_migration(case):
     recipe = dq.Recipe.from_dict(ALL_LINEARS)
-    return transform_passes(*calibrate_transforms(case.gm, case.annotations, recipe, case.flat,
-                                                  case.timestep_index, progress=False))
+    return transform_passes(calibrate_transforms(case.gm, case.annotations, recipe, case.flat,
+                                                 case.timestep_index, progress=False))
 
 
 def decompose_attention(case):
@@ -121,9 +123,9 @@ def test_exact_passes_keep_the_function(pass_name, case):
     gm = captured.graph_module
     analysis = analyse(gm, captured.sample_input, captured.timestep_input)
     annotations = annotate(gm, analysis, dq.Recipe.from_dict(ALL_LINEARS))
-    flat = [_flat(captured.bind((), inputs))]
-    original = _copy_graph(gm)
-    passes = EXACT_PASSES[pass_name](Case(gm, analysis, annotations, flat, _timestep_index(captured)))
+    flat = [flat_inputs(captured.bind((), inputs))]
+    original = copy_graph(gm)
+    passes = EXACT_PASSES[pass_name](Case(gm, analysis, annotations, flat, timestep_position(captured)))
     assert passes, f"{pass_name} found nothing to rewrite in a {kind}"
     result = PassPipeline(passes, debug=True)(gm)
     assert result.modified, f"{pass_name} changed nothing in a {kind}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ditq_compiler as dq
-from ditq_compiler import compiler
+from ditq_compiler import stages
 from ditq_compiler import meta
 from tests.test_bad_input import TimedMLP
 from tests.test_compile import assert_unchanged, snapshot
@@ -34,7 +34,7 @@ def no_calibration(monkeypatch):
         raise AssertionError("calibration started before the recipe/calibration error was raised")
 
     for name in ("calibrate_transforms", "search_scales", "observe_activations"):
-        monkeypatch.setattr(compiler, name, started)
+        monkeypatch.setattr(stages, name, started)
 
 
 class Untimed(torch.nn.Module):

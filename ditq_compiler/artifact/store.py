@@ -56,12 +56,14 @@ from tqdm.auto import tqdm
 from ditq_compiler.artifact.bitpack import PackedInfo, bits_needed, pack, unpack
 from ditq_compiler.artifact.graph_json import (GraphFormatError, decode_spec, decode_value, encode_spec,
                                                encode_value, graph_from_json, graph_to_json)
+from ditq_compiler import meta
+from ditq_compiler.backends.registry import lower
+from ditq_compiler.calibration.data import flat_inputs
 from ditq_compiler.capture import CapturedModel
 from ditq_compiler.inspection.activations import LayerActivations
 from ditq_compiler.provenance import Provenance
 from ditq_compiler.recipe import Recipe
-from ditq_compiler.report import LayerReport
-from ditq_compiler import meta
+from ditq_compiler.records import CompileRecord, LayerReport, Reports
 
 FORMAT = "ditq-artifact"
 FORMAT_VERSION = 2      # 2: graph.json node meta as one typed record (format 1 is read and migrated)
@@ -92,54 +94,56 @@ def library_versions() -> dict[str, str]:
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def save(compiled, path: str | os.PathLike, progress: bool = False) -> Path:
-    """Write ``compiled`` (a ``CompiledModel``) as an artifact directory at ``path``; returns it."""
+def write_artifact(record: CompileRecord, reference: torch.fx.GraphModule, path: str | os.PathLike,
+                   progress: bool = False) -> Path:
+    """Write ``record`` (its fake-quant ``reference`` graph) as an artifact directory at ``path``; returns it."""
     path = Path(path)
     _check_replaceable(path)
+    captured, reports = record.captured, record.reports
     try:
-        description, tensors = graph_to_json(compiled.reference_graph_module)
+        description, tensors = graph_to_json(reference)
     except GraphFormatError as e:
-        raise ArtifactError(f"cannot save {compiled._captured.model_class}: {e}") from None
+        raise ArtifactError(f"cannot save {captured.model_class}: {e}") from None
     stored, packed = _pack_tensors(tensors, progress)
     description["packed"] = packed
-    description["captured"] = _captured_to_json(compiled._captured)
-    provenance: Provenance = compiled.provenance
+    description["captured"] = _captured_to_json(captured)
+    provenance: Provenance = record.provenance
     example = _example_to_files(provenance.example_inputs)
     report = {
-        "layers": [dataclasses.asdict(layer) for layer in compiled.layers],
-        "output_sqnr_db": compiled.output_sqnr_db,
-        "backend": compiled.backend,
+        "layers": [dataclasses.asdict(layer) for layer in reports.layers],
+        "output_sqnr_db": reports.output_sqnr_db,
+        "backend": record.backend,
         "provenance": {"fp_checkpoint_bytes": provenance.fp_checkpoint_bytes, "model_config": provenance.model_config,
                        "calibration": provenance.calibration},
         "example_inputs": example[0],
-        **_summary_extras_to_json(compiled),
+        **reports.extras_to_json(),
     }
-    inspection = {key: value for name, stats in compiled.activation_stats.items()
+    inspection = {key: value for name, stats in reports.activation_stats.items()
                   for key, value in stats.tensors(f"{name}/").items()}
     from safetensors.torch import save_file
 
     with _atomic_directory(path) as tmp:
         (tmp / GRAPH).write_text(json.dumps(description))
         save_file(stored, str(tmp / TENSORS))
-        compiled.recipe.save(tmp / RECIPE)
+        record.recipe.save(tmp / RECIPE)
         (tmp / REPORT).write_text(json.dumps(report, indent=1))
         save_file(inspection, str(tmp / INSPECTION))
         save_file(example[1], str(tmp / EXAMPLE))
         files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         run = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "stage_seconds": compiled.stage_seconds, "block_seconds": compiled.unit_seconds,
-               "resumed_from_cache": compiled.resumed_from_cache}
+               "stage_seconds": record.stage_seconds, "block_seconds": reports.unit_seconds,
+               "resumed_from_cache": record.resumed_from_cache}
         (tmp / RUN).write_text(json.dumps(run, indent=1))
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "volatile": [RUN],
             "library_versions": library_versions(),
-            "model_class": compiled._captured.model_class,
-            "recipe": compiled.recipe.name,
-            "backend": compiled.backend,
+            "model_class": captured.model_class,
+            "recipe": record.recipe.name,
+            "backend": record.backend,
             "calibration": provenance.calibration,
-            "reconstruction_seed": compiled.recipe.reconstruction.seed if compiled.recipe.reconstruction else None,
+            "reconstruction_seed": record.recipe.reconstruction.seed if record.recipe.reconstruction else None,
             "sizes": {"artifact_bytes": sum(f["bytes"] for f in files.values()),   # run.json's few bytes aside
                       "tensor_bytes": files[TENSORS]["bytes"],
                       "fp_checkpoint_bytes": provenance.fp_checkpoint_bytes},
@@ -300,10 +304,8 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{file} is not a readable safetensors file: {e}") from None
 
 
-def load(path: str | os.PathLike, progress: bool = False):
-    """The ``CompiledModel`` saved at ``path``; its outputs equal the saved model's bit for bit."""
-    from ditq_compiler.compiler import CompiledModel, _copy_graph, _lower
-
+def read_artifact(path: str | os.PathLike, progress: bool = False) -> CompileRecord:
+    """The ``CompileRecord`` saved at ``path``, its graph lowered again for the saved backend."""
     path = Path(path)
     manifest = read_manifest(path)
     description = json.loads(_verified(path, manifest, GRAPH).read_text())
@@ -313,7 +315,7 @@ def load(path: str | os.PathLike, progress: bool = False):
         info = description.get("packed", {}).get(name)
         tensors[name] = unpack(data, PackedInfo.from_dict(info)) if info else data
     try:
-        graph_module = graph_from_json(description, tensors)
+        reference = graph_from_json(description, tensors)
     except GraphFormatError as e:
         raise ArtifactError(f"{path / GRAPH}: {e}") from None
     recipe = Recipe.load(_verified(path, manifest, RECIPE))
@@ -321,35 +323,34 @@ def load(path: str | os.PathLike, progress: bool = False):
     inspection = _load_tensors(_verified(path, manifest, INSPECTION))
     example = _load_tensors(_verified(path, manifest, EXAMPLE))
 
-    captured = _captured_from_json(description["captured"], graph_module)
+    captured = _captured_from_json(description["captured"], reference)
     known = {f.name for f in dataclasses.fields(LayerReport)}
-    layers = [LayerReport(**{k: v for k, v in layer.items() if k in known}) for layer in report["layers"]]
-    for layer in layers:
+    reports = Reports(layers=[LayerReport(**{k: v for k, v in layer.items() if k in known})
+                              for layer in report["layers"]], output_sqnr_db=report["output_sqnr_db"])
+    for layer in reports.layers:
         layer.weight_scale = tuple(layer.weight_scale)
-    backend = report["backend"]
-    lowered = graph_module
-    if backend != "torch":
-        lowered, kernels = _lower(_copy_graph(graph_module), backend)
-        sources = {meta.get(n).annotation.name: meta.get(n).source_node for n in graph_module.graph.nodes
-                   if meta.get(n).source_node is not None and meta.get(n).annotation is not None}
-        for layer in layers:
-            layer.kernel = kernels.get(sources.get(layer.name), "reference")
-    run = _read_run(path)
-    compiled = CompiledModel(lowered, captured, recipe, layers, report["output_sqnr_db"], backend,
-                             run.get("stage_seconds", report.get("stage_seconds")))
-    _summary_extras_from_json(compiled, report)
-    compiled.unit_seconds = run.get("block_seconds", {})
-    compiled.resumed_from_cache = run.get("resumed_from_cache", [])
+    reports.read_extras(report)
     saved = report["provenance"]
-    compiled.provenance = Provenance(saved["fp_checkpoint_bytes"], saved["model_config"], saved["calibration"],
-                                     _example_from_files(report.get("example_inputs"), example))
-    if compiled.provenance.example_inputs is not None:
-        _restore_shapes(graph_module, compiled.provenance.example_inputs)
+    provenance = Provenance(saved["fp_checkpoint_bytes"], saved["model_config"], saved["calibration"],
+                            _example_from_files(report.get("example_inputs"), example))
+    if provenance.example_inputs is not None:
+        _restore_shapes(reference, provenance.example_inputs)
+    backend = report["backend"]
+    lowered, kernels = lower(backend, reference)
+    if kernels:
+        sources = {meta.get(n).annotation.name: meta.get(n).source_node for n in reference.graph.nodes
+                   if meta.get(n).source_node is not None and meta.get(n).annotation is not None}
+        for layer in reports.layers:
+            layer.kernel = kernels.get(sources.get(layer.name), "reference")
     names = sorted({key.rsplit("/", 1)[0] for key in inspection})
-    compiled.activation_stats = {name: LayerActivations.from_tensors(inspection, f"{name}/") for name in names}
-    compiled.__dict__["_reference_graph"] = None if backend == "torch" else graph_module
-    compiled.manifest = {**manifest, "created": run.get("created", "unknown")}   # shown by inspect
-    return compiled
+    reports.activation_stats = {name: LayerActivations.from_tensors(inspection, f"{name}/") for name in names}
+    run = _read_run(path)
+    reports.unit_seconds = run.get("block_seconds", {})
+    return CompileRecord(graph_module=lowered, captured=captured, recipe=recipe, backend=backend,
+                         reference_graph=None if lowered is reference else reference, reports=reports,
+                         stage_seconds=run.get("stage_seconds", report.get("stage_seconds")) or {},
+                         resumed_from_cache=run.get("resumed_from_cache", []), provenance=provenance,
+                         manifest={**manifest, "created": run.get("created", "unknown")})   # shown by inspect
 
 
 def _restore_shapes(graph_module, example: dict[str, Any]) -> None:
@@ -362,9 +363,7 @@ def _restore_shapes(graph_module, example: dict[str, Any]) -> None:
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    from ditq_compiler.compiler import _flat
-
-    inputs = _flat(example)
+    inputs = flat_inputs(example)
     FakeTensorProp(graph_module, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
     batch = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
     symbolic = FakeTensorMode(shape_env=ShapeEnv())
@@ -375,32 +374,6 @@ def _restore_shapes(graph_module, example: dict[str, Any]) -> None:
                      for i, size in enumerate(value.shape)]
             node.meta["val"] = symbolic.from_tensor(value, symbolic_context=StatelessSymbolicContext(
                 dynamic_sizes=sizes))
-
-
-def _summary_extras_to_json(compiled) -> dict[str, Any]:
-    allocation = compiled.allocation
-    return {"sites": [dataclasses.asdict(site) for site in compiled.sites], "time_groups": compiled.time_groups,
-            "rotations": [dataclasses.asdict(rotation) for rotation in compiled.rotations],
-            "unsupported": [dataclasses.asdict(layer) for layer in compiled.unsupported],
-            "allocation": None if allocation is None else dataclasses.asdict(allocation)}
-
-
-def _summary_extras_from_json(compiled, report: dict[str, Any]) -> None:
-    """What ``_summary_extras_to_json`` wrote (absent in artifacts written before it: left empty)."""
-    from ditq_compiler.graph import UnsupportedLayer
-    from ditq_compiler.passes.insert_hadamard import Rotation
-    from ditq_compiler.report import SiteReport
-    from ditq_compiler.train import Allocation
-
-    compiled.sites = [SiteReport(**site) for site in report.get("sites", [])]
-    compiled.time_groups = list(report.get("time_groups", []))
-    compiled.rotations = [Rotation(**rotation) for rotation in report.get("rotations", [])]
-    compiled.unsupported = [UnsupportedLayer(**layer) for layer in report.get("unsupported", [])]
-    allocation = report.get("allocation")
-    if allocation is not None:   # JSON made the per-layer {bits: loss} keys strings
-        sensitivity = {name: {int(bits): loss for bits, loss in losses.items()}
-                       for name, losses in allocation["sensitivity"].items()}
-        compiled.allocation = Allocation(**{**allocation, "sensitivity": sensitivity})
 
 
 def _read_run(path: Path) -> dict[str, Any]:
@@ -438,5 +411,5 @@ def _example_from_files(description: dict[str, Any] | None, tensors: dict[str, t
     return pytree.tree_unflatten(leaves, decode_spec(description["spec"]))
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ArtifactError", "ArtifactVersionWarning", "library_versions", "load",
-           "read_manifest", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "ArtifactError", "ArtifactVersionWarning", "library_versions", "read_artifact",
+           "read_manifest", "write_artifact"]

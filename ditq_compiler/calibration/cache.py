@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ditq_compiler.atomic import replacing
+from ditq_compiler.calibration.params import QuantParams
 
 ENV_VAR = "DITQ_CACHE_DIR"
 
@@ -117,6 +118,28 @@ def open_cache(cache_dir: str | Path | bool | None, key_parts: dict[str, Any]) -
         return WorkCache(None, "")
     root = default_root() if cache_dir is None or cache_dir is True else Path(cache_dir)
     return WorkCache(root, run_key(**key_parts))
+
+
+PARAM_FIELDS = ("activations", "shifts", "factors")   # the QuantParams fields an entry of calibration holds
+
+
+def save_params(cache: WorkCache, entry: str, params: QuantParams) -> None:
+    """Store a ``QuantParams``' activation quantizers, shifts and factors as one entry."""
+    tensors = {**pack("shifts", params.shifts), **pack("factors", params.factors),
+               **pack("act_scale", {n: q[0] for n, q in params.activations.items()}),
+               **pack("act_zero_point", {n: q[1] for n, q in params.activations.items()})}
+    cache.save(entry, tensors)
+
+
+def load_params(cache: WorkCache, entry: str) -> QuantParams | None:
+    """The ``QuantParams`` ``save_params`` stored under ``entry``, or None."""
+    finished = cache.load(entry)
+    if finished is None:
+        return None
+    tensors, _ = finished
+    scales, zero_points = unpack("act_scale", tensors), unpack("act_zero_point", tensors)
+    return QuantParams(activations={n: (scales[n], zero_points[n]) for n in scales},
+                       shifts=unpack("shifts", tensors), factors=unpack("factors", tensors))
 
 
 def pack(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, fx
 from tqdm.auto import tqdm
 
-from ditq_compiler.annotate import LayerAnnotation
+from ditq_compiler.calibration.params import QuantParams
 from ditq_compiler.calibration.observe import InputObservingInterpreter
+from ditq_compiler.meta import LayerAnnotation
 from ditq_compiler.recipe import Recipe
 
 
@@ -122,19 +123,20 @@ def outlier_factors(stats: ChannelStats, shift: Tensor, top_k: float) -> Tensor:
 
 def calibrate_transforms(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation], recipe: Recipe,
                          batches: list[list[Any]], timestep_index: int | None,
-                         progress: bool = True) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The shifts (and migration factors) the recipe asks for, by linear node name.
+                         progress: bool = True) -> QuantParams:
+    """The shifts (and migration factors) the recipe asks for, by linear node name (``QuantParams.shifts``,
+    ``.factors``).
 
     Sites: the fc2 layers (their input is the post-GELU activation) or, with ``sites: all``,
     every quantized linear with a static input quantizer.
     """
     if recipe.shift is None:
-        return {}, {}
+        return QuantParams()
     sites = [name for name, a in annotations.items()
              if a.op == "linear" and a.activations is not None and a.activations.granularity != "token"
              and (recipe.shift.sites == "all" or a.role == "fc2")]
     if not sites:
-        return {}, {}
+        return QuantParams()
     if not batches:
         raise ValueError(f"recipe '{recipe.name}' shifts the inputs of {len(sites)} layers (e.g. "
                          f"'{annotations[sites[0]].name}'), which needs calibration batches")
@@ -143,21 +145,4 @@ def calibrate_transforms(gm: fx.GraphModule, annotations: Mapping[str, LayerAnno
     factors = {}
     if recipe.migration is not None:
         factors = {name: outlier_factors(stats[name], shifts[name], recipe.migration.top_k) for name in sites}
-    return shifts, factors
-
-
-def transform_passes(shifts: Mapping[str, Tensor], factors: Mapping[str, Tensor]) -> list:
-    """The graph passes that put calibrated shifts and factors in place (shift first, then migration)."""
-    from ditq_compiler.passes.fold_shift_into_bias import FoldShiftIntoBias
-    from ditq_compiler.passes.migrate_outliers import MigrateOutliers
-
-    passes: list = [FoldShiftIntoBias(dict(shifts))] if shifts else []
-    if factors:
-        passes.append(MigrateOutliers(dict(factors)))
-    return passes
-
-
-def plan_transforms(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation], recipe: Recipe,
-                    batches: list[list[Any]], timestep_index: int | None, progress: bool = True) -> list:
-    """The shift (and migration) passes the recipe asks for, with their calibrated constants."""
-    return transform_passes(*calibrate_transforms(gm, annotations, recipe, batches, timestep_index, progress))
+    return QuantParams(shifts=shifts, factors=factors)

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, fx
 from tqdm.auto import tqdm
 
-from ditq_compiler.annotate import LayerAnnotation
 from ditq_compiler.calibration.batches import Batch, CalibrationError
+from ditq_compiler.calibration.params import QuantParams
 from ditq_compiler.graph import module_path
+from ditq_compiler.meta import LayerAnnotation
 from ditq_compiler.quant import make_observer
 
 
@@ -52,8 +53,9 @@ class InputObservingInterpreter(fx.Interpreter):
 
 def observe_activations(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                         batches: list[list[Any]], progress: bool = True,
-                        timestep_index: int | None = None) -> dict[str, tuple[Tensor, Tensor]]:
-    """(scale, zero_point) of the input quantizer of every layer with static activation quantization.
+                        timestep_index: int | None = None) -> QuantParams:
+    """(scale, zero_point) of the input quantizer of every layer with static activation quantization
+    (``QuantParams.activations``).
 
     A layer whose input was exactly zero on every calibration sample has no range to calibrate,
     and a scale that comes out non-positive or non-finite is unusable: both are errors naming
@@ -62,7 +64,7 @@ def observe_activations(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnot
     static = {name: a for name, a in annotations.items()
               if a.activations is not None and a.activations.granularity != "token"}
     if not static:
-        return {}
+        return QuantParams()
     if not batches:
         layers = ", ".join(a.name for a in list(static.values())[:3])
         raise CalibrationError(f"the recipe quantizes input activations (e.g. {layers}) but the calibration "
@@ -98,7 +100,7 @@ def observe_activations(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnot
             raise CalibrationError(f"layer '{layer}' (node {name}): calibration gave the activation scale "
                                    f"{scale.flatten()[:4].tolist()}, which is not a positive finite number")
         qparams[name] = (scale, zero_point)
-    return qparams
+    return QuantParams(activations=qparams)
 
 
 __all__ = ["Batch", "InputObservingInterpreter", "observe_activations"]

@@ -26,9 +26,10 @@ passes gradients straight through).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ditq_compiler.calibration.params import QuantParams
+from ditq_compiler.trainable import LayerSource, TrainableLayer
 from ditq_compiler.quant import (
     QuantSpec,
     broadcast_qparams,
@@ -49,7 +50,7 @@ def rectified_sigmoid(v: Tensor) -> Tensor:
     return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
 
 
-class ReconLayer(nn.Module):
+class ReconLayer(TrainableLayer):
     """One layer under reconstruction. Modes: ``weight_mode`` fp | soft | hard; ``act_quant`` on/off."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, weight_spec: QuantSpec, act_spec: QuantSpec | None,
@@ -82,6 +83,19 @@ class ReconLayer(nn.Module):
         self.register_buffer("act_zero_point", act_qparams[1].detach().clone().reshape(()) if static else None)
         self.weight_mode, self.act_quant, self.drop_prob = "fp", False, 0.0
         self.generator: torch.Generator | None = None   # QDrop's draws, seeded by the reconstruction
+
+    @classmethod
+    def from_source(cls, source: LayerSource) -> ReconLayer:
+        a = source.annotation
+        return cls(source.weight, source.bias, a.weights, a.activations, source.act_qparams, source.conv_args,
+                   source.shift, source.factors)
+
+    def learned(self, node: str) -> QuantParams:
+        """The learned rounding as codes, the activation scale and the migration factors."""
+        qparams = self.activation_qparams()
+        return QuantParams(weights={node: self.weight_codes()},
+                           activations={} if qparams is None else {node: qparams},
+                           factors={} if self.log_factors is None else {node: self.factors.detach().clone()})
 
     @property
     def factors(self) -> Tensor | None:
@@ -136,12 +150,6 @@ class ReconLayer(nn.Module):
         tensors = (*self.parameters(), *self.buffers())
         return (self.weight_mode, self.act_quant, self.drop_prob if self.training else 0.0,
                 tuple((id(t), t._version) for t in tensors))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xq, w = self.quantized_input(x), self.quantized_weight()
-        if self.conv_args is None:
-            return F.linear(xq, w, self.bias)
-        return F.conv2d(xq, w, self.bias, *self.conv_args)
 
     def weight_codes(self) -> tuple[Tensor, Tensor, Tensor]:
         """Integer codes of the learned (hard) rounding, with the weight's scale and zero point."""

@@ -35,64 +35,23 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, fx
 from tqdm.auto import tqdm
 
-from ditq_compiler.annotate import LayerAnnotation
 from ditq_compiler.calibration.cache import WorkCache, pack, unpack
+from ditq_compiler.calibration.params import QuantParams
 from ditq_compiler.calibration.recon_layer import ReconLayer
-from ditq_compiler.graph import module_path
-from ditq_compiler.passes.migrate_outliers import channel_affine
-from ditq_compiler import meta
-from ditq_compiler.pipeline import (copy_graph_sharing_tensors, fetch_attr, layer_parameters, register_constant,
-                                    swap_for_module)
+from ditq_compiler.graph import module_path, unit_of
+from ditq_compiler.meta import LayerAnnotation
+from ditq_compiler.pipeline import copy_graph_sharing_tensors
+from ditq_compiler.trainable import PREFIX, learned_params, swap_in_trainable_layers
 from ditq_compiler.recipe import ReconstructionSpec
-
-_BLOCK = re.compile(r"^(.*?\.\d+)(\.|#|$)")
-
-
-@dataclass
-class ReconstructionResult:
-    weights: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)   # node -> codes, s, z
-    activations: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)       # node -> s_a, z_a
-    factors: dict[str, Tensor] = field(default_factory=dict)                          # node -> a
-    losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # phase:unit -> loss before, after
-    seconds: dict[str, float] = field(default_factory=dict)               # phase:unit -> wall time (0: cached)
-    train_seconds: dict[str, float] = field(default_factory=dict)         # phase:unit -> of which learning
-
-
-def unit_of(layer_name: str) -> str:
-    """The reconstruction unit of a layer: its block (``transformer_blocks.3``) or the layer itself."""
-    match = _BLOCK.match(layer_name)
-    return match.group(1) if match else layer_name
-
-
-def _swap_in_layers(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
-                    act_qparams: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, ReconLayer]:
-    layers = {}
-    for node in list(gm.graph.nodes):
-        annotation = annotations.get(node.name)
-        if annotation is None or node.op != "call_function":
-            continue
-        x, shift, factors, affine = channel_affine(gm, node)
-        weight, bias, conv = layer_parameters(gm, node)
-        layer = ReconLayer(weight, bias, annotation.weights, annotation.activations, act_qparams.get(node.name),
-                           conv, shift, factors)
-        swap_for_module(gm, node, f"ditq_recon_{node.name}", layer, x)
-        if affine is not None and not affine.users:
-            gm.graph.erase_node(affine)
-        layers[node.name] = layer
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return layers
-
 
 @dataclass
 class _Unit:
@@ -108,7 +67,7 @@ def _is_tensor_value(node: fx.Node) -> bool:
 
 
 def _cut_unit(gm: fx.GraphModule, name: str, layer_nodes: list[str]) -> _Unit:
-    calls = {f"ditq_recon_{n}" for n in layer_nodes}
+    calls = {PREFIX + n for n in layer_nodes}
     members = set()
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in calls:
@@ -369,9 +328,11 @@ def _evaluate(unit: _Unit, layers: list[ReconLayer], x_q: dict, target: tuple, s
 def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                 act_qparams: Mapping[str, tuple[Tensor, Tensor]], batches: list[list[Any]],
                 spec: ReconstructionSpec, progress: bool = True,
-                cache: WorkCache | None = None) -> ReconstructionResult:
+                cache: WorkCache | None = None) -> QuantParams:
     """Learn rounding, activation scales and migration factors unit by unit (see module doc).
 
+    Returns the learned ``weights`` (codes), ``activations`` (scales) and ``factors`` of every layer, and a
+    ``trace`` entry per ``phase:unit`` (loss before and after, seconds, of which learning; 0 s when cached).
     ``gm`` is the float graph after shift and migration; it is not modified. With a ``cache``,
     each finished unit (its layers' learned state and the random generator's state after it)
     is stored, and a unit found there is loaded instead of learned again (``cache.py``).
@@ -380,7 +341,8 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
         raise ValueError("reconstruction needs calibration batches; the calibration set is empty")
     train = copy_graph_sharing_tensors(gm)   # the weights are only read
     train.requires_grad_(False)   # only the reconstruction parameters learn
-    layers = _swap_in_layers(train, annotations, act_qparams)
+    layers = swap_in_trainable_layers(train, annotations, act_qparams, ReconLayer.from_source,
+                                      take_affine=True)
     units: dict[str, list[str]] = {}
     for node_name, annotation in annotations.items():
         units.setdefault(unit_of(annotation.name), []).append(node_name)
@@ -388,7 +350,7 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
     generator = torch.Generator().manual_seed(spec.seed)
     for layer in layers.values():
         layer.generator = generator
-    result = ReconstructionResult()
+    result = QuantParams()
     phases = ([("joint", True, True, True)] if spec.mode == "joint"
               else [("weights", True, False, False), ("activations", False, True, False)])
     done: set[str] = set()
@@ -404,7 +366,6 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
             finished = cache.load(entry) if cache is not None else None
             started = time.perf_counter()
             if finished is not None:
-                result.seconds[f"{phase}:{unit.name}"] = 0.0
                 tensors, metadata = finished
                 for n in unit.layers:   # base_weight is the graph's own weight, never stored
                     missing, unexpected = layers[n].load_state_dict(unpack(n, tensors), strict=False)
@@ -412,7 +373,9 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                         raise ValueError(f"cached state of layer node '{n}' does not fit it: missing {missing}, "
                                          f"unexpected {unexpected}")
                 generator.set_state(tensors["generator"])
-                result.losses[f"{phase}:{unit.name}"] = (float(metadata["before"]), float(metadata["after"]))
+                result.trace[f"{phase}:{unit.name}"] = {"loss_before": float(metadata["before"]),
+                                                        "loss_after": float(metadata["after"]),
+                                                        "seconds": 0.0, "learning_seconds": 0.0}
                 done.update(unit.layers)
                 for sweep in (*fp_sweeps, *q_sweeps):
                     sweep.release(unit.inputs)
@@ -432,9 +395,9 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
             learning = time.perf_counter()
             before, after = _train_unit(unit, unit_layers, x_q, x_fp, target, spec, learn_rounding, learn_acts,
                                       qdrop, generator, progress)
-            result.train_seconds[f"{phase}:{unit.name}"] = time.perf_counter() - learning
-            result.losses[f"{phase}:{unit.name}"] = (before, after)
-            result.seconds[f"{phase}:{unit.name}"] = time.perf_counter() - started
+            learned = time.perf_counter()
+            result.trace[f"{phase}:{unit.name}"] = {"loss_before": before, "loss_after": after, "seconds":
+                                                    learned - started, "learning_seconds": learned - learning}
             done.update(unit.layers)
             if cache is not None:
                 state = {k: v for n in unit.layers for k, v in pack(n, layers[n].state_dict()).items()
@@ -443,33 +406,6 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                            {"before": repr(before), "after": repr(after)})
         if phase == "weights":  # the activation phase starts from the learned weights everywhere
             _set_modes(layers, done, "hard", False)
-    for node_name, layer in layers.items():
-        result.weights[node_name] = layer.weight_codes()
-        qparams = layer.activation_qparams()
-        if qparams is not None:
-            result.activations[node_name] = qparams
-        if layer.log_factors is not None:
-            result.factors[node_name] = layer.factors.detach().clone()
-    return result
-
-
-def apply_factors(gm: fx.GraphModule, factors: Mapping[str, Tensor]) -> None:
-    """Write learned migration factors back into the float graph: the affine and the weight."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for name, new in factors.items():
-        node = nodes[name]
-        x, shift, old, affine = channel_affine(gm, node)
-        if old is None:
-            raise ValueError(f"layer node '{name}' has no migration affine to update")
-        if new.shape != old.shape or not bool((new > 0).all()):
-            raise ValueError(f"learned factors for '{name}' must be positive with shape {tuple(old.shape)}")
-        base = fetch_attr(gm, node.args[1].target) / old.reshape(1, -1)
-        offset, _, inv = affine.args
-        for target, value in ((offset.target, -shift / new), (inv.target, 1 / new)):
-            owner, _, attr = target.rpartition(".")
-            setattr(gm.get_submodule(owner) if owner else gm, attr, value)
-        weight = register_constant(gm, f"ditq_{name}_reconstructed_weight", base * new.reshape(1, -1), node)
-        node.args = (node.args[0], weight, *node.args[2:])
-        meta.record_applied(node, "reconstruct (migration factors)", max_factor=float(new.max()))
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+    learned = learned_params(layers)
+    learned.trace = result.trace
+    return learned

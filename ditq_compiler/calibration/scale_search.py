@@ -30,7 +30,6 @@ its negative step; a post-softmax site searches s1 (s2 = 1/2^(k-1) is fixed).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -38,10 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 from tqdm.auto import tqdm
 
-from ditq_compiler.activation_sites import ActivationSite, SitePlan
-from ditq_compiler.annotate import LayerAnnotation
+from ditq_compiler.activation_sites import SitePlan
+from ditq_compiler.meta import ActivationSite, LayerAnnotation
 from ditq_compiler.calibration.batches import CalibrationError
-from ditq_compiler.calibration.reconstruct import unit_of
+from ditq_compiler.calibration.params import QuantParams
+from ditq_compiler.graph import unit_of
 from ditq_compiler.calibration.time_groups import group_boundaries, group_index
 from ditq_compiler.pipeline import fetch_attr
 from ditq_compiler.quant import QuantSpec, fake_quantize, qparams_from_range, quantize
@@ -50,19 +50,6 @@ from ditq_compiler.recipe import ScaleSearchSpec
 
 TINY = torch.finfo(torch.float32).tiny
 RECORD_BUDGET_BYTES = 2**30   # layer inputs, outputs and gradients recorded per forward/backward pass
-
-
-@dataclass
-class SearchResult:
-    weights: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # node -> codes, s_w, z_w
-    tables: dict[str, dict[str, Tensor]] = field(default_factory=dict)   # site key -> parameter -> (G,) table
-    boundaries: Tensor | None = None                                     # (G - 1,) when a site is time-grouped
-    layer_sqnr: dict[str, float] = field(default_factory=dict)           # consumer node -> output SQNR dB
-
-    def linear_input_qparams(self, plan: SitePlan) -> dict[str, tuple[Tensor, Tensor]]:
-        """(scale, zero point) of the linear inputs ``ditq::quant_linear`` quantizes itself."""
-        return {s.consumer: (self.tables[s.key]["scale"][0], self.tables[s.key]["zero_point"][0])
-                for s in plan.sites if not s.standalone}
 
 
 def candidate_alphas(spec: ScaleSearchSpec) -> Tensor:
@@ -390,14 +377,17 @@ def check_search_inputs(spec: ScaleSearchSpec | None, batches: Sequence[Any], no
 
 def search_scales(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation], plan: SitePlan,
                   batches: list[list[Any]], spec: ScaleSearchSpec, noise: list[Tensor] | None = None,
-                  timestep_index: int | None = None, progress: bool = True) -> SearchResult:
+                  timestep_index: int | None = None, progress: bool = True) -> QuantParams:
     """Search every quantized layer's weight scales and every site's parameters (see the module doc).
+
+    Returns the weight codes, every site's table (``site_tables``), the time-group ``boundaries``, the
+    static input quantizers that ``quant_linear`` holds itself (``activations``) and each layer's SQNR.
 
     ``noise``: per batch, the eps of Eq. 11 (needed for ``metric: hessian``).
     """
     check_search_inputs(spec, batches, noise)
     alphas = candidate_alphas(spec)
-    result = SearchResult()
+    result = QuantParams()
     row_groups = None
     if any(s.time_grouped for s in plan.sites):
         if timestep_index is None:
@@ -432,12 +422,13 @@ def search_scales(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation]
             if name not in plan.matmuls:
                 result.weights[name] = layer.weight_q.codes()
             for site in sites.values():
-                result.tables[site.site.key] = {k: v.to(torch.int32) if k == "zero_point" else v.clone()
+                result.site_tables[site.site.key] = {k: v.to(torch.int32) if k == "zero_point" else v.clone()
                                                 for k, v in site.tables.items()}
             result.layer_sqnr[name] = layer.sqnr_db()
             bar.update(1)
         del inputs, outputs, grads
     bar.close()
+    result.activations = result.linear_input_qparams(plan.sites)
     return result
 
 
@@ -463,15 +454,9 @@ def _passes(units: Mapping[str, list[str]], nodes: Mapping[str, fx.Node], plan: 
     return passes
 
 
-def noise_of(calibration: Any) -> list[Tensor] | None:
-    """The per-batch noise of Eq. 11 that a calibration set carries (``CalibrationSet.noise_batches``), or None."""
-    batches = getattr(calibration, "noise_batches", None)
-    return batches() if callable(batches) else None
-
-
 def _batch(flat: list[Any]) -> int:
     return next(v.shape[0] for v in flat if isinstance(v, Tensor) and v.dim() > 0)
 
 
-__all__ = ["SearchResult", "SiteQuantizer", "WeightQuantizer", "candidate_alphas", "check_search_inputs", "collect",
-           "noise_of", "search_scales"]
+__all__ = ["SiteQuantizer", "WeightQuantizer", "candidate_alphas", "check_search_inputs", "collect",
+           "search_scales"]

@@ -119,7 +119,7 @@ def error_budget(compiled: Any, model: torch.nn.Module, calibration: Iterable[An
     classes = quantizer_classes(gm)
     if not classes:
         raise ValueError(f"compiled model '{compiled.recipe.name}' quantizes no activations: nothing to budget")
-    inputs = [compiled._captured.bind(args, kwargs) for args, kwargs in batches]
+    inputs = [compiled.captured.bind(args, kwargs) for args, kwargs in batches]
     with torch.no_grad():
         reference = [_float_leaves(model(*args, **kwargs)) for args, kwargs in batches]
 

@@ -158,7 +158,7 @@ def view_data(compiled, manifest: dict[str, Any] | None = None) -> dict[str, Any
     manifest = manifest or getattr(compiled, "manifest", None) or {}
     provenance = compiled.provenance
     data = {
-        "model_class": compiled._captured.model_class, "recipe": compiled.recipe.name, "backend": compiled.backend,
+        "model_class": compiled.captured.model_class, "recipe": compiled.recipe.name, "backend": compiled.backend,
         "output_sqnr_db": compiled.output_sqnr_db, "stage_seconds": compiled.stage_seconds,
         "sizes": manifest.get("sizes", {"fp_checkpoint_bytes": provenance.fp_checkpoint_bytes}),
         "calibration": provenance.calibration, "library_versions": manifest.get("library_versions", {}),
@@ -175,7 +175,7 @@ def _asset(name: str) -> str:
 
 def render_html(compiled, manifest: dict[str, Any] | None = None) -> str:
     data = json.dumps(view_data(compiled, manifest), allow_nan=False).replace("</", "<\\/")
-    title = f"ditq: {compiled._captured.model_class} / {compiled.recipe.name}"
+    title = f"ditq: {compiled.captured.model_class} / {compiled.recipe.name}"
     return (_asset("view.html").replace("{{title}}", html.escape(title)).replace("{{css}}", _asset("view.css"))
             .replace("{{js}}", _asset("view.js")).replace("{{data}}", data))
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -34,25 +33,15 @@ from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from tqdm.auto import tqdm
 
-from ditq_compiler.annotate import LayerAnnotation
-from ditq_compiler.graph import module_path, op_name
-from ditq_compiler.calibration.reconstruct import unit_of
-from ditq_compiler.pipeline import layer_parameters, swap_for_module
+from ditq_compiler.calibration.params import QuantParams
+from ditq_compiler.meta import LayerAnnotation
+from ditq_compiler.graph import module_path, op_name, unit_of
 from ditq_compiler.recipe import DistillationSpec
 from ditq_compiler.train.qat_layer import QATLayer
+from ditq_compiler.trainable import learned_params, swap_in_trainable_layers
 from ditq_compiler import meta
 
 EVAL_CHUNK = 256
-
-
-@dataclass
-class DistillationResult:
-    weights: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)   # node -> codes, s, z
-    activations: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)       # node -> static s_a, z_a
-    token_clips: dict[str, Tensor] = field(default_factory=dict)                      # node -> per-token clip
-    biases: dict[str, Tensor] = field(default_factory=dict)                           # node -> trained bias
-    loss_before: float = math.nan
-    loss_after: float = math.nan
 
 
 class _Tap(nn.Module):
@@ -93,23 +82,6 @@ def _insert_taps(gm: fx.GraphModule, names: list[str]) -> list[_Tap]:
         taps.append(tap)
     gm.recompile()
     return taps
-
-
-def _swap_in_layers(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
-                    act_qparams: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, QATLayer]:
-    layers = {}
-    for node in list(gm.graph.nodes):
-        annotation = annotations.get(node.name)
-        if annotation is None or node.op != "call_function":
-            continue
-        weight, bias, conv = layer_parameters(gm, node)
-        layer = QATLayer(weight, bias, annotation.weights, annotation.activations, act_qparams.get(node.name), conv)
-        call = swap_for_module(gm, node, f"ditq_qat_{node.name}", layer, node.args[0])
-        meta.update(call, trainable_of=node.name)
-        layers[node.name] = layer
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return layers
 
 
 def stack_inputs(batches: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
@@ -166,7 +138,7 @@ class Distiller:
         self.teacher, self.student = _copy(gm), _copy(gm)
         self.teacher.requires_grad_(False)
         self.student.requires_grad_(False)
-        self.layers = _swap_in_layers(self.student, annotations, act_qparams)
+        self.layers = swap_in_trainable_layers(self.student, annotations, act_qparams, QATLayer.from_source)
         blocks = list(dict.fromkeys(unit_of(a.name) for a in annotations.values())) if with_blocks else []
         names = block_outputs(gm, blocks, sample_dependent)
         self.teacher_taps, self.student_taps = _insert_taps(self.teacher, names), _insert_taps(self.student, names)
@@ -242,19 +214,9 @@ class Distiller:
             for p in group["params"]:
                 p.requires_grad_(False)
 
-    def result(self) -> DistillationResult:
-        result = DistillationResult()
-        for name, layer in self.layers.items():
-            result.weights[name] = layer.weight_codes()
-            params = layer.activation_parameters()
-            if params is not None and params[1] is None:
-                result.token_clips[name] = params[0]
-            elif params is not None:
-                result.activations[name] = params
-            bias = layer.trained_bias()
-            if bias is not None:
-                result.biases[name] = bias
-        return result
+    def result(self) -> QuantParams:
+        """Every layer's trained codes, biases and activation parameters."""
+        return learned_params(self.layers)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -265,11 +227,12 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 def distill(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
             act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
-            spec: DistillationSpec, sample_dependent: set[str], progress: bool = True) -> DistillationResult:
-    """Distil the quantized version of ``gm`` (not modified) into trained codes, scales and biases."""
+            spec: DistillationSpec, sample_dependent: set[str], progress: bool = True) -> QuantParams:
+    """Distil the quantized version of ``gm`` (not modified) into trained codes, scales and biases; the loss
+    before and after is in ``trace["distill"]``."""
     distiller = Distiller(gm, annotations, act_qparams, inputs, sample_dependent, with_blocks=spec.block_weight > 0)
     before = distiller.evaluate(spec)
     distiller.train(spec, spec.iterations, progress)
     result = distiller.result()
-    result.loss_before, result.loss_after = before, distiller.evaluate(spec)
+    result.trace["distill"] = {"loss_before": before, "loss_after": distiller.evaluate(spec)}
     return result

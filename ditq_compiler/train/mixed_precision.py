@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -46,26 +45,11 @@ from ditq_compiler.pipeline import fetch_attr
 from ditq_compiler.recipe import DistillationSpec, MixedPrecisionSpec, Recipe
 from ditq_compiler.train.distill import Distiller
 from ditq_compiler import meta
+from ditq_compiler.records import Allocation
 
 SENSITIVITY_ROWS = 256
 MAX_UNITS = 20000
 _OUTPUT_ONLY = DistillationSpec(output_weight=1.0, block_weight=0.0)
-
-
-@dataclass
-class Allocation:
-    """The chosen widths and the numbers behind them (node name keyed, graph order)."""
-
-    bits: dict[str, int]
-    sensitivity: dict[str, dict[int, float]]
-    cost: dict[str, float]
-    base_loss: float
-    sensitivity_from: str
-    layer_names: dict[str, str]        # node name -> layer name (module path)
-
-    @property
-    def average_bits(self) -> float:
-        return sum(self.cost[n] * b for n, b in self.bits.items()) / sum(self.cost[n] for n in self.bits)
 
 
 def _units(cost: Mapping[str, float]) -> dict[str, int]:

@@ -21,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ditq_compiler.calibration.params import QuantParams
+from ditq_compiler.trainable import LayerSource, TrainableLayer
 from ditq_compiler.quant import QuantSpec, fake_quantize, fake_quantize_per_token, quantize, weight_qparams
 
 SCALE_FLOOR = torch.finfo(torch.float32).eps
@@ -33,7 +34,7 @@ def _positive(value: Tensor) -> Tensor:
     return value.abs().clamp_min(SCALE_FLOOR)
 
 
-class QATLayer(nn.Module):
+class QATLayer(TrainableLayer):
     def __init__(self, weight: Tensor, bias: Tensor | None, weight_spec: QuantSpec, act_spec: QuantSpec | None,
                  act_qparams: tuple[Tensor, Tensor] | None = None, conv_args: tuple | None = None):
         super().__init__()
@@ -52,6 +53,23 @@ class QATLayer(nn.Module):
                 raise ValueError("a layer with a static activation quantizer needs its calibrated (scale, zero_point)")
             self.act_scale = nn.Parameter(act_qparams[0].detach().clone().reshape(()))
             self.act_zero_point = act_qparams[1].detach().clone().reshape(())
+
+    @classmethod
+    def from_source(cls, source: LayerSource) -> QATLayer:
+        a = source.annotation
+        return cls(source.weight, source.bias, a.weights, a.activations, source.act_qparams, source.conv_args)
+
+    def learned(self, node: str) -> QuantParams:
+        """Codes of the trained weight, the trained bias, and the clipping ratio or static input quantizer."""
+        params = QuantParams(weights={node: self.weight_codes()})
+        activation = self.activation_parameters()
+        if activation is not None and activation[1] is None:
+            params.token_clips[node] = activation[0]
+        elif activation is not None:
+            params.activations[node] = activation
+        if self.bias is not None:
+            params.biases[node] = self.trained_bias()
+        return params
 
     def set_activation_bits(self, bits: int) -> None:
         """Change the per-token activation grid (mixed precision); static grids keep their calibration."""
@@ -77,12 +95,6 @@ class QATLayer(nn.Module):
         if self.act_clip is not None:
             return fake_quantize_per_token(x, spec, clip=_positive(self.act_clip))
         return fake_quantize(x, _positive(self.act_scale), self.act_zero_point, spec)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x_hat, w_hat = self.quantized_input(x), self.quantized_weight()
-        if self.conv_args is None:
-            return F.linear(x_hat, w_hat, self.bias)
-        return F.conv2d(x_hat, w_hat, self.bias, *self.conv_args)
 
     # ---- results --------------------------------------------------------------------------
     def weight_codes(self) -> tuple[Tensor, Tensor, Tensor]:

@@ -160,7 +160,8 @@ def test_a_newer_format_is_an_error_and_another_torch_a_warning(w4a8, tmp_path):
         dq.load(path)
     manifest["format_version"] = store.FORMAT_VERSION + 1
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match=f"uses artifact format {store.FORMAT_VERSION + 1}, newer than this ditq-compiler reads"):
+    newer = store.FORMAT_VERSION + 1
+    with pytest.raises(ArtifactError, match=f"uses artifact format {newer}, newer than this ditq-compiler reads"):
         dq.load(path)
     with pytest.raises(ArtifactError, match="is not a ditq artifact: it has no manifest.json"):
         dq.load(tmp_path)

@@ -67,7 +67,7 @@ def test_interrupted_compile_resumes_from_the_last_finished_block(uninterrupted,
     assert not (run / "reconstruct-joint-transformer_blocks.1.safetensors").exists()
 
     resumed = _compile(tmp_path)
-    assert resumed.resumed_from_cache == ["calibration", "reconstruct-joint-transformer_blocks.0"]
+    assert resumed.resumed_from_cache == ["transforms", "observers", "reconstruct-joint-transformer_blocks.0"]
     assert "resumed an interrupted compile" in resumed.summary()
     assert _run_dirs(tmp_path) == []
     expected = uninterrupted.graph_module.state_dict()

@@ -15,10 +15,10 @@ from ditq_compiler.calibration.reconstruct import (
     _set_modes,
     _Sweep,
     _sweeps,
-    _swap_in_layers,
     reconstruct,
-    unit_of,
 )
+from ditq_compiler.graph import unit_of
+from ditq_compiler.trainable import swap_in_trainable_layers
 from ditq_compiler.quant import QuantSpec, qparams_from_range, quantize
 
 W4 = QuantSpec(4, False, "channel", observer="minmax")
@@ -101,7 +101,7 @@ def reference():
 def test_cut_out_block_reproduces_the_whole_graph(reference):
     from ditq_compiler.annotate import annotate
     from ditq_compiler.capture import capture
-    from ditq_compiler.compiler import _flat
+    from ditq_compiler.calibration.data import flat_inputs
     from ditq_compiler.graph import analyse
 
     model, calibration = reference
@@ -109,10 +109,11 @@ def test_cut_out_block_reproduces_the_whole_graph(reference):
     captured = capture(model, batches[0])
     gm = captured.graph_module
     annotations = annotate(gm, analyse(gm, captured.sample_input, captured.timestep_input), dq.Recipe.load("w4a8"))
-    flat = [_flat(captured.bind(a, k)) for a, k in batches]
+    flat = [flat_inputs(captured.bind(a, k)) for a, k in batches]
     from ditq_compiler.calibration import observe_activations
 
-    layers = _swap_in_layers(gm, annotations, observe_activations(gm, annotations, flat, progress=False))
+    act = observe_activations(gm, annotations, flat, progress=False).activations
+    layers = swap_in_trainable_layers(gm, annotations, act, ReconLayer.from_source, take_affine=True)
     _set_modes(layers, set(), "hard", False)
     block = [n for n, a in annotations.items() if a.name.startswith("transformer_blocks.2.")]
     unit = _cut_unit(gm, "transformer_blocks.2", block)
@@ -140,7 +141,7 @@ def test_reconstruction_loss_falls_in_every_block(reference):
     from ditq_compiler.annotate import annotate
     from ditq_compiler.calibration import observe_activations
     from ditq_compiler.capture import capture
-    from ditq_compiler.compiler import _flat
+    from ditq_compiler.calibration.data import flat_inputs
     from ditq_compiler.graph import analyse
 
     model, calibration = reference
@@ -149,15 +150,16 @@ def test_reconstruction_loss_falls_in_every_block(reference):
     gm = captured.graph_module
     recipe = dq.Recipe.load("taq-dit-w4a8-separate")
     annotations = annotate(gm, analyse(gm, captured.sample_input, captured.timestep_input), recipe)
-    flat = [_flat(captured.bind(a, k)) for a, k in batches]
-    act = observe_activations(gm, annotations, flat, progress=False)
+    flat = [flat_inputs(captured.bind(a, k)) for a, k in batches]
+    act = observe_activations(gm, annotations, flat, progress=False).activations
     spec = dataclasses.replace(recipe.reconstruction, iterations=40)
     result = reconstruct(gm, annotations, act, flat, spec, progress=False)
-    assert len(result.losses) == 12  # 6 blocks x (weights, activations); (nearest rounding, learned) loss
-    weights = {k: v for k, v in result.losses.items() if k.startswith("weights:")}
+    losses = {unit: (t["loss_before"], t["loss_after"]) for unit, t in result.trace.items()}
+    assert len(losses) == 12  # 6 blocks x (weights, activations); (nearest rounding, learned) loss
+    weights = {k: v for k, v in losses.items() if k.startswith("weights:")}
     assert all(after < before for before, after in weights.values()), weights
     # LSQ at lr 4e-5 barely moves the scales in 40 steps; it must not make things worse
-    assert all(after < 1.02 * before for before, after in result.losses.values()), result.losses
+    assert all(after < 1.02 * before for before, after in losses.values()), losses
     assert len(result.weights) == 36 and len(result.activations) == 36 and not result.factors
 
 

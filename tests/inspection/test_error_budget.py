@@ -17,7 +17,7 @@ def _recipe(base: str, **changes) -> dq.Recipe:
 
 def _sample(compiled_or_graph, compiled, batch):
     args, kwargs = batch
-    call = compiled._captured.bind(args, kwargs)
+    call = compiled.captured.bind(args, kwargs)
     return compiled_or_graph(**call)[0]
 
 

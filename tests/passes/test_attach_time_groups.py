@@ -20,9 +20,9 @@ SITES = {"post_softmax", "post_gelu", "attention_operands"}
 
 def _quantized(planned_dit, sites):
     captured, gm, annotations, plan, flat, searched = planned_dit(time_groups={"groups": 3, "sites": sorted(sites)})
-    passes = [QuantizeActivations(plan.sites, searched.tables),
+    passes = [QuantizeActivations(plan.sites, searched.site_tables),
               AttachTimeGroups(searched.boundaries, captured.timestep_input),
-              QuantizeLinears(searched.linear_input_qparams(plan), searched.weights)]
+              QuantizeLinears(searched)]
     return captured, PassPipeline(passes, debug=True)(gm).graph_module, plan, flat, searched
 
 
@@ -72,7 +72,7 @@ def test_the_grouped_graph_reexports_with_a_dynamic_batch(planned_dit):
 
 def test_without_time_grouped_quantizers_the_graph_is_unchanged(planned_dit):
     captured, gm, annotations, plan, flat, searched = planned_dit(time_groups=None)
-    gm = QuantizeActivations(plan.sites, searched.tables)(gm).graph_module
+    gm = QuantizeActivations(plan.sites, searched.site_tables)(gm).graph_module
     before = str(gm.graph)
     assert AttachTimeGroups(torch.tensor([500.0]), captured.timestep_input)(gm).modified is False
     assert str(gm.graph) == before
@@ -80,7 +80,7 @@ def test_without_time_grouped_quantizers_the_graph_is_unchanged(planned_dit):
 
 def test_tables_that_do_not_match_the_groups_are_refused(planned_dit):
     captured, gm, annotations, plan, flat, searched = planned_dit(time_groups={"groups": 3, "sites": ["post_softmax"]})
-    gm = QuantizeActivations(plan.sites, searched.tables)(gm).graph_module
+    gm = QuantizeActivations(plan.sites, searched.site_tables)(gm).graph_module
     with pytest.raises(ValueError, match=r"has tables of \[3\] rows for 5 time groups"):
         AttachTimeGroups(torch.tensor([1.0, 2.0, 3.0, 4.0]), captured.timestep_input)(gm)
     with pytest.raises(ValueError, match="graph has no placeholder 'time'"):

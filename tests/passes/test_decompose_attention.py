@@ -12,7 +12,7 @@ from torch import fx
 
 from ditq_compiler import zoo
 from ditq_compiler.capture import auto_example_inputs, capture
-from ditq_compiler.compiler import _flat
+from ditq_compiler.calibration.data import flat_inputs
 from ditq_compiler.graph import analyse
 from ditq_compiler.passes.decompose_attention import SDPA, DecomposeAttention
 from ditq_compiler.pipeline import PassPipeline
@@ -39,7 +39,7 @@ def _max_relative_error(a, b):
 
 def _outputs(gm, captured, inputs):
     with torch.no_grad():
-        return torch.utils._pytree.tree_leaves(fx.Interpreter(gm).run(*_flat(captured.bind((), inputs))))[0]
+        return torch.utils._pytree.tree_leaves(fx.Interpreter(gm).run(*flat_inputs(captured.bind((), inputs))))[0]
 
 
 @pytest.mark.parametrize("factory, attentions, cross", [

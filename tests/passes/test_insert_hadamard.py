@@ -157,7 +157,7 @@ def test_roles_the_model_does_not_have_leave_the_graph_alone(dit_digits):
 def test_rotated_quantized_graph_reexports_with_the_rotation_as_an_op(dit, dit_batches):
     compiled = dq.compile(dit, "robuq-w4a4", calibration=dit_batches[:2], progress=False)
     args, kwargs = dit_batches[0]
-    inputs = compiled._captured.bind(args, kwargs)
+    inputs = compiled.captured.bind(args, kwargs)
     program = torch.export.export(compiled.graph_module, (), inputs)
     ops = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert ops.count("ditq.hadamard.default") == 2 * 4 and ops.count("ditq.quant_linear.default") == 12

@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+
+from ditq_compiler.pipeline import PreconditionError
 from torch import fx
 
 from ditq_compiler.calibration.scale_search import SiteQuantizer, collect
@@ -28,8 +30,8 @@ def _run(gm, flat):
 def test_sites_become_quantizer_ops_and_the_linears_behind_them_drop_their_own(planned_dit):
     captured, gm, annotations, plan, flat, searched = planned_dit(time_groups=None)
     original = copy.deepcopy(gm)
-    passes = [QuantizeActivations(plan.sites, searched.tables),
-              QuantizeLinears(searched.linear_input_qparams(plan), searched.weights)]
+    passes = [QuantizeActivations(plan.sites, searched.site_tables),
+              QuantizeLinears(searched)]
     quantized = PassPipeline(passes, debug=True)(gm).graph_module
     # 2 blocks: q, k^T and v per attention (uniform), P (two regions), the fc2 input (two regions)
     assert _count(quantized, ops.quant_act.default) == 6
@@ -49,7 +51,7 @@ def test_sites_become_quantizer_ops_and_the_linears_behind_them_drop_their_own(p
 def test_the_quantizers_reproduce_the_searched_ones(planned_dit):
     """The graph's site ops, fed the float graph's values, give the SiteQuantizer's own quantized values."""
     captured, gm, annotations, plan, flat, searched = planned_dit(time_groups=None)
-    quantized = QuantizeActivations(plan.sites, searched.tables)(copy.deepcopy(gm)).graph_module
+    quantized = QuantizeActivations(plan.sites, searched.site_tables)(copy.deepcopy(gm)).graph_module
     nodes = {n.name: n for n in quantized.graph.nodes}
     standalone = [s for s in plan.sites if s.standalone]
     wanted = {c: [s.arg for s in standalone if s.consumer == c] for c in {s.consumer for s in standalone}}
@@ -59,7 +61,7 @@ def test_the_quantizers_reproduce_the_searched_ones(planned_dit):
         tables = [getattr(quantized, a.target) for a in op.args[2:-1]]
         x = inputs[(site.consumer, site.arg)]
         reference = SiteQuantizer(site, x, None, 1, torch.ones(1))
-        reference.tables = {k: v.float() for k, v in searched.tables[site.key].items()}
+        reference.tables = {k: v.float() for k, v in searched.site_tables[site.key].items()}
         assert torch.equal(op.target(x, None, *tables, site.spec.bits), reference.quantize_rows(x, slice(None)))
 
 
@@ -67,12 +69,12 @@ def test_no_standalone_site_leaves_the_graph_unchanged(planned_dit):
     _, gm, _, plan, _, searched = planned_dit(attention=None, multi_region=None, time_groups=None)
     assert plan.sites and not any(s.standalone for s in plan.sites)    # every site is a plain linear input
     before = str(gm.graph)
-    assert QuantizeActivations(plan.sites, searched.tables)(gm).modified is False
+    assert QuantizeActivations(plan.sites, searched.site_tables)(gm).modified is False
     assert str(gm.graph) == before
 
 
 def test_a_site_without_parameters_is_named(planned_dit):
     _, gm, _, plan, _, searched = planned_dit(time_groups=None)
-    tables = {k: v for k, v in searched.tables.items() if "matmul" not in k}
-    with pytest.raises(KeyError, match=r"site transformer_blocks\.0\.attn1\.matmul_qk \(q\) has no calibrated"):
+    tables = {k: v for k, v in searched.site_tables.items() if "matmul" not in k}
+    with pytest.raises(PreconditionError, match=r"site transformer_blocks\.0\.attn1\.matmul_qk \(q\) has no"):
         QuantizeActivations(plan.sites, tables)(gm)

@@ -2,6 +2,8 @@
 
 import torch
 
+from ditq_compiler.calibration.params import QuantParams
+
 import ditq_compiler as dq
 from ditq_compiler.annotate import annotate
 from ditq_compiler.capture import capture
@@ -44,7 +46,7 @@ def test_numerics_w8a8_dit_output_sqnr(compiled_dit_w8a8, dit, dit_batches):
 def test_does_not_fire_without_annotations(dit, dit_batches):
     captured = capture(dit, dit_batches[0])
     before = [n.target for n in captured.graph_module.graph.nodes]
-    result = QuantizeLinears({})(captured.graph_module)
+    result = QuantizeLinears(QuantParams())(captured.graph_module)
     assert not result.modified
     assert [n.target for n in result.graph_module.graph.nodes] == before
 
@@ -55,7 +57,7 @@ def test_weight_only_override_leaves_activations_float(dit, dit_batches):
     captured = capture(dit, dit_batches[0])
     analysis = analyse(captured.graph_module, captured.sample_input, captured.timestep_input)
     annotate(captured.graph_module, analysis, recipe)
-    gm = QuantizeLinears({})(captured.graph_module).graph_module
+    gm = QuantizeLinears(QuantParams())(captured.graph_module).graph_module
     nodes = _targets(gm, torch.ops.ditq.quant_linear.default)
     assert len(nodes) == 2 and all(n.args[5] is None and n.args[7] == 0 for n in nodes)
 

@@ -8,14 +8,16 @@ import ditq_compiler as dq
 from ditq_compiler import zoo
 from ditq_compiler.annotate import annotate
 from ditq_compiler.calibration import from_sampler
-from ditq_compiler.calibration.channel_stats import plan_transforms
+from ditq_compiler.calibration.channel_stats import calibrate_transforms
 from ditq_compiler.capture import capture
-from ditq_compiler.compiler import _copy_graph, _flat, _timestep_index
+from ditq_compiler.calibration.data import flat_inputs, timestep_position
+from ditq_compiler.pipeline import copy_graph
 from ditq_compiler.graph import analyse
 from ditq_compiler.passes.fold_shift_into_bias import FoldShiftIntoBias
 from ditq_compiler.passes.migrate_outliers import MigrateOutliers
 from ditq_compiler.pipeline import PassPipeline
 from ditq_compiler import meta
+from ditq_compiler.stages import transform_passes
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def _prepared(model, batches, recipe):
     gm = captured.graph_module
     annotations = annotate(gm, analyse(gm, captured.sample_input, captured.timestep_input), dq.Recipe.load(recipe)
                            if isinstance(recipe, str) else recipe)
-    flat = [_flat(captured.bind(a, k)) for a, k in batches]
+    flat = [flat_inputs(captured.bind(a, k)) for a, k in batches]
     return captured, gm, annotations, flat
 
 
@@ -48,12 +50,16 @@ def _max_relative_error(a, b):
     return float((a - b).abs().max() / a.abs().max())
 
 
+def _plan_transforms(gm, annotations, recipe, flat, timestep_index, progress):
+    return transform_passes(calibrate_transforms(gm, annotations, recipe, flat, timestep_index, progress))
+
+
 def test_shift_and_migration_are_exact_on_reference_dit(reference):
     model, batches = reference
     captured, gm, annotations, flat = _prepared(model, batches, "taq-dit-w4a8")
-    original = _copy_graph(gm)
-    shift, migrate = plan_transforms(gm, annotations, dq.Recipe.load("taq-dit-w4a8"), flat,
-                                     _timestep_index(captured), progress=False)
+    original = copy_graph(gm)
+    shift, migrate = _plan_transforms(gm, annotations, dq.Recipe.load("taq-dit-w4a8"), flat,
+                                     timestep_position(captured), progress=False)
     assert isinstance(shift, FoldShiftIntoBias) and isinstance(migrate, MigrateOutliers)
     fc2 = [n for n, a in annotations.items() if a.role == "fc2"]
     assert sorted(shift.shifts) == sorted(fc2) and len(fc2) == 6
@@ -83,8 +89,8 @@ def test_shift_everywhere_is_exact_and_reaches_every_static_linear(reference):
     recipe = dq.Recipe.from_dict({**dq.Recipe.load("taq-dit-w4a8").to_dict(), "migration": None,
                                   "shift": {"sites": "all", "statistic": "midrange"}})
     captured, gm, annotations, flat = _prepared(model, batches, recipe)
-    original = _copy_graph(gm)
-    (shift,) = plan_transforms(gm, annotations, recipe, flat, _timestep_index(captured), progress=False)
+    original = copy_graph(gm)
+    (shift,) = _plan_transforms(gm, annotations, recipe, flat, timestep_position(captured), progress=False)
     assert len(shift.shifts) == len(annotations) == 36
     shifted = PassPipeline([shift], debug=True)(gm).graph_module
     assert _count(shifted, torch.ops.aten.sub.Tensor) == 36
@@ -106,7 +112,7 @@ def test_no_gelu_feeding_a_linear_leaves_the_graph_unchanged():
     batches = [((torch.randn(4, 8), torch.rand(4)), {}) for _ in range(2)]
     captured, gm, annotations, flat = _prepared(ReluMLP(), batches, "taq-dit-w4a8")
     before = str(gm.graph)
-    assert plan_transforms(gm, annotations, dq.Recipe.load("taq-dit-w4a8"), flat, 1, progress=False) == []
+    assert _plan_transforms(gm, annotations, dq.Recipe.load("taq-dit-w4a8"), flat, 1, progress=False) == []
     assert FoldShiftIntoBias({})(gm).modified is False and MigrateOutliers({})(gm).modified is False
     assert str(gm.graph) == before
 
@@ -130,7 +136,7 @@ def test_taq_dit_compiled_graph_reexports_with_the_affine_in_place(reference):
     recipe = dataclasses.replace(recipe, reconstruction=dataclasses.replace(recipe.reconstruction, iterations=5))
     compiled = dq.compile(model, recipe, calibration=batches, progress=False)
     args, kwargs = batches[0]
-    inputs = compiled._captured.bind(args, kwargs)
+    inputs = compiled.captured.bind(args, kwargs)
     program = torch.export.export(compiled.graph_module, (), inputs)
     ops = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert ops.count("aten.addcmul.default") == 6 and ops.count("ditq.quant_linear.default") == 36

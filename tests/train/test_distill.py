@@ -12,7 +12,7 @@ from ditq_compiler.capture import capture
 from ditq_compiler.graph import analyse, module_path
 from ditq_compiler.passes.insert_hadamard import InsertHadamard
 from ditq_compiler.passes.quantize_linears import QuantizeLinears
-from ditq_compiler.calibration.reconstruct import unit_of
+from ditq_compiler.graph import unit_of
 from ditq_compiler.train.distill import Distiller, block_outputs, salience_residual
 
 
@@ -65,7 +65,7 @@ def test_training_lowers_the_loss_and_the_rewritten_graph_matches_the_student(di
     assert all(set(codes.unique().tolist()) <= {-1, 0, 1} for codes, _, _ in result.weights.values())
     assert any(abs(float(c) - 1.0) > 1e-3 for c in result.token_clips.values())       # clipping was learned
     # parity: the graph of ditq::quant_linear ops with the trained codes, clips and biases is the student
-    quantized = QuantizeLinears({}, result.weights, result.token_clips, result.biases)(gm).graph_module
+    quantized = QuantizeLinears(result)(gm).graph_module
     with torch.no_grad():
         for inputs_ in inputs[:2]:
             torch.testing.assert_close(quantized(**inputs_)[0], distiller.student(**inputs_)[0],

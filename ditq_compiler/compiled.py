@@ -1,0 +1,222 @@
+"""``CompiledModel``: a quantized denoiser, called like the original; built from a ``CompileRecord``.
+
+``compile()`` and ``load()`` both end here: a ``CompileRecord`` (``ditq_compiler.records``) holds the
+graph that runs, the fake-quant reference it was lowered from, how to call it, the recipe, the
+reports and the provenance; ``CompiledModel(record)`` wraps it as a ``torch.nn.Module``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import fx
+
+from ditq_compiler import meta
+from ditq_compiler.artifact.store import read_artifact, write_artifact
+from ditq_compiler.inspection.summary import Summary
+from ditq_compiler.records import CompileRecord
+from ditq_compiler.report import rotation_table, sites_table, summary_rows
+
+_CAST_REFUSED = ("holds integer weight codes with their calibrated scales; casting it would silently "
+                 "dequantize them or change the quantizers' arithmetic. Compile the float model again "
+                 "for another precision, or export it (export_onnx) for a runtime that picks its own.")
+
+
+class CompiledModel(torch.nn.Module):
+    """A quantized denoiser: call it like the original model.
+
+    Besides the graph it carries what ``save`` writes and ``ditq inspect`` shows: ``provenance``
+    (FP size, model config, calibration seed, an example call), ``activation_stats`` (per layer,
+    ``ditq_compiler.inspection.activations``) and, for a lowered backend, the reference graph.
+    """
+
+    def __init__(self, record: CompileRecord):
+        super().__init__()
+        self.graph_module = record.graph_module    # a submodule: moves with .to(), saved in state_dict()
+        self.record = record                       # not a module: the reference graph is not a second copy
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph_module(**self.captured.bind(args, kwargs))
+
+    # ---- what the record holds ---------------------------------------------------------------
+    @property
+    def captured(self):
+        """How the graph was exported and how to call it (``capture.CapturedModel``)."""
+        return self.record.captured
+
+    @property
+    def recipe(self):
+        return self.record.recipe
+
+    @property
+    def backend(self) -> str:
+        return self.record.backend
+
+    @property
+    def reports(self):
+        return self.record.reports
+
+    @property
+    def layers(self):
+        return self.record.reports.layers
+
+    @property
+    def output_sqnr_db(self) -> float | None:
+        return self.record.reports.output_sqnr_db
+
+    @property
+    def sites(self):
+        return self.record.reports.sites
+
+    @property
+    def time_groups(self) -> list[str]:
+        return self.record.reports.time_groups
+
+    @property
+    def rotations(self):
+        return self.record.reports.rotations
+
+    @property
+    def allocation(self):
+        return self.record.reports.allocation
+
+    @property
+    def unsupported(self):
+        return self.record.reports.unsupported
+
+    @property
+    def unit_seconds(self) -> dict[str, dict[str, float]]:
+        return self.record.reports.unit_seconds
+
+    @property
+    def activation_stats(self) -> dict:
+        return self.record.reports.activation_stats
+
+    @property
+    def stage_seconds(self) -> dict[str, float]:
+        return self.record.stage_seconds
+
+    @property
+    def resumed_from_cache(self) -> list[str]:
+        return self.record.resumed_from_cache
+
+    @property
+    def provenance(self):
+        return self.record.provenance
+
+    @property
+    def manifest(self) -> dict | None:
+        return self.record.manifest
+
+    @property
+    def reference_graph_module(self) -> fx.GraphModule:
+        """The fake-quant reference graph (the one saved); ``graph_module`` itself for backend 'torch'."""
+        return self.record.reference_graph if self.record.reference_graph is not None else self.graph_module
+
+    # ---- dtype casts are refused --------------------------------------------------------------
+    def _refuse_cast(self, what: str):
+        raise TypeError(f"CompiledModel.{what}: a compiled {self.captured.model_class} {_CAST_REFUSED}")
+
+    def half(self):
+        self._refuse_cast("half()")
+
+    def bfloat16(self):
+        self._refuse_cast("bfloat16()")
+
+    def double(self):
+        self._refuse_cast("double()")
+
+    def type(self, dst_type):
+        self._refuse_cast(f"type({dst_type})")
+
+    def to(self, *args: Any, **kwargs: Any):
+        """Moves to another device; a dtype change is refused (see ``half``).
+
+        Parameters and buffers move as in any module; the captured graph also names the device it was
+        exported on in some nodes' ``device=`` arguments (``arange``, ``_assert_tensor_metadata``), and
+        those are rewritten to the new device so the graph runs there."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None:
+            self._refuse_cast(f"to({dtype})")
+        moved = super().to(*args, **kwargs)
+        if device is not None:
+            _retarget_device(self.graph_module, device)
+        return moved
+
+    def cuda(self, device: Any = None):
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+
+    def cpu(self):
+        return self.to("cpu")
+
+    # ---- looking at it ----------------------------------------------------------------------------
+    def summary(self) -> Summary:
+        reports = self.reports
+        total = sum(1 for n in self.graph_module.graph.nodes
+                    if n.op in ("call_function", "call_module") and meta.get(n).role is not None)
+        sqnr = "n/a" if reports.output_sqnr_db is None else f"{reports.output_sqnr_db:.1f} dB"
+        head = (f"{self.captured.model_class} compiled with recipe '{self.recipe.name}' "
+                f"(backend {self.backend}): {len(reports.layers)} of {total} linear/conv layers quantized; "
+                f"output SQNR vs FP on the calibration data: {sqnr}")
+        if self.stage_seconds:
+            head += "\nstages: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
+        learned = [v["total"] for v in reports.unit_seconds.values() if v["total"] > 0]
+        if learned:
+            head += (f"\nreconstruction: {len(reports.unit_seconds)} block(s), "
+                     f"median {sorted(learned)[len(learned) // 2]:.1f} s per block learned")
+        if reports.unsupported:
+            head += (f"\nleft in float, no quantized lowering ({len(reports.unsupported)}): " +
+                     ", ".join(f"{u.name} (aten.{u.op})" for u in reports.unsupported))
+        if self.resumed_from_cache:
+            head += "\nresumed an interrupted compile: " + ", ".join(self.resumed_from_cache) + " taken from the cache"
+        if reports.allocation is not None:
+            head += (f"\nmixed precision (AMPN, sensitivity {reports.allocation.sensitivity_from}): average "
+                     f"activation bits {reports.allocation.average_bits:.2f}")
+        for note in reports.notes:
+            head += f"\n{note.stage}: {note.text}"
+        tail = []
+        if reports.sites:
+            tail.append("activation sites:\n" + sites_table(reports.sites, reports.time_groups))
+        if reports.rotations:
+            tail.append("Hadamard rotations:\n" + rotation_table(reports.rotations))
+        return Summary(head, *summary_rows(reports.layers), tail="\n\n".join(tail))
+
+    def print_readable(self, print_output: bool = True) -> str:
+        return self.graph_module.print_readable(print_output=print_output)
+
+    def plot(self, out_dir: str | Path, layers: Iterable[str] | None = None) -> list[Path]:
+        """PNGs of each layer's activation range over timesteps, before and after the transformations."""
+        from ditq_compiler.inspection.plot import plot_activations   # matplotlib: an optional extra
+        return plot_activations(self, out_dir, layers)
+
+    # ---- saving and exporting ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, progress: bool = False) -> Path:
+        """Write a versioned artifact directory (``ditq_compiler.artifact``); ``dq.load`` reads it back."""
+        return write_artifact(self.record, self.reference_graph_module, path, progress=progress)
+
+    def export_onnx(self, path: str | os.PathLike, target: str = "ort", **options: Any) -> Path:
+        """Write an opset-21 Q/DQ ONNX model for ``target`` ("ort" or "tensorrt"); see ``backends/onnx.py``."""
+        from ditq_compiler.backends.onnx import export_compiled   # onnx and onnxscript load only when exporting
+        return export_compiled(self, path, target, **options)
+
+
+def load(path: str | os.PathLike, progress: bool = False) -> CompiledModel:
+    """The ``CompiledModel`` saved at ``path``; its outputs equal the saved model's bit for bit."""
+    return CompiledModel(read_artifact(path, progress=progress))
+
+
+def _retarget_device(gm: fx.GraphModule, device: torch.device) -> None:
+    """Point every ``device=`` argument of ``gm``'s nodes at ``device`` (see ``CompiledModel.to``)."""
+    changed = False
+    for node in gm.graph.nodes:
+        if isinstance(node.kwargs.get("device"), (torch.device, str)) and torch.device(node.kwargs["device"]) != device:
+            node.update_kwarg("device", device)
+            changed = True
+    if changed:
+        gm.recompile()
+
+
+__all__ = ["CompiledModel", "load"]

@@ -1,0 +1,288 @@
+"""The compile stages, in the order they run: ``compile()`` is this list run over one ``CompileState``.
+
+    stage              runs when the recipe has      does
+    check              always                        refuse recipe x calibration mismatches before any work
+    capture            always                        torch.export of a copy of the model
+    decompose          attention                     SDPA -> matmul, softmax, matmul (TQ-DiT)
+    analyse            always                        roles, activation sites, timestep dependence
+    annotate           always                        the recipe's decision per layer; TQ-DiT's sites
+    bind               always                        calibration calls bound to the graph; the resume cache
+    rotate             rotation                      Hadamard rotations (RobuQ)
+    transform          shift                         momentum shift and outlier migration (TaQ-DiT)
+    calibrate          always                        Hessian-guided scale search (TQ-DiT) or observers
+    reconstruct        reconstruction                block-wise AdaRound + LSQ (+ factors) (TaQ-DiT)
+    mixed precision    mixed_precision               per-layer activation bits (RobuQ's AMPN)
+    distill            distillation                  quantization-aware distillation (RobuQ, BiDM+ SBM)
+    quantize           always                        layers and activation sites become ditq:: ops
+    lower              always                        the backend's kernels (``backends.registry``)
+    measure            always                        per-layer and output SQNR against FP
+    inspect            always                        activation statistics; the per-layer report
+
+A stage is a name, a ``run(state)`` and an ``enabled(recipe)``; its wall time counts toward the
+summary column ``clock`` (``CLOCKS``). A new method is one more entry: a stage function that reads
+what earlier stages left in the state, runs its passes through ``state.run_passes`` and returns its
+parameters through ``state.fit``. ``compile(..., stages=with_stage(DEFAULT_STAGES, stage, after=...))``
+runs a list with an added stage, without editing this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ditq_compiler.activation_sites import plan_sites
+from ditq_compiler.annotate import annotate
+from ditq_compiler.backends.registry import lower
+from ditq_compiler.calibration.cache import load_params, open_cache, save_params
+from ditq_compiler.calibration.channel_stats import calibrate_transforms
+from ditq_compiler.calibration.observe import observe_activations
+from ditq_compiler.calibration.params import QuantParams
+from ditq_compiler.calibration.reconstruct import reconstruct
+from ditq_compiler.calibration.scale_search import check_search_inputs, search_scales
+from ditq_compiler.calibration.time_groups import describe_groups
+from ditq_compiler.capture import capture
+from ditq_compiler.graph import UnsupportedLayerError, analyse, unsupported_layers
+from ditq_compiler.inspection.activations import record_activation_stats
+from ditq_compiler.passes.attach_time_groups import AttachTimeGroups
+from ditq_compiler.passes.decompose_attention import DecomposeAttention
+from ditq_compiler.passes.fold_shift_into_bias import FoldShiftIntoBias
+from ditq_compiler.passes.insert_hadamard import InsertHadamard
+from ditq_compiler.passes.migrate_outliers import MigrateOutliers, channel_affine
+from ditq_compiler.passes.quantize_activations import QuantizeActivations
+from ditq_compiler.passes.quantize_linears import QuantizeLinears
+from ditq_compiler.passes.update_migration_factors import UpdateMigrationFactors
+from ditq_compiler.pipeline import copy_graph_sharing_tensors
+from ditq_compiler.recipe import Recipe
+from ditq_compiler.recipe_rules import RuleContext, check_rules
+from ditq_compiler.report import layer_reports, measure, site_reports
+from ditq_compiler.state import CompileState
+from ditq_compiler.train import choose_activation_bits, distill
+from ditq_compiler.version import __version__
+
+# the summary's time columns, in the order the stages that count toward them run
+CLOCKS = ("capture", "calibration", "reconstruction", "mixed precision", "distillation", "rewrite", "measure",
+          "inspect")
+
+
+def _always(recipe: Recipe) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[CompileState], None]
+    enabled: Callable[[Recipe], bool] = field(default=_always)
+    clock: str = ""          # the summary column its time counts toward ("": its own name)
+
+    @property
+    def column(self) -> str:
+        return self.clock or self.name
+
+
+# ---- the stages ------------------------------------------------------------------------------------
+
+def check_inputs(state: CompileState) -> None:
+    """What the recipe needs from the calibration set, checked before capture (seconds, not minutes)."""
+    check_rules(RuleContext(state.recipe, calls=state.data.calls), "calls")
+    check_search_inputs(state.recipe.scale_search, state.data.calls, state.data.noise)
+
+
+def capture_graph(state: CompileState) -> None:
+    example = state.options.example_inputs
+    state.captured = capture(state.model, example if example is not None else
+                             (state.data.calls[0] if state.data.calls else None), state.options.dynamic_shapes)
+    state.gm = state.captured.graph_module
+
+
+def decompose_attention(state: CompileState) -> None:
+    state.run_passes(DecomposeAttention())
+
+
+def analyse_graph(state: CompileState) -> None:
+    state.analysis = analyse(state.gm, state.captured.sample_input, state.captured.timestep_input)
+    unsupported = unsupported_layers(state.gm)
+    if state.options.strict and unsupported:
+        raise UnsupportedLayerError(f"strict compile of {state.captured.model_class}: {len(unsupported)} layer(s) "
+                                    "carry weights the compiler cannot quantize:\n  - " +
+                                    "\n  - ".join(u.describe() for u in unsupported))
+    state.reports.unsupported = unsupported
+
+
+def annotate_layers(state: CompileState) -> None:
+    state.annotations = annotate(state.gm, state.analysis, state.recipe)
+    state.plan = plan_sites(state.gm, state.analysis, state.annotations, state.recipe)
+    check_rules(RuleContext(state.recipe, plan=state.plan, gm=state.gm, timestep_input=state.captured.timestep_input,
+                            model_class=state.captured.model_class), "graph")
+
+
+def bind_calibration(state: CompileState) -> None:
+    """Calls bound to the graph's inputs; the cache of interrupted work keyed by everything that follows."""
+    state.data = state.data.bind(state.captured)
+    check_rules(RuleContext(state.recipe, plan=state.plan, flat=state.data.flat,
+                            timestep_index=state.data.timestep_index), "calibration")
+    versions = {"ditq-compiler": __version__, "torch": torch.__version__}
+    state.cache = open_cache(state.options.cache_dir, dict(graph_code=state.gm.code, state=state.gm.state_dict(),
+                                                           recipe=state.recipe.to_dict(), batches=state.data.flat,
+                                                           versions=versions))
+
+
+def rotate(state: CompileState) -> None:
+    layers = state.analysis.layers
+    state.reference_output = copy_graph_sharing_tensors(state.gm)   # the output reference: before rotating
+    rotation = InsertHadamard({n: info for n, info in layers.items() if info.role in state.recipe.rotation.roles},
+                              {n: info.name for n, info in layers.items()}, fuse=state.recipe.rotation.fuse)
+    state.run_passes(rotation)
+    state.reports.rotations = rotation.rotations
+
+
+def shift_and_migrate(state: CompileState) -> None:
+    """TaQ-DiT's shift (and migration) constants from per-timestep channel statistics, folded into the graph."""
+    found = load_params(state.cache, "transforms")
+    if found is None:
+        found = calibrate_transforms(state.gm, state.annotations, state.recipe, state.data.flat,
+                                     state.data.timestep_index, state.options.progress)
+        save_params(state.cache, "transforms", found)
+    passes = transform_passes(found)
+    if passes:
+        state.run_passes(*passes)
+    state.fit(found)
+
+
+def transform_passes(params: QuantParams) -> list:
+    """The passes that put fitted shifts (and migration factors) in place: the shift first."""
+    passes: list = [FoldShiftIntoBias(params.shifts)] if params.shifts else []
+    if params.factors:
+        passes.append(MigrateOutliers(params.factors))
+    return passes
+
+
+def calibrate(state: CompileState) -> None:
+    """TQ-DiT's scale search (not cached: minutes), or the observers' ranges (cached)."""
+    spec, data, progress = state.recipe.scale_search, state.data, state.options.progress
+    if spec is not None:
+        state.fit(search_scales(state.gm, state.annotations, state.plan, data.flat, spec, data.noise,
+                                data.timestep_index, progress))
+        return
+    found = load_params(state.cache, "observers")
+    if found is None:
+        found = observe_activations(state.gm, state.annotations, data.flat, progress, data.timestep_index)
+        save_params(state.cache, "observers", found)
+    state.fit(found)
+
+
+def reconstruct_blocks(state: CompileState) -> None:
+    learned = reconstruct(state.gm, state.annotations, state.params.activations, state.data.flat,
+                          state.recipe.reconstruction, state.options.progress, state.cache)
+    for unit, figures in learned.trace.items():
+        state.reports.unit_seconds[unit] = {"total": figures["seconds"], "learning": figures["learning_seconds"]}
+    if learned.factors:
+        state.run_passes(UpdateMigrationFactors(learned.factors))
+    state.fit(learned)
+
+
+def choose_bits(state: CompileState) -> None:
+    state.annotations, state.reports.allocation = choose_activation_bits(
+        state.gm, state.annotations, state.params.activations, state.data.bound, state.recipe,
+        state.analysis.sample_dependent, state.options.progress)
+
+
+def distill_layers(state: CompileState) -> None:
+    state.fit(distill(state.gm, state.annotations, state.params.activations, state.data.bound,
+                      state.recipe.distillation, state.analysis.sample_dependent, state.options.progress))
+
+
+def quantize(state: CompileState) -> None:
+    """The float graph is kept (shared tensors) to measure against; layers and sites become ditq:: ops."""
+    state.float_graph = copy_graph_sharing_tensors(state.gm)
+    rewrite = [QuantizeLinears(state.params)]
+    if state.plan.sites:
+        rewrite = [QuantizeActivations(state.plan.sites, state.params.site_tables),
+                   AttachTimeGroups(state.params.boundaries, state.captured.timestep_input), *rewrite]
+    state.run_passes(*rewrite)
+    state.quantized = state.gm
+    state.reports.layers = layer_reports(state.quantized, state.annotations)
+
+
+def lower_to_backend(state: CompileState) -> None:
+    state.lowered, state.kernels = lower(state.options.backend, state.quantized)
+
+
+def measure_error(state: CompileState) -> None:
+    if not state.data.flat:
+        return
+    layer_sqnr, state.reports.output_sqnr_db = measure(state.float_graph, state.lowered, state.data.flat,
+                                                       state.reference_output)
+    for report, source in zip(state.reports.layers, state.annotations, strict=True):
+        report.sqnr_db = layer_sqnr.get(source)
+
+
+def inspect_layers(state: CompileState) -> None:
+    """Activation statistics for the HTML view; each layer's kernel, transformations and TQ-DiT site."""
+    annotations, reports = state.annotations, state.reports
+    reports.activation_stats = record_activation_stats(
+        state.float_graph, list(annotations), state.data.flat, state.data.timestep_index,
+        {name for name, a in annotations.items() if a.op == "conv2d"})
+    placement = {r.layer: f"hadamard {r.placement}" for r in reports.rotations}
+    for report, source in zip(reports.layers, annotations, strict=True):
+        report.kernel = state.kernels.get(source, "reference")
+        report.transforms = _transforms_of(state.float_graph, source) or placement.get(report.name, "")
+    _report_sites(state)
+    state.cache.finish()
+
+
+def _transforms_of(gm, node_name: str) -> str:
+    _, shift, factors, _ = channel_affine(gm, next(n for n in gm.graph.nodes if n.name == node_name))
+    return "" if shift is None else "shift" if factors is None else "shift+migrate"
+
+
+def _report_sites(state: CompileState) -> None:
+    """TQ-DiT's site reports and time-group labels; a layer whose input has an op of its own points to it
+    and takes the layer SQNR the search measured with that quantizer."""
+    plan, params, reports = state.plan, state.params, state.reports
+    if state.recipe.scale_search is None or not plan.sites:
+        return
+    reports.sites = site_reports(plan.sites, params.site_tables, params.layer_sqnr)
+    reports.time_groups = [] if params.boundaries is None else describe_groups(params.boundaries)
+    for report, source in zip(reports.layers, state.annotations, strict=True):
+        if any(s.standalone for s in plan.of(source)):
+            report.input_site = next(r.quantizer for r in reports.sites if r.layer == report.name)
+            report.sqnr_db = params.layer_sqnr[source]
+
+
+DEFAULT_STAGES: tuple[Stage, ...] = (
+    Stage("check", check_inputs, clock="capture"),
+    Stage("capture", capture_graph),
+    Stage("decompose", decompose_attention, lambda r: r.attention is not None, clock="capture"),
+    Stage("analyse", analyse_graph, clock="capture"),
+    Stage("annotate", annotate_layers, clock="capture"),
+    Stage("bind", bind_calibration, clock="capture"),
+    Stage("rotate", rotate, lambda r: r.rotation is not None, clock="calibration"),
+    Stage("transform", shift_and_migrate, lambda r: r.shift is not None, clock="calibration"),
+    Stage("calibrate", calibrate, clock="calibration"),
+    Stage("reconstruct", reconstruct_blocks, lambda r: r.reconstruction is not None, clock="reconstruction"),
+    Stage("mixed precision", choose_bits, lambda r: r.mixed_precision is not None),
+    Stage("distill", distill_layers, lambda r: r.distillation is not None, clock="distillation"),
+    Stage("quantize", quantize, clock="rewrite"),
+    Stage("lower", lower_to_backend, clock="rewrite"),
+    Stage("measure", measure_error),
+    Stage("inspect", inspect_layers),
+)
+
+
+def with_stage(stages: Sequence[Stage], stage: Stage, *, after: str | None = None,
+               before: str | None = None) -> tuple[Stage, ...]:
+    """``stages`` with ``stage`` inserted after (or before) the stage of that name."""
+    names = [s.name for s in stages]
+    anchor = after if after is not None else before
+    if (after is None) == (before is None) or anchor not in names:
+        raise ValueError(f"with_stage: give exactly one of after= / before= naming a stage of {names}")
+    if stage.name in names:
+        raise ValueError(f"with_stage: a stage named {stage.name!r} is already in the list")
+    index = names.index(anchor) + (1 if after is not None else 0)
+    return (*stages[:index], stage, *stages[index:])
+
+
+__all__ = ["CLOCKS", "DEFAULT_STAGES", "Stage", "transform_passes", "with_stage"]
