@@ -385,7 +385,7 @@ int ditq_binary_gemm(const uint64_t *a, const uint64_t *mask, const int32_t *val
     isa = resolve_isa(isa);
     if (isa < 0) return DITQ_ERR_ISA;
     if (m == 0 || n == 0) return DITQ_OK;
-    threads = threads_for(threads, m * n * words, (int64_t)1 << 18);   /* word pairs */
+    threads = threads_for(threads, m * n * words, (int64_t)1 << 19);   /* word pairs: ~25 us of work each */
     struct gemm g = { a, mask, b, valid, m, n, words, k, acc, y, row_scale, col_scale, bias, 0, 0, 0, NULL };
     int64_t row_bytes = words * 8 * (mask ? 2 : 1);
     g.n_panels = (n + NR - 1) / NR;

@@ -159,7 +159,7 @@ def test_linear_epilogue_bit_for_bit(path, terms):
 @pytest.mark.parametrize("path", COMPILED)
 def test_linear_threads_agree(path):
     path = runnable(path)
-    m, k, n = 130, 1000, 390   # enough word pairs for three threads
+    m, k, n = 200, 1000, 520   # 1.7M word pairs: three threads' worth (the kernel gives each >= 2^19)
     x, w = randn(m, k, seed=11), randn(n, k, seed=12)
     w_packed, _ = bc.pack_signs(w)
     one = bc.binary_linear(x, w_packed, k, threads=1, impl=path)
@@ -258,7 +258,7 @@ def test_conv_epilogue_bit_for_bit(path):
 @pytest.mark.parametrize("path", COMPILED)
 def test_conv_threads_agree(path):
     path = runnable(path)
-    x, w = randn(8, 128, 8, 8, seed=16), randn(64, 128, 3, 3, seed=17)
+    x, w = randn(16, 128, 8, 8, seed=16), randn(64, 128, 3, 3, seed=17)   # 1.2M word pairs: two threads
     w_packed = bc.pack_conv_weight(w)
     one = bc.binary_conv2d(x, w_packed, padding=1, threads=1, impl=path)
     assert torch.equal(one, bc.reference_binary_conv2d(x, w, padding=1))
@@ -327,7 +327,7 @@ def test_pthreads_build_without_openmp(monkeypatch, tmp_path, fresh_kernels):
     monkeypatch.setattr(bc, "_flag_attempts", lambda: attempts)
     assert bc.kernel_info()["threading"] == "pthreads"
     _linear_and_conv_are_exact()
-    x, w = randn(130, 1000, seed=24), randn(390, 1000, seed=25)
+    x, w = randn(200, 1000, seed=24), randn(520, 1000, seed=25)
     w_packed = bc.pack_signs(w)[0]
     assert torch.equal(bc.binary_linear(x, w_packed, 1000, threads=3), bc.reference_binary_linear(x, w))
 
