@@ -291,6 +291,9 @@ static void gemm_task_portable(void *p, int64_t t, int thread)
 }
 
 #ifdef DITQ_X86
+/* The first n of 16 lanes (none for n <= 0). */
+static __mmask16 lane_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+
 /* AVX-512: the 32 columns of a panel are laid out word by word, panel[w * 32 + j] = B[n0 + j][w], so
  * one broadcast word of A meets 32 columns in 4 vectors and each 64-bit lane keeps its own count. */
 DITQ_AVX512 static inline __attribute__((always_inline)) void
@@ -320,33 +323,51 @@ tile_avx512(const struct gemm *g, const uint64_t *panel, int64_t m, const int ro
             }
         }
     }
+    /* Epilogue. Everything read from g is copied to locals first: the vector stores may alias anything,
+     * which would otherwise make the compiler reload it after every store. */
+    const __m512i low_halves = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const int full = cols == NR;
+    const __mmask16 lanes[2] = { lane_mask(cols), lane_mask(cols - 16) };
+    const int64_t ld = g->n;
+    int32_t *const acc_out = g->acc ? g->acc + m * ld + n0 : NULL;
+    float *const y_out = g->y ? g->y + m * ld + n0 : NULL;
+    const float *const row_scale = g->row_scale ? g->row_scale + m : NULL;
+    const int has_col_scale = g->col_scale != NULL, has_bias = g->bias != NULL;
+    __m512 col_scale[2], bias[2];
+    for (int h = 0; h < 2; h++) {
+        col_scale[h] = g->col_scale ? _mm512_maskz_loadu_ps(lanes[h], g->col_scale + n0 + 16 * h) : _mm512_set1_ps(1);
+        bias[h] = g->bias ? _mm512_maskz_loadu_ps(lanes[h], g->bias + n0 + 16 * h) : _mm512_setzero_ps();
+    }
+    int32_t valid[MR];
+    for (int r = 0; r < rows; r++) valid[r] = (int32_t)valid_bits(g, m + r);
+    __m512i acc[MR][2];
     for (int r = 0; r < rows; r++) {
-        __m512i valid = _mm512_set1_epi64(valid_bits(g, m + r));
-        __m512i acc[4];
-        for (int v = 0; v < 4; v++) acc[v] = _mm512_sub_epi64(valid, _mm512_slli_epi64(count[r][v], 1));
-        if (g->acc) {
-            int32_t *out = g->acc + (m + r) * g->n + n0;
-            for (int v = 0; v < 4; v++) {
-                int64_t live = min64(8, cols - 8 * v);
-                if (live <= 0) break;
-                if (live == 8) _mm256_storeu_si256((__m256i *)(out + 8 * v), _mm512_cvtepi64_epi32(acc[v]));
-                else _mm512_mask_cvtepi64_storeu_epi32(out + 8 * v, (__mmask8)((1u << live) - 1), acc[v]);
-            }
-            continue;
-        }
-        float *out = g->y + (m + r) * g->n + n0;
         for (int h = 0; h < 2; h++) {
-            int64_t live = min64(16, cols - 16 * h);
-            if (live <= 0) break;
-            __mmask16 lanes = (__mmask16)((1u << live) - 1);
-            __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(acc[2 * h])),
-                                              _mm512_cvtepi64_epi32(acc[2 * h + 1]), 1);
-            __m512 y = _mm512_cvtepi32_ps(both);
-            if (g->row_scale) y = _mm512_mul_ps(y, _mm512_set1_ps(g->row_scale[m + r]));
-            if (g->col_scale) y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(lanes, g->col_scale + n0 + 16 * h));
-            if (g->bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lanes, g->bias + n0 + 16 * h));
-            if (live == 16) _mm512_storeu_ps(out + 16 * h, y);
-            else _mm512_mask_storeu_ps(out + 16 * h, lanes, y);
+            /* the low halves of two vectors of 64-bit counts -> 16 int32 counts, one per column */
+            __m512i c = _mm512_permutex2var_epi32(count[r][2 * h], low_halves, count[r][2 * h + 1]);
+            acc[r][h] = _mm512_sub_epi32(_mm512_set1_epi32(valid[r]), _mm512_slli_epi32(c, 1));
+        }
+    }
+    if (acc_out) {
+        for (int r = 0; r < rows; r++) {
+            for (int h = 0; h < 2; h++) {
+                int32_t *out = acc_out + r * ld + 16 * h;
+                if (full) _mm512_storeu_si512(out, acc[r][h]);
+                else _mm512_mask_storeu_epi32(out, lanes[h], acc[r][h]);
+            }
+        }
+        return;
+    }
+    /* the reference's order: ((acc * row_scale) * col_scale) + bias; absent terms are skipped */
+    for (int r = 0; r < rows; r++) {
+        for (int h = 0; h < 2; h++) {
+            __m512 y = _mm512_cvtepi32_ps(acc[r][h]);
+            if (row_scale) y = _mm512_mul_ps(y, _mm512_set1_ps(row_scale[r]));
+            if (has_col_scale) y = _mm512_mul_ps(y, col_scale[h]);
+            if (has_bias) y = _mm512_add_ps(y, bias[h]);
+            float *out = y_out + r * ld + 16 * h;
+            if (full) _mm512_storeu_ps(out, y);
+            else _mm512_mask_storeu_ps(out, lanes[h], y);
         }
     }
 }
