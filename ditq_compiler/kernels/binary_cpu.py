@@ -116,7 +116,7 @@ def _library() -> ctypes.CDLL | None:
             except (BuildError, OSError, AttributeError) as e:
                 _State.failure = str(e)
                 warnings.warn(f"ditq binary kernels: could not build {SOURCE.name} ({e}); the pure-torch "
-                              f"reference runs instead (same results, much slower)", RuntimeWarning, stacklevel=3)
+                              f"reference runs instead (same results, much slower)", RuntimeWarning, stacklevel=4)
     return None if _State.built is None else _State.built.library
 
 

@@ -538,10 +538,9 @@ DITQ_AVX512 static void probe_task_avx512(void *p, int64_t t, int thread)
 
 int64_t ditq_popcount_probe(int64_t iters, int isa, int threads)
 {
-    static struct probe g;
+    struct probe g = { iters, { 0 } };
     isa = resolve_isa(isa);
     if (isa < 0) return DITQ_ERR_ISA;
-    g.iters = iters;
 #ifdef DITQ_X86
     if (isa == ISA_AVX512) {
         parallel_for(threads, threads, probe_task_avx512, &g);
