@@ -48,9 +48,11 @@ can be built, after one warning. ``$DITQ_BINARY_IMPL`` (or ``impl=``) forces a p
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -81,6 +83,7 @@ _SIGNATURES = {
                           ctypes.c_int, ctypes.c_int], ctypes.c_int),
     "ditq_binary_im2col": ([_u64p, *[_i64] * 15, _u64p, _u64p, _u64p, ctypes.c_int], ctypes.c_int),
     "ditq_popcount_probe": ([_i64, ctypes.c_int, ctypes.c_int], ctypes.c_int64),
+    "ditq_cycle_probe": ([_i64], ctypes.c_int64),
 }
 
 
@@ -522,6 +525,22 @@ def popcount_probe(iters: int, threads: int = 1, impl: str | None = None) -> tup
     count = _library().ditq_popcount_probe(iters, _ISA[path], threads)
     _check(0 if count >= 0 else int(count), "popcount_probe")
     return int(count), 512 if path == AVX512 else 64
+
+
+def measure_clock_ghz(iters: int = 2_000_000, repeats: int = 20) -> float:
+    """The clock one core runs at (boost included), from the fastest of ``repeats`` timed chains of dependent adds.
+
+    Each chain is short (16M cycles, ~5 ms) so that on a shared machine some run without being preempted.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("measure_clock_ghz needs the compiled kernels")
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        lib.ditq_cycle_probe(iters)
+        best = min(best, time.perf_counter() - start)
+    return 8 * iters / best / 1e9
 
 
 __all__ = ["AVX512", "POPCOUNT", "TORCH", "binary_conv2d", "binary_linear", "kernel_info", "pack_conv_weight",

@@ -550,3 +550,17 @@ int64_t ditq_popcount_probe(int64_t iters, int isa, int threads)
     parallel_for(threads, threads, probe_task_portable, &g);
     return iters * PROBE_CHAINS;
 }
+
+/* The clock: a chain of 8 x iters dependent one-cycle adds (the empty asm keeps each add, and the chain,
+ * from being folded), so iters x 8 / time is the clock the core runs at, boost included. */
+int64_t ditq_cycle_probe(int64_t iters)
+{
+    uint64_t x = 0;
+    for (int64_t i = 0; i < iters; i++) {
+        x += 1; __asm__ volatile("" : "+r"(x)); x += 1; __asm__ volatile("" : "+r"(x));
+        x += 1; __asm__ volatile("" : "+r"(x)); x += 1; __asm__ volatile("" : "+r"(x));
+        x += 1; __asm__ volatile("" : "+r"(x)); x += 1; __asm__ volatile("" : "+r"(x));
+        x += 1; __asm__ volatile("" : "+r"(x)); x += 1; __asm__ volatile("" : "+r"(x));
+    }
+    return (int64_t)x;
+}
