@@ -4,10 +4,10 @@ PixArt-alpha shape (random weights).
 Models (diffusers, built locally, nothing downloaded):
 
     dit-xl        DiTTransformer2DModel, DiT-XL/2: 28 blocks, 16 heads x 72 (hidden 1152), patch 2, 32x32x4
-                  latents (256 tokens), 1000 classes, learned sigma (8 output channels); 675M parameters
+                  latents (256 tokens), 1000 classes, learned sigma (8 output channels)
     pixart-1024   PixArtTransformer2DModel, PixArt-alpha XL/2 at 512 px: 28 blocks, 16 heads x 72, patch 2,
                   64x64x4 latents (1024 tokens), cross-attention to 120 caption tokens of width 4096 (the T5
-                  encoder is left out: random encoder_hidden_states), adaLN-single; 611M parameters
+                  encoder is left out: random encoder_hidden_states), adaLN-single
 
 at batch 2, 16 and 64 (one denoising step = one forward pass). Configurations:
 

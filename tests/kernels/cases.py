@@ -116,7 +116,7 @@ def comparison_cases() -> dict[str, tuple[Int8Case, str]]:
             cases[f"{m}x{n}x{k}-{mode}"] = (int8_case(m, n, k, seed=1), mode)
     cases["grouped-bf16"] = (int8_case(48, 40, 72, groups=3, batch=4, dtype=torch.bfloat16), "prologue")
     cases["4bit-nobias"] = (int8_case(20, 24, 40, a_bits=4, bias=False), "prologue")
-    cases["large"] = (int8_case(300, 520, 1152, seed=2), "prologue")
+    cases["large"] = (int8_case(150, 260, 576, seed=2), "prologue")
     return cases
 
 
