@@ -64,6 +64,8 @@ INTERPRETER_TILE = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 
 
 if triton is not None:
+    # keep the names `tl` and `libdevice`: under torch.compile Inductor re-emits this kernel's source in a module
+    # of its own whose header imports those two names (and nothing else of ours)
     try:
         from triton.language.extra import libdevice
     except ImportError:  # older layouts
