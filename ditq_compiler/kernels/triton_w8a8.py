@@ -142,9 +142,12 @@ else:
 
 
 def _check_runnable(x: Tensor, layer: str) -> None:
+    """Raise ``CudaBackendError`` unless the kernel can run on ``x``: a CUDA tensor, or the interpreter."""
+    if triton is None and x.is_cuda:
+        raise CudaBackendError(f"layer '{layer}' was compiled for the 'cuda' backend, whose kernels need triton: "
+                               "pip install triton")
     if triton is None:
-        raise needs_cuda(layer, x, "triton is not installed") if not x.is_cuda else CudaBackendError(
-            f"layer '{layer}' was compiled for the 'cuda' backend, whose kernels need triton: pip install triton")
+        raise needs_cuda(layer, x, "and triton is not installed")
     if not x.is_cuda and not INTERPRETED:
         raise needs_cuda(layer, x)
 
@@ -168,6 +171,9 @@ def _check_operands(layer: str, x: Tensor, w_codes: Tensor, w_scale: Tensor, w_c
         problems.append(f"bias must be fp32 of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
     if not 2 <= a_bits <= 8:
         problems.append(f"activation bits must be 2..8, got {a_bits}")
+    elsewhere = sorted({str(t.device) for t in (w_codes, w_scale, w_colsum, bias) if t is not None} - {str(x.device)})
+    if elsewhere:
+        problems.append(f"the input is on {x.device}, the layer's constants on {', '.join(elsewhere)}")
     if problems:
         raise ValueError(f"layer '{layer}': " + "; ".join(problems))
 
