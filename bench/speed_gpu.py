@@ -42,10 +42,12 @@ not fit is skipped with that reason, ditq_compiler.compile likewise (90 s before
 the longest seen), and the files say "complete": false. Measured on one CPU thread,
 ditq_compiler.compile of DiT-XL/2 with w8a8 takes 313 s with two calibration calls (capture 19 s,
 calibration 29 s, MSE weight ranges 103 s, measuring the graph 91 + 71 s) and 150 s with
-w8a8-minmax; the GPU machine's 16 cores and one calibration call (the default) cut that to about a
-minute. With torch.compile at about a minute per configuration, one 420 s run covers the GEMMs and
-DiT-XL/2; PixArt then gets what is left, so run it again with --models pixart-1024 --no-gemm for
-its rows: a later run on the same GPU keeps the other models' rows (and the GEMMs) of the file.
+w8a8-minmax; PixArt at 1024 tokens takes 812 s (capture 17 s, calibration 160 s, MSE 148 s, measuring
+487 s: one fp32 forward at batch 2 is 40 s there). The GPU machine's 16 cores and one calibration call
+(the default) should cut each to about a minute (not measured). With torch.compile at about a
+minute per configuration, one 420 s run covers the GEMMs and DiT-XL/2; PixArt then gets what is
+left, so run it again with --models pixart-1024 --no-gemm for its rows: a later run on the same GPU
+keeps the other models' rows (and the GEMMs) of the file.
 
     python bench/speed_gpu.py                                    # on an H100: GEMMs, dit-xl, then pixart-1024
     python bench/speed_gpu.py --models pixart-1024 --no-gemm     # the second run
