@@ -21,12 +21,14 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import fx
 
 Lowering = Callable[[fx.GraphModule], "tuple[fx.GraphModule, dict[str, str]]"]
 
 # name -> module that registers it
-BUILT_IN = {"torch": "ditq_compiler.backends.torch", "torch-int8": "ditq_compiler.backends.torch"}
+BUILT_IN = {"torch": "ditq_compiler.backends.torch", "torch-int8": "ditq_compiler.backends.torch",
+            "cuda": "ditq_compiler.backends.cuda", "cuda-fp8": "ditq_compiler.backends.cuda"}
 
 
 class UnknownBackendError(ValueError):
@@ -38,18 +40,23 @@ class Backend:
     name: str
     description: str
     lower: Lowering
+    device: str = "cpu"       # where the lowered graph runs ("cuda": a GPU; compile measures the reference elsewhere)
+
+    def runs_here(self) -> bool:
+        return self.device != "cuda" or torch.cuda.is_available()
 
 
 _REGISTERED: dict[str, Backend] = {}
 
 
-def register_backend(name: str, description: str) -> Callable[[Lowering], Lowering]:
-    """Register the decorated lowering under ``name`` (a second registration of a name is an error)."""
+def register_backend(name: str, description: str, device: str = "cpu") -> Callable[[Lowering], Lowering]:
+    """Register the decorated lowering under ``name`` (a second registration of a name is an error); ``device``
+    is where its graph runs ("cpu" also covers backends that run wherever the reference does)."""
     def add(lower: Lowering) -> Lowering:
         if name in _REGISTERED and _REGISTERED[name].lower is not lower:
             raise ValueError(f"backend {name!r} is registered twice ({_REGISTERED[name].lower.__module__} and "
                              f"{lower.__module__})")
-        _REGISTERED[name] = Backend(name, description, lower)
+        _REGISTERED[name] = Backend(name, description, lower, device)
         return lower
     return add
 

@@ -34,7 +34,7 @@ import torch
 
 from ditq_compiler.activation_sites import plan_sites
 from ditq_compiler.annotate import annotate
-from ditq_compiler.backends.registry import lower
+from ditq_compiler.backends.registry import get_backend, lower
 from ditq_compiler.calibration.cache import load_params, open_cache, save_params
 from ditq_compiler.calibration.channel_stats import calibrate_transforms
 from ditq_compiler.calibration.observe import observe_activations
@@ -211,9 +211,16 @@ def lower_to_backend(state: CompileState) -> None:
 
 
 def measure_error(state: CompileState) -> None:
+    """SQNR of each layer and of the output against FP, on the calibration data; of the reference when the
+    backend's kernels cannot run on this machine (a GPU backend compiled on a CPU)."""
     if not state.data.flat:
         return
-    layer_sqnr, state.reports.output_sqnr_db = measure(state.float_graph, state.lowered, state.data.flat,
+    measured = state.lowered
+    if not get_backend(state.options.backend).runs_here():
+        measured = state.quantized
+        state.note("measure", f"SQNR measured on the fake-quant reference: backend '{state.options.backend}' "
+                              "runs on a GPU, and this machine has none")
+    layer_sqnr, state.reports.output_sqnr_db = measure(state.float_graph, measured, state.data.flat,
                                                        state.reference_output)
     for report, source in zip(state.reports.layers, state.annotations, strict=True):
         report.sqnr_db = layer_sqnr.get(source)
