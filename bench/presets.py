@@ -48,14 +48,15 @@ def main() -> None:
             with torch.no_grad():
                 outputs = [compiled(*a, **k).sample for a, k in held_out]
             sqnrs = [sqnr_db(ref, out) for ref, out in zip(references, outputs, strict=True)]
-            worst = min(compiled.layers, key=lambda layer: layer.sqnr_db)
+            measured = [layer for layer in compiled.layers if layer.sqnr_db is not None]
+            worst = min(measured, key=lambda layer: layer.sqnr_db) if measured else None   # hadamard-only: none
             rows.append({"model": model_name, "recipe": recipe, "layers": len(compiled.layers),
-                         "output_sqnr_db": statistics.median(sqnrs), "worst_layer": worst.name,
-                         "worst_layer_sqnr_db": worst.sqnr_db, "compile_s": seconds})
+                         "output_sqnr_db": statistics.median(sqnrs), "worst_layer": worst and worst.name,
+                         "worst_layer_sqnr_db": worst and worst.sqnr_db, "compile_s": seconds})
             r = rows[-1]
-            print(f"{model_name:5s} {recipe:12s} layers {r['layers']:3d}  output SQNR {r['output_sqnr_db']:5.1f} dB  "
-                  f"worst layer {r['worst_layer_sqnr_db']:5.1f} dB ({r['worst_layer']})  compile {seconds:5.1f} s",
-                  flush=True)
+            worst_text = "-" if worst is None else f"{worst.sqnr_db:5.1f} dB ({worst.name})"
+            print(f"{model_name:5s} {recipe:20s} layers {r['layers']:3d}  output SQNR {r['output_sqnr_db']:5.1f} dB  "
+                  f"worst layer {worst_text}  compile {seconds:5.1f} s", flush=True)
     path = write_text(args.json, json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
                                              "rows": rows}, indent=2))
     print(f"wrote {path}")

@@ -16,11 +16,17 @@ against FP along the FP trajectory. Writes
     python bench/quality.py --model dit-digits --ablation --fp-seeds 1     # TaQ-DiT Table IV layout
     python bench/quality.py --model dit-digits --tq-ablation --fp-seeds 1  # TQ-DiT Table III layout
     python bench/quality.py --model dit-digits --robuq --fp-seeds 1        # RobuQ recipes + AMPN table
+    python bench/quality.py --model dit-digits --composed --seeds 2        # ditq-* presets vs each paper's
 
 ``--robuq`` measures the RobuQ recipes and the AMPN variants (``ampn-a<B>``: robuq-w1.58a3 with an
 average budget of B activation bits; ``-ptq``: sensitivities measured before distillation), written
 to quality-<model>-robuq.*; distillation draws its inputs from a larger calibration set (all
 ``--steps`` steps, 16 inputs each) unless ``--calibration-steps`` / ``--samples-per-step`` say otherwise.
+
+``--composed`` measures the composed ``ditq-*`` presets next to the preset of the same bits each must beat
+(``COMPOSED``), each calibrated as its baseline is: the default set (25 steps x 10), TQ-DiT's time-grouped
+set, or RobuQ's (every step x 16), written to quality-<model>-composed.*; with ``--seeds K`` the gaps are
+paired per seed.
 
 ``--tq-ablation`` calibrates every recipe on a TQ-DiT calibration set (``selection="time_groups"``,
 10 groups x 32 samples, the paper's) and writes quality-<model>-tq-ablation.*.
@@ -58,6 +64,11 @@ TQ_ABLATION = {"w6a6-minmax": None, "tq-dit-w6a6-baseline": (False, False, False
                "tq-dit-w6a6": (True, True, True), "tq-dit-w8a8": None}
 ROBUQ = ["w1.58a4-minmax", "robuq-w1.58a4", "robuq-w1.58a3", "ampn-a3-ptq", "ampn-a2", "ampn-a4", "ampn-a4-ptq",
          "w4a4-minmax", "robuq-w4a4", "hadamard-only"]
+# composed preset -> (the preset of the same bits it must beat, the calibration set both use); the targets
+COMPOSED = {"ditq-w8a8": ("w8a8", "default"), "ditq-w6a6": ("tq-dit-w6a6", "time_groups"),
+            "ditq-w4a8": ("taq-dit-w4a8", "default"), "ditq-w4a4": ("w4a4-minmax", "robuq")}
+COMPOSED_FD_RATIO = {"ditq-w8a8": 1.0}   # FD to FP samples at most this times the baseline's (others: half)
+COMPOSED_EXTRA = {"robuq-w4a4": "robuq"}          # measured too: RobuQ's own W4A4 next to ditq-w4a4
 AMPN = re.compile(r"ampn-a(\d+(?:\.\d+)?)(-ptq)?")
 # a TQ-DiT preset with time groups at the post-softmax sites only, as the paper does (the presets use every site)
 TGQ_SOFTMAX = re.compile(r"(tq-dit-w\da\d)-tgq-softmax")
@@ -221,6 +232,53 @@ def robuq_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
+def composed_markdown(rows: list[dict]) -> list[str]:
+    """Each composed preset next to the preset of the same bits it must beat: paired FD gap, FD to FP samples
+    (mean over the seeds), accuracy, noise SQNR, compile time, and what the composed preset must reach."""
+    by_name = {r["config"]: r for r in rows}
+    fp = rows[0]
+    lines = ["", "Composed presets against the preset of the same bits (paired over the seeds; FD to FP samples is "
+                 "the mean over seeds):", "",
+             "| config | FD gap vs FP, paired mean +- s.e. | FD to FP samples | class accuracy | "
+             "median noise SQNR dB | compile s (1 thread) |", "|---|---|---|---|---|---|"]
+    for composed, (baseline, _) in COMPOSED.items():
+        for name in (baseline, composed):
+            r = by_name.get(name)
+            if r is None:
+                continue
+            gap, error = mean_and_error(seed_gaps(r, fp))
+            lines.append(f"| {name} | {gap:+.2f} +- {error:.2f} | {fd_to_fp(r):.3f} | "
+                         f"{100 * statistics.fmean(seed_values(r, 'class_accuracy')):.1f}% | "
+                         f"{r['noise_sqnr_median_db']:.1f} | {r.get('compile_seconds', float('nan')):.0f} |")
+    checks = []
+    for composed, (baseline, _) in COMPOSED.items():
+        if composed in by_name and baseline in by_name:
+            ours, theirs = fd_to_fp(by_name[composed]), fd_to_fp(by_name[baseline])
+            ratio = COMPOSED_FD_RATIO.get(composed, 0.5)
+            verdict = "met" if ours <= ratio * theirs else "NOT met"
+            checks.append(f"- {composed}: FD to FP samples {ours:.3f} vs {baseline} {theirs:.3f} (target: at most "
+                          f"{'half' if ratio == 0.5 else 'the same'}, {ratio * theirs:.3f}): {verdict}")
+    if "ditq-w8a8" in by_name:
+        gap, error = mean_and_error(seed_gaps(by_name["ditq-w8a8"], fp))
+        checks.append(f"- ditq-w8a8: paired FD gap {gap:+.2f} +- {error:.2f} (target: within two standard errors of "
+                      f"0): {'met' if abs(gap) <= 2 * error else 'NOT met'}")
+    if "ditq-w4a4" in by_name:
+        accuracy = statistics.fmean(seed_values(by_name["ditq-w4a4"], "class_accuracy"))
+        checks.append(f"- ditq-w4a4: class accuracy {100 * accuracy:.1f}% (target: at least 99%): "
+                      f"{'met' if accuracy >= 0.99 else 'NOT met'}")
+    return lines + (["", "Targets:", ""] + checks if checks else [])
+
+
+def seed_values(row: dict, key: str) -> list[float]:
+    """A figure per seed (seed 0 alone without --seeds)."""
+    return row["seeds"][key] if "seeds" in row and key in row["seeds"] else [row[key]]
+
+
+def fd_to_fp(row: dict) -> float:
+    """FD between the row's samples and FP's of the same seed, mean over seeds (>= 0: -1e-5 is sqrtm noise)."""
+    return statistics.fmean(max(v, 0.0) for v in seed_values(row, "fd_to_fp"))
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman's rank correlation (ties broken by order)."""
     ranks = [torch.tensor(v).argsort().argsort().double() for v in (a, b)]
@@ -253,6 +311,8 @@ def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int, w
             for n in ours) + f" vs w6a6-minmax {base:+.2f} (target: |ratio| <= 0.5)."]
     if any(r["config"] in ROBUQ or ampn_budget(r) for r in rows):
         lines += robuq_markdown(rows)
+    if any(r["config"] in COMPOSED for r in rows):
+        lines += composed_markdown(rows)
     lines.append("")
     seed_gap = "" if math.isnan(fp_gap) else f"FP seed-to-seed FD difference (noise floor of the gap): {fp_gap:.2f}. "
     lines.append(f"{seed_gap}Real-vs-real FD floor ({floor_images} training digits vs the held-out set): {floor:.2f}.")
@@ -313,6 +373,9 @@ def main() -> None:
                              "to quality-<model>-tq-ablation.*")
     parser.add_argument("--robuq", action="store_true",
                         help=f"RobuQ recipes and AMPN variants ({' '.join(ROBUQ)}), written to quality-<model>-robuq.*")
+    parser.add_argument("--composed", action="store_true",
+                        help=f"composed presets and their baselines ({' '.join(composed_recipes())}), written to "
+                             "quality-<model>-composed.*")
     parser.add_argument("--fp-seeds", type=int, default=2, choices=[1, 2], help="FP runs (2 shows the noise floor)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="noise seeds 0..K-1 for every configuration, FP included; the gaps are paired by seed "
@@ -343,13 +406,13 @@ def main() -> None:
                         help="keep the rows already in the results file and add (or replace) these recipes; "
                              "FP is sampled again and must reproduce the stored FP row")
     args = parser.parse_args()
-    if args.ablation + args.tq_ablation + args.robuq > 1:
-        parser.error("--ablation, --tq-ablation and --robuq are separate runs")
+    if args.ablation + args.tq_ablation + args.robuq + args.composed > 1:
+        parser.error("--ablation, --tq-ablation, --robuq and --composed are separate runs")
     if args.recipes is None:  # `--recipes` with nothing after it measures FP only
         args.recipes = list(ROBUQ if args.robuq else ABLATION if args.ablation else TQ_ABLATION if args.tq_ablation
-                            else DEFAULT_RECIPES)
+                            else composed_recipes() if args.composed else DEFAULT_RECIPES)
     args.stem = f"quality-{args.model}" + ("-taq-ablation" if args.ablation else "-tq-ablation" if args.tq_ablation
-                                           else "-robuq" if args.robuq else "")
+                                           else "-robuq" if args.robuq else "-composed" if args.composed else "")
     if args.calibration_steps is None:
         args.calibration_steps = args.steps if args.robuq else min(25, args.steps)
     if args.samples_per_step is None:
@@ -365,21 +428,25 @@ def main() -> None:
         parser.error("--compile-only needs --artifacts")
     cpu_model, scheduler = zoo.load(args.model), zoo.scheduler(args.model)  # compile runs on the CPU
     grids = args.out / args.stem
-    selection = (dict(selection="time_groups", groups=min(10, args.steps), samples_per_group=32) if args.tq_ablation
-                 else dict(steps=args.calibration_steps, samples_per_step=args.samples_per_step))
-    calibration = None
+    calibrations: dict[str, object] = {}
+
+    def calibration_for(name: str):
+        """The calibration set of the recipe's kind (one per kind, drawn once): see ``calibration_kind``."""
+        kind = calibration_kind(name, args)
+        if kind not in calibrations:
+            calibrations[kind] = from_sampler(cpu_model, scheduler, num_inference_steps=args.steps,
+                                              guidance_scale=args.guidance,
+                                              num_trajectories=args.calibration_trajectories, seed=123,
+                                              progress=not args.quiet, **selection_of(kind, args))
+        return calibrations[kind]
 
     def compiled_model(name: str) -> tuple[dq.CompiledModel, dict]:
         """The recipe's compiled model and its compile figures: from --artifacts, or compiled now."""
-        nonlocal calibration
         base = None if args.artifacts is None else args.artifacts / f"{args.stem}-{name}"
         artifact, figures_file = (None, None) if base is None else (Path(f"{base}.ditq"), Path(f"{base}.json"))
         if figures_file is not None and figures_file.exists():
             return dq.load(artifact), json.loads(figures_file.read_text())
-        if calibration is None:
-            calibration = from_sampler(cpu_model, scheduler, num_inference_steps=args.steps,
-                                       guidance_scale=args.guidance, num_trajectories=args.calibration_trajectories,
-                                       seed=123, progress=not args.quiet, **selection)
+        calibration = calibration_for(name)
         start, cpu = time.perf_counter(), time.process_time()
         compiled = dq.compile(cpu_model, recipes[name], calibration=calibration, progress=not args.quiet)
         figures = {"compile_seconds": round(time.perf_counter() - start, 1),
@@ -427,6 +494,31 @@ def main() -> None:
 
     write_results(rows, args, final=True)
     print((args.out / f"{args.stem}.md").read_text())
+
+
+def composed_recipes() -> list[str]:
+    """Every composed preset after the preset it must beat, then the extra rows."""
+    return [name for composed, (baseline, _) in COMPOSED.items() for name in (baseline, composed)] + \
+        list(COMPOSED_EXTRA)
+
+
+def calibration_kind(name: str, args) -> str:
+    """Which calibration set a recipe gets: the run's, or under --composed the one its pair uses."""
+    if args.composed:
+        kinds = {**{c: kind for c, (_, kind) in COMPOSED.items()}, **{b: kind for b, kind in COMPOSED.values()},
+                 **COMPOSED_EXTRA}
+        return kinds.get(name, "default")
+    return "time_groups" if args.tq_ablation else "robuq" if args.robuq else "default"
+
+
+def selection_of(kind: str, args) -> dict:
+    """``from_sampler``'s selection for a calibration kind: TQ-DiT's 10 groups x 32, RobuQ's every step x 16,
+    or the run's ``--calibration-steps`` x ``--samples-per-step``."""
+    if kind == "time_groups":
+        return dict(selection="time_groups", groups=min(10, args.steps), samples_per_group=32)
+    if kind == "robuq" and args.composed:
+        return dict(steps=args.steps, samples_per_step=16)
+    return dict(steps=args.calibration_steps, samples_per_step=args.samples_per_step)
 
 
 def previous_rows(args, fp_row: dict) -> list[dict]:

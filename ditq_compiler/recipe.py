@@ -49,7 +49,7 @@ from ditq_compiler.recipe_rules import RuleContext, check_rules
 from ditq_compiler.recipe_sections import (SECTIONS, TIME_GROUP_SITES, AttentionSpec, DistillationSpec,  # noqa: F401
                                            MigrationSpec, MixedPrecisionSpec, MultiRegionSpec, Override,
                                            ReconstructionSpec, RecipeError, RotationSpec, ScaleSearchSpec, ShiftSpec,
-                                           TimeGroupSpec, _activation_spec, _check_keys, _check_roles,
+                                           SmoothingSpec, TimeGroupSpec, _activation_spec, _check_keys, _check_roles,
                                            _check_weight_spec, _override, _spec)
 
 RECIPE_VERSION = 2
@@ -72,6 +72,7 @@ class Recipe:
     activations: QuantSpec | None = field(default_factory=lambda: QuantSpec(8, False, "tensor", axis=-1))
     quantize_roles: tuple[str, ...] = DEFAULT_QUANTIZED_ROLES
     overrides: tuple[Override, ...] = ()
+    smoothing: SmoothingSpec | None = None
     shift: ShiftSpec | None = None
     migration: MigrationSpec | None = None
     reconstruction: ReconstructionSpec | None = None
@@ -191,4 +192,4 @@ def _preset_dir():
 __all__ = ["DEFAULT_QUANTIZED_ROLES", "RECIPE_VERSION", "ROLES", "SECTIONS", "TIME_GROUP_SITES", "AttentionSpec",
            "DistillationSpec", "LayerPlan", "MigrationSpec", "MixedPrecisionSpec", "MultiRegionSpec", "Override",
            "Recipe", "RecipeError", "ReconstructionSpec", "RotationSpec", "ScaleSearchSpec", "ShiftSpec",
-           "TimeGroupSpec"]
+           "SmoothingSpec", "TimeGroupSpec"]

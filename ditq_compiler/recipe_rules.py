@@ -72,8 +72,8 @@ def migration_needs_shift(c: RuleContext) -> Problems:
 
 
 def methods_need_activations(c: RuleContext) -> Problems:
-    """Shift, reconstruction and TQ-DiT's sections act on quantized activations."""
-    for name in ("shift", "reconstruction", "attention", "multi_region", "time_groups"):
+    """Smoothing, shift, reconstruction and TQ-DiT's sections act on quantized activations."""
+    for name in ("smoothing", "shift", "reconstruction", "attention", "multi_region", "time_groups"):
         if getattr(c.recipe, name) is not None and c.recipe.activations is None:
             yield name, "needs quantized activations (activations is false)"
 
@@ -171,12 +171,28 @@ def _listing(items: Sequence[str]) -> str:
 
 def calls_for_time_groups(c: RuleContext) -> Problems:
     """Each time group is fitted on calibration inputs from its own timesteps."""
-    if _grouped(c.recipe) and not c.calls:
+    if _grouped(c.recipe) and not len(c.calls):
         groups = c.recipe.time_groups.groups
         yield "time_groups.groups", (f"is {groups}: each time group is fitted on calibration inputs from its own "
                                      "timesteps, and the calibration set is empty (timesteps seen: none). Pass "
                                      "calibration=dq.calibration.from_sampler(model, scheduler, selection="
                                      f"'time_groups', groups={groups}, ...)")
+
+
+def smoothing_metric(recipe: Any, has_noise: bool) -> str:
+    """The error smoothing scores candidates by: "auto" is the Hessian-weighted error when the calibration set
+    carries the diffusion-loss noise (``from_sampler`` sets do), else the plain output error."""
+    metric = recipe.smoothing.metric
+    return ("hessian" if has_noise else "mse") if metric == "auto" else metric
+
+
+def calls_carry_noise_for_smoothing(c: RuleContext) -> Problems:
+    """Hessian-weighted smoothing backpropagates the diffusion loss, which pairs each input with its noise."""
+    if c.recipe.smoothing is not None and c.recipe.smoothing.metric == "hessian" and c.calls is not None \
+            and getattr(c.calls, "noise", None) is None:
+        yield "smoothing.metric", ("'hessian' weights the error with gradients of the diffusion loss, which needs the "
+                                   "noise of each calibration input: use dq.calibration.from_sampler(...) (its sets "
+                                   "carry it), or metric: mse")
 
 
 def post_gelu_site_exists(c: RuleContext) -> Problems:
@@ -250,6 +266,7 @@ RULES: tuple[Rule, ...] = (
     Rule("recipe", one_fitting_method),
     Rule("recipe", mixed_precision_inputs),
     Rule("calls", calls_for_time_groups, CalibrationError),
+    Rule("calls", calls_carry_noise_for_smoothing, CalibrationError),
     Rule("graph", post_gelu_site_exists),
     Rule("graph", time_groups_can_apply),
     Rule("calibration", timesteps_for_time_groups, CalibrationError),

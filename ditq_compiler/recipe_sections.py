@@ -399,7 +399,45 @@ class MixedPrecisionSpec(Section):
         _number(self.search_iterations, f"{path}.search_iterations", 0, 10**7, integer=True)
 
 
+SMOOTHING_ROLES = ("qkv", "fc1", "attn_out", "fc2", "linear", "conv")
+
+
+@dataclass(frozen=True)
+class SmoothingSpec(Section):
+    """Smoothing folded through the normalization / adaLN modulation (``passes/smooth_through_modulation.py``):
+    the inputs of the quantized layers with roles ``sites`` that a norm produces are divided per channel by
+    ``s = max|X|^alpha / max|W|^(1 - alpha)`` (``calibration/smoothing.py``), the division folded into the
+    modulation (or the norm's affine) and ``s`` into the layers' weight columns.
+
+    ``alpha``: a number in [0, 1], or "search" (per site, ``grid`` values in [0, 1] and no smoothing, scored by
+    the error of the layers' quantized outputs). ``metric``: "mse", "hessian" (the error weighted by squared
+    gradients of the diffusion loss, TQ-DiT Eq. 16; needs calibration noise) or "auto" (hessian when the
+    calibration set carries the noise, as ``from_sampler`` sets do, else mse). ``aggregation``: "max" (max |X_j| over all calibration rows) or "mean"
+    (the mean over calibration timesteps of each timestep's max). ``rows``: token rows per site the search scores.
+    """
+
+    sites: tuple[str, ...] = ("qkv", "fc1")
+    alpha: float | str = "search"
+    grid: int = 21
+    metric: str = "auto"
+    aggregation: str = "max"
+    rows: int = 4096
+
+    def check(self, path: str) -> None:
+        if isinstance(self.sites, str) or not isinstance(self.sites, tuple) or not self.sites:
+            raise RecipeError(f"{path}.sites: expected a non-empty list of roles, got {self.sites!r}")
+        for i, role in enumerate(self.sites):
+            _choice(role, SMOOTHING_ROLES, f"{path}.sites[{i}]")
+        if self.alpha != "search":
+            _number(self.alpha, f"{path}.alpha", 0.0, 1.0)
+        _number(self.grid, f"{path}.grid", 21, 1001, integer=True)
+        _choice(self.metric, ("auto", "mse", "hessian"), f"{path}.metric")
+        _choice(self.aggregation, ("max", "mean"), f"{path}.aggregation")
+        _number(self.rows, f"{path}.rows", 1, 10**8, integer=True)
+
+
 SECTIONS: dict[str, type[Section]] = {
+    "smoothing": SmoothingSpec,                                                                 # ditq
     "shift": ShiftSpec, "migration": MigrationSpec, "reconstruction": ReconstructionSpec,          # TaQ-DiT
     "attention": AttentionSpec, "scale_search": ScaleSearchSpec, "multi_region": MultiRegionSpec,  # TQ-DiT
     "time_groups": TimeGroupSpec,
@@ -409,4 +447,4 @@ SECTIONS: dict[str, type[Section]] = {
 
 __all__ = ["SECTIONS", "TIME_GROUP_SITES", "AttentionSpec", "DistillationSpec", "MigrationSpec", "MixedPrecisionSpec",
            "MultiRegionSpec", "Override", "ReconstructionSpec", "RecipeError", "RotationSpec", "ScaleSearchSpec",
-           "Section", "ShiftSpec", "TimeGroupSpec"]
+           "Section", "ShiftSpec", "SmoothingSpec", "TimeGroupSpec"]

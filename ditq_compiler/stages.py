@@ -7,6 +7,7 @@
     analyse            always                        roles, activation sites, timestep dependence
     annotate           always                        the recipe's decision per layer; TQ-DiT's sites
     bind               always                        calibration calls bound to the graph; the resume cache
+    smooth             smoothing                     per-channel smoothing folded through the modulation
     rotate             rotation                      Hadamard rotations (RobuQ)
     transform          shift                         momentum shift and outlier migration (TaQ-DiT)
     calibrate          always                        Hessian-guided scale search (TQ-DiT) or observers
@@ -32,6 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ditq_compiler import meta
 from ditq_compiler.activation_sites import plan_sites
 from ditq_compiler.annotate import annotate
 from ditq_compiler.backends.registry import get_backend, lower
@@ -41,6 +43,7 @@ from ditq_compiler.calibration.observe import observe_activations
 from ditq_compiler.calibration.params import QuantParams
 from ditq_compiler.calibration.reconstruct import reconstruct
 from ditq_compiler.calibration.scale_search import check_search_inputs, search_scales
+from ditq_compiler.calibration.smoothing import choose_smoothing
 from ditq_compiler.calibration.time_groups import describe_groups
 from ditq_compiler.capture import capture
 from ditq_compiler.graph import UnsupportedLayerError, analyse, unsupported_layers
@@ -52,10 +55,11 @@ from ditq_compiler.passes.insert_hadamard import InsertHadamard
 from ditq_compiler.passes.migrate_outliers import MigrateOutliers, channel_affine
 from ditq_compiler.passes.quantize_activations import QuantizeActivations
 from ditq_compiler.passes.quantize_linears import QuantizeLinears
+from ditq_compiler.passes.smooth_through_modulation import SmoothThroughModulation, find_sites
 from ditq_compiler.passes.update_migration_factors import UpdateMigrationFactors
 from ditq_compiler.pipeline import copy_graph_sharing_tensors
 from ditq_compiler.recipe import Recipe
-from ditq_compiler.recipe_rules import RuleContext, check_rules
+from ditq_compiler.recipe_rules import RuleContext, check_rules, smoothing_metric
 from ditq_compiler.report import layer_reports, measure, site_reports
 from ditq_compiler.state import CompileState
 from ditq_compiler.train import choose_activation_bits, distill
@@ -86,7 +90,7 @@ class Stage:
 
 def check_inputs(state: CompileState) -> None:
     """What the recipe needs from the calibration set, checked before capture (seconds, not minutes)."""
-    check_rules(RuleContext(state.recipe, calls=state.data.calls), "calls")
+    check_rules(RuleContext(state.recipe, calls=state.data), "calls")
     check_search_inputs(state.recipe.scale_search, state.data.calls, state.data.noise)
 
 
@@ -127,6 +131,29 @@ def bind_calibration(state: CompileState) -> None:
     state.cache = open_cache(state.options.cache_dir, dict(graph_code=state.gm.code, state=state.gm.state_dict(),
                                                            recipe=state.recipe.to_dict(), batches=state.data.flat,
                                                            versions=versions))
+
+
+def smooth(state: CompileState) -> None:
+    """Smoothing through the modulation: the sites the recipe's roles give, their ``s`` chosen on the calibration
+    data (cached), folded into the graph; the sites skipped are listed with why."""
+    spec = state.recipe.smoothing
+    layers = {n: a.name for n, a in state.annotations.items() if a.role in spec.sites and a.activations is not None}
+    found = find_sites(state.gm, layers)
+    fitted = load_params(state.cache, "smoothing")
+    if fitted is None:
+        fitted = choose_smoothing(state.gm, found.sites, state.annotations, spec, state.data.flat, state.data.noise,
+                                  state.data.timestep_index,
+                                  smoothing_metric(state.recipe, state.data.noise is not None) == "hessian",
+                                  state.options.progress)
+        save_params(state.cache, "smoothing", fitted)
+    alphas = {s.consumers[0].name: fitted.trace.get(f"smooth:{s.name}", {}).get("alpha") for s in found.sites}
+    state.run_passes(SmoothThroughModulation(found.sites, fitted.smoothing, alphas))
+    state.fit(fitted)
+    state.note("smoothing", f"{len(found.sites)} input(s) smoothed, read by "
+                            f"{sum(len(s.consumers) for s in found.sites)} layer(s)")
+    for reason in sorted({k.reason for k in found.skipped}):
+        names = [k.layer for k in found.skipped if k.reason == reason]
+        state.note("smoothing", f"not smoothed ({len(names)}): {names[0]}{' ...' if len(names) > 1 else ''}: {reason}")
 
 
 def rotate(state: CompileState) -> None:
@@ -241,8 +268,12 @@ def inspect_layers(state: CompileState) -> None:
 
 
 def _transforms_of(gm, node_name: str) -> str:
-    _, shift, factors, _ = channel_affine(gm, next(n for n in gm.graph.nodes if n.name == node_name))
-    return "" if shift is None else "shift" if factors is None else "shift+migrate"
+    """The exact transformations in front of a layer: smoothing, TaQ-DiT's shift (+ migration)."""
+    node = next(n for n in gm.graph.nodes if n.name == node_name)
+    _, shift, factors, _ = channel_affine(gm, node)
+    smoothed = any(entry.get("pass") == "smooth_through_modulation" for entry in meta.get(node).applied)
+    shifted = "" if shift is None else "shift" if factors is None else "shift+migrate"
+    return "+".join(t for t in ("smooth" if smoothed else "", shifted) if t)
 
 
 def _report_sites(state: CompileState) -> None:
@@ -266,6 +297,7 @@ DEFAULT_STAGES: tuple[Stage, ...] = (
     Stage("analyse", analyse_graph, clock="capture"),
     Stage("annotate", annotate_layers, clock="capture"),
     Stage("bind", bind_calibration, clock="capture"),
+    Stage("smooth", smooth, lambda r: r.smoothing is not None, clock="calibration"),
     Stage("rotate", rotate, lambda r: r.rotation is not None, clock="calibration"),
     Stage("transform", shift_and_migrate, lambda r: r.shift is not None, clock="calibration"),
     Stage("calibrate", calibrate, clock="calibration"),

@@ -120,15 +120,13 @@ def open_cache(cache_dir: str | Path | bool | None, key_parts: dict[str, Any]) -
     return WorkCache(root, run_key(**key_parts))
 
 
-PARAM_FIELDS = ("activations", "shifts", "factors")   # the QuantParams fields an entry of calibration holds
-
-
 def save_params(cache: WorkCache, entry: str, params: QuantParams) -> None:
-    """Store a ``QuantParams``' activation quantizers, shifts and factors as one entry."""
-    tensors = {**pack("shifts", params.shifts), **pack("factors", params.factors),
-               **pack("act_scale", {n: q[0] for n, q in params.activations.items()}),
+    """Store a ``QuantParams``' activation quantizers, smoothing factors, shifts, migration factors and trace as
+    one entry (the trace as JSON metadata, its floats exact through ``repr``)."""
+    tensors = {**pack("smoothing", params.smoothing), **pack("shifts", params.shifts),
+               **pack("factors", params.factors), **pack("act_scale", {n: q[0] for n, q in params.activations.items()}),
                **pack("act_zero_point", {n: q[1] for n, q in params.activations.items()})}
-    cache.save(entry, tensors)
+    cache.save(entry, tensors, {"trace": json.dumps(params.trace)})
 
 
 def load_params(cache: WorkCache, entry: str) -> QuantParams | None:
@@ -136,10 +134,11 @@ def load_params(cache: WorkCache, entry: str) -> QuantParams | None:
     finished = cache.load(entry)
     if finished is None:
         return None
-    tensors, _ = finished
+    tensors, metadata = finished
     scales, zero_points = unpack("act_scale", tensors), unpack("act_zero_point", tensors)
     return QuantParams(activations={n: (scales[n], zero_points[n]) for n in scales},
-                       shifts=unpack("shifts", tensors), factors=unpack("factors", tensors))
+                       smoothing=unpack("smoothing", tensors), shifts=unpack("shifts", tensors),
+                       factors=unpack("factors", tensors), trace=json.loads(metadata.get("trace", "{}")))
 
 
 def pack(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
