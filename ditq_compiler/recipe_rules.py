@@ -195,6 +195,31 @@ def calls_carry_noise_for_smoothing(c: RuleContext) -> Problems:
                                    "carry it), or metric: mse")
 
 
+def calls_carry_noise_for_dm_loss(c: RuleContext) -> Problems:
+    """BiDM+'s diffusion loss pairs each calibration input with the noise that made it."""
+    d = c.recipe.distillation
+    if d is not None and d.dm_weight > 0 and c.calls is not None and getattr(c.calls, "noise", None) is None:
+        yield "distillation.dm_weight", ("the diffusion loss needs the noise of each calibration input: use "
+                                         "dq.calibration.from_sampler(...) (its sets carry it), or dm_weight: 0")
+
+
+def binary_layers(c: RuleContext) -> Problems:
+    """A binarized layer is W1A1 with one binarizer, and is trained by distillation or used as initialised; the
+    PTQ methods fit integer grids it does not have."""
+    r = c.recipe
+    w_binary = r.weights.binary
+    a_binary = r.activations is not None and r.activations.binary
+    if w_binary != a_binary:
+        yield ("activations.bits" if w_binary else "weights.bits"), \
+            "binary layers are W1A1: weights and activations both bits: 1, with the same binarizer"
+    elif w_binary and r.weights.binarizer != r.activations.binarizer:
+        yield "activations.binarizer", f"must be the weights' binarizer, {r.weights.binarizer!r}"
+    if w_binary:
+        for name in ("smoothing", "shift", "reconstruction", "scale_search", "rotation", "mixed_precision"):
+            if getattr(r, name) is not None:
+                yield name, "is not defined for binarized (bits: 1) layers; train them with a distillation section"
+
+
 def post_gelu_site_exists(c: RuleContext) -> Problems:
     """A two-region post-GELU quantizer needs a post-GELU site."""
     r = c.recipe
@@ -265,8 +290,10 @@ RULES: tuple[Rule, ...] = (
     Rule("recipe", search_formats),
     Rule("recipe", one_fitting_method),
     Rule("recipe", mixed_precision_inputs),
+    Rule("recipe", binary_layers),
     Rule("calls", calls_for_time_groups, CalibrationError),
     Rule("calls", calls_carry_noise_for_smoothing, CalibrationError),
+    Rule("calls", calls_carry_noise_for_dm_loss, CalibrationError),
     Rule("graph", post_gelu_site_exists),
     Rule("graph", time_groups_can_apply),
     Rule("calibration", timesteps_for_time_groups, CalibrationError),

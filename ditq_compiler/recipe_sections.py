@@ -339,9 +339,10 @@ class DistillationSpec(Section):
     AdamW on the quantized layers' latent weights and biases (``lr``, ``weight_decay``) and on
     their weight scales and activation scales / per-token clipping ratios (``scale_lr``), cosine
     decay to 0 over ``iterations``, minibatches of ``batch_size`` calibration inputs. Loss:
-    ``output_weight * MSE(out_q, out_fp) + block_weight * mean_blocks mean(r_SBM^2)`` with BiDM+'s
-    salience-weighted residual (Eqs. 18-19) and ``leniency`` its percentile (10 in the paper);
-    ``block_weight: 0`` drops the block term. Defaults chosen on dit-digits (the papers give no
+    ``output_weight * MSE(out_q, out_fp) + dm_weight * MSE(eps_q, eps) + block_weight * mean_blocks
+    mean(r_SBM^2)`` with BiDM+'s diffusion loss L_DM on the calibration set's noise (``dm_weight``; needs
+    ``from_sampler`` data), its salience-weighted residual (Eqs. 18-19) and ``leniency`` its percentile (10
+    in the paper); ``block_weight: 0`` drops the block term. Defaults chosen on dit-digits (the papers give no
     CPU-sized schedule; the README has the sweep): ``block_weight`` puts the block term at about a
     third of the output term at the start, where it added 0.6 dB of held-out noise SQNR.
     """
@@ -352,6 +353,7 @@ class DistillationSpec(Section):
     scale_lr: float = 1e-3
     weight_decay: float = 0.0
     output_weight: float = 1.0
+    dm_weight: float = 0.0
     block_weight: float = 5e-3
     leniency: float = 10.0
     seed: int = 0
@@ -361,11 +363,11 @@ class DistillationSpec(Section):
         _number(self.batch_size, f"{path}.batch_size", 1, 10**6, integer=True)
         _number(self.seed, f"{path}.seed", 0, 2**63 - 1, integer=True)
         _number(self.leniency, f"{path}.leniency", 0.0, 100.0)
-        for name in ("lr", "scale_lr", "weight_decay", "output_weight", "block_weight"):
+        for name in ("lr", "scale_lr", "weight_decay", "output_weight", "dm_weight", "block_weight"):
             _number(getattr(self, name), f"{path}.{name}", 0.0, 1e6)
-        if self.output_weight == 0 and self.block_weight == 0:
-            raise RecipeError(f"{path}.output_weight: output_weight and block_weight are both 0: nothing to learn "
-                              "from")
+        if self.output_weight == 0 and self.dm_weight == 0 and self.block_weight == 0:
+            raise RecipeError(f"{path}.output_weight: output_weight, dm_weight and block_weight are all 0: nothing "
+                              "to learn from")
 
 
 @dataclass(frozen=True)
@@ -412,8 +414,9 @@ class SmoothingSpec(Section):
     ``alpha``: a number in [0, 1], or "search" (per site, ``grid`` values in [0, 1] and no smoothing, scored by
     the error of the layers' quantized outputs). ``metric``: "mse", "hessian" (the error weighted by squared
     gradients of the diffusion loss, TQ-DiT Eq. 16; needs calibration noise) or "auto" (hessian when the
-    calibration set carries the noise, as ``from_sampler`` sets do, else mse). ``aggregation``: "max" (max |X_j| over all calibration rows) or "mean"
-    (the mean over calibration timesteps of each timestep's max). ``rows``: token rows per site the search scores.
+    calibration set carries the noise, as ``from_sampler`` sets do, else mse). ``aggregation``: "max" (max |X_j|
+    over all calibration rows) or "mean" (the mean over calibration timesteps of each timestep's max). ``rows``:
+    token rows per site the search scores.
     """
 
     sites: tuple[str, ...] = ("qkv", "fc1")

@@ -95,7 +95,8 @@ def layer_reports(q_gm: fx.GraphModule, annotations: dict[str, LayerAnnotation])
     for source, annotation in annotations.items():
         node = nodes[source]
         w_scale = fetch_attr(q_gm, node.args[2].target)
-        a_scale, per_token = node.args[5], node.args[8]
+        binary = annotation.weights.binary      # ditq::binary_*: the activation scale is computed per token
+        a_scale, per_token = (None, False) if binary else (node.args[5], node.args[8])
         clip = float(fetch_attr(q_gm, a_scale.target)) if per_token and isinstance(a_scale, fx.Node) else None
         a_scale = None if per_token else a_scale
         reports.append(LayerReport(

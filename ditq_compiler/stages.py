@@ -218,7 +218,8 @@ def choose_bits(state: CompileState) -> None:
 
 def distill_layers(state: CompileState) -> None:
     state.fit(distill(state.gm, state.annotations, state.params.activations, state.data.bound,
-                      state.recipe.distillation, state.analysis.sample_dependent, state.options.progress))
+                      state.recipe.distillation, state.analysis.sample_dependent, state.options.progress,
+                      state.data.noise))
 
 
 def quantize(state: CompileState) -> None:

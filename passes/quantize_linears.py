@@ -1,7 +1,7 @@
 """Replace annotated ``aten.linear`` / ``aten.conv2d`` nodes with quantized custom ops.
 
-For each node annotated by the recipe (``meta.get(node).annotation``), the float weight ``W`` is
-replaced by integer codes and their quantization parameters,
+For each node annotated by the recipe (``meta.get(node).annotation``), the float weight ``W`` is replaced
+by integer codes and their quantization parameters,
 
     q_w = clamp(round(W / s_w) + z_w, qmin, qmax),      (s_w, z_w) from the weight observer,
 
@@ -14,6 +14,9 @@ which is the fake-quant reference every backend is checked against. A layer whos
 passes through a standalone quantizer op (``input_site`` in its meta record, set by
 ``quantize_activations``) gets ``a_bits = 0``. Float weights that no other node uses are deleted
 from the module.
+
+A binarized (W1A1) layer becomes ``ditq::binary_linear`` / ``ditq::binary_conv2d`` (``ditq_compiler.binary``)
+with its weight bits, scales and activation binarizer instead.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+import ditq_compiler.binary  # noqa: F401  (registers the ditq:: binary ops)
 import ditq_compiler.ops  # noqa: F401  (registers the ditq:: ops)
-from ditq_compiler.annotate import LayerAnnotation
-from ditq_compiler.calibration.params import QuantParams
-from ditq_compiler.pipeline import PreconditionError, delete_unused_attrs, fetch_attr, register_constant
-from ditq_compiler.quant import quantize, weight_qparams
 from ditq_compiler import meta
+from ditq_compiler.calibration.params import QuantParams
+from ditq_compiler.meta import LayerAnnotation
+from ditq_compiler.pipeline import (PreconditionError, delete_unused_attrs, fetch_attr, layer_parameters,
+                                    register_constant)
+from ditq_compiler.quant import quantize, weight_qparams
+from ditq_compiler.train.binary_layer import BinaryLayer
 
 
 def _layers(gm: fx.GraphModule) -> list[fx.Node]:
@@ -51,13 +57,15 @@ class QuantizeLinears(PassBase):
         self.weight_codes = params.weights
         self.token_clips = params.token_clips
         self.biases = params.biases
+        self.binary = params.binary
 
     def requires(self, gm: fx.GraphModule) -> None:
         """Every annotated layer whose input it quantizes itself has calibrated (scale, zero point)."""
         for node in _layers(gm):
             annotation = meta.get(node).annotation
             acts = annotation.activations
-            static = acts is not None and acts.granularity != "token" and not meta.get(node).input_site
+            static = acts is not None and acts.granularity != "token" and not meta.get(node).input_site \
+                and not annotation.weights.binary
             if static and node.name not in self.activation_qparams:
                 raise PreconditionError(f"{self.name}: layer '{annotation.name}' (node {node.name}) quantizes its "
                                         "input activation but has no calibrated activation parameters")
@@ -65,13 +73,45 @@ class QuantizeLinears(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         for node in _layers(gm):
-            self._rewrite(gm, node, meta.get(node).annotation)
+            annotation = meta.get(node).annotation
+            if annotation.weights.binary:
+                self._rewrite_binary(gm, node, annotation)
+            else:
+                self._rewrite(gm, node, annotation)
             modified = True
         if modified:
             delete_unused_attrs(gm)
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, modified)
+
+    def _rewrite_binary(self, gm: fx.GraphModule, node: fx.Node, annotation: LayerAnnotation) -> None:
+        """A W1A1 layer becomes ``ditq::binary_linear`` / ``binary_conv2d`` with its trained stored form, or, untrained,
+        the binarizer's initial one (``BinaryLayer``'s before any step: tau 0, mu 1, k = 1 / (kh kw))."""
+        record = self.binary.get(node.name)
+        if record is None:
+            weight, bias, conv = layer_parameters(gm, node)
+            layer = BinaryLayer(weight, bias, annotation.weights.binarizer, conv)
+            record = layer.learned(node.name).binary[node.name]
+        prefix = f"ditq_{node.name}"
+        bias_node = node.args[2] if len(node.args) > 2 else None
+        if node.name in self.biases:
+            bias_node = register_constant(gm, f"{prefix}_bias", self.biases[node.name], node)
+        constant = {name: register_constant(gm, f"{prefix}_{name}", record[name], node)
+                    for name in ("w_bits", "w_scale", "tau", "mu_min", "mu_max")}
+        mode = int(record["mode"])
+        if node.target is torch.ops.aten.linear.default:
+            target = torch.ops.ditq.binary_linear.default
+            args = (node.args[0], constant["w_bits"], constant["w_scale"], constant["tau"], constant["mu_min"],
+                    constant["mu_max"], mode, bias_node)
+        else:
+            target = torch.ops.ditq.binary_conv2d.default
+            _, _, conv = layer_parameters(gm, node)
+            k = register_constant(gm, f"{prefix}_k", record["k"], node)
+            args = (node.args[0], constant["w_bits"], constant["w_scale"], k, constant["tau"], constant["mu_min"],
+                    constant["mu_max"], mode, bias_node, *[list(a) for a in conv[:3]], conv[3])
+        self._replace(gm, node, target, args, "binarized ({})".format(
+            "trained" if node.name in self.binary else "initial"))
 
     def _rewrite(self, gm: fx.GraphModule, node: fx.Node, annotation: LayerAnnotation) -> None:
         x, weight_node, bias_node = (list(node.args) + [None, None])[:3]
@@ -107,11 +147,15 @@ class QuantizeLinears(PassBase):
             target = torch.ops.ditq.quant_conv2d.default
             stride, padding, dilation, groups = (list(node.args) + [None] * 7)[3:7]
             args += [list(stride or [1, 1]), list(padding or [0, 0]), list(dilation or [1, 1]), groups or 1]
+        self._replace(gm, node, target, tuple(args),
+                      "learned (reconstruction)" if node.name in self.weight_codes else "nearest")
+
+    @staticmethod
+    def _replace(gm: fx.GraphModule, node: fx.Node, target, args: tuple, rounding: str) -> None:
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_function(target, tuple(args))
+            new = gm.graph.call_function(target, args)
         new.meta.update(node.meta)
         meta.update(new, source_node=node.name)
-        meta.record_applied(new, "quantize_linears", op=str(target),
-                       weight_rounding="learned (reconstruction)" if node.name in self.weight_codes else "nearest")
+        meta.record_applied(new, "quantize_linears", op=str(target), weight_rounding=rounding)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

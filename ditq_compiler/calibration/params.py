@@ -7,6 +7,7 @@ some of these, keyed by the layer's node name in the graph being compiled:
     weights       node -> (q_w, s_w, z_w)     integer weight codes (absent: nearest rounding of W)
     token_clips   node -> c                   per-token activation range clipping ratio (learned)
     biases        node -> b                   a trained bias that replaces the float one
+    binary        node -> {name -> tensor}    a binarized layer's stored form (``train.binary_layer``)
     smoothing     node -> s                   per-channel smoothing of a site's input (its first consumer's node)
     shifts        node -> d                   TaQ-DiT momentum shift of a linear's input (folded into the graph)
     factors       node -> a                   TaQ-DiT migration factors (from channel ranges, then learned)
@@ -34,6 +35,7 @@ class QuantParams:
     weights: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
     token_clips: dict[str, Tensor] = field(default_factory=dict)
     biases: dict[str, Tensor] = field(default_factory=dict)
+    binary: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     smoothing: dict[str, Tensor] = field(default_factory=dict)
     shifts: dict[str, Tensor] = field(default_factory=dict)
     factors: dict[str, Tensor] = field(default_factory=dict)

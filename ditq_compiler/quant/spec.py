@@ -15,6 +15,10 @@ is shared by each slice of the tensor named by `granularity`:
     "token"    one pair per token (per row of the last dim), computed at run time from that row's
                min / max -- dynamic, so nothing is observed and the observer must be "minmax"
 
+Binary (W1A1, BiDM+): ``bits: 1`` is the grid {-1, +1} of ``sign(x - tau)``; ``binarizer`` says how the
+offsets and scales are made (``xnor``, ``react``, ``fpb``: ``ditq_compiler.binary``). A binarized layer has
+1-bit weights and 1-bit activations with the same binarizer.
+
 Ternary (W1.58, BitNet b1.58): ``bits: 1.58`` is the grid {-1, 0, 1} (log2 3 = 1.58 bits of
 information, stored as int8 codes), symmetric, for weights only, with the "absmean" observer:
 the scale of each slice is the mean of its absolute values, gamma = mean |W|, and
@@ -31,6 +35,7 @@ from typing import Any
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
 OBSERVERS = ("minmax", "percentile", "mse", "absmean")
+BINARIZERS = ("xnor", "react", "fpb")
 MIN_BITS, MAX_BITS = 2, 8
 TERNARY_BITS = 1.58
 
@@ -43,18 +48,24 @@ def _is_int(value: Any) -> bool:
 class QuantSpec:
     """How to quantize one tensor; validated on construction (ValueError naming the field)."""
 
-    bits: int | float = 8        # an int in [2, 8], or 1.58 for the ternary grid {-1, 0, 1}
+    bits: int | float = 8        # an int in [2, 8], 1.58 for the ternary grid {-1, 0, 1}, 1 for binary {-1, +1}
     symmetric: bool = True
     granularity: str = "tensor"
     axis: int = 0
     group_size: int | None = None
     observer: str = "minmax"
     percentile: float = 99.99
+    binarizer: str | None = None   # bits 1 only: xnor | react | fpb
 
     def __post_init__(self) -> None:
-        if not (self.ternary or (_is_int(self.bits) and MIN_BITS <= self.bits <= MAX_BITS)):
-            self._fail("bits", f"must be an int in [{MIN_BITS}, {MAX_BITS}] or {TERNARY_BITS} (ternary), "
-                               f"got {self.bits!r}")
+        if not (self.ternary or self.binary or (_is_int(self.bits) and MIN_BITS <= self.bits <= MAX_BITS)):
+            self._fail("bits", f"must be an int in [{MIN_BITS}, {MAX_BITS}], {TERNARY_BITS} (ternary) or 1 "
+                               f"(binary), got {self.bits!r}")
+        if self.binary and self.binarizer not in BINARIZERS:
+            self._fail("binarizer", f"1-bit quantization needs a binarizer, one of {BINARIZERS}, got "
+                                    f"{self.binarizer!r}")
+        if not self.binary and self.binarizer is not None:
+            self._fail("binarizer", f"applies to bits: 1 only (got bits {self.bits!r})")
         if not isinstance(self.symmetric, bool):
             self._fail("symmetric", f"must be a bool, got {self.symmetric!r}")
         if self.granularity not in GRANULARITIES:
@@ -92,14 +103,19 @@ class QuantSpec:
         raise ValueError(f"QuantSpec.{field}: {problem}")
 
     @property
+    def binary(self) -> bool:
+        """The grid {-1, +1} (``bits == 1``), binarized by ``binarizer``."""
+        return _is_int(self.bits) and self.bits == 1
+
+    @property
     def ternary(self) -> bool:
         """The grid {-1, 0, 1} (``bits == 1.58``)."""
         return isinstance(self.bits, float) and self.bits == TERNARY_BITS
 
     @property
     def qmin(self) -> int:
-        """Smallest code, -2**(bits-1) (ternary: -1)."""
-        return -1 if self.ternary else -(2 ** (self.bits - 1))
+        """Smallest code, -2**(bits-1) (ternary and binary: -1)."""
+        return -1 if self.ternary or self.binary else -(2 ** (self.bits - 1))
 
     @property
     def qmax(self) -> int:
@@ -107,7 +123,11 @@ class QuantSpec:
         return 1 if self.ternary else 2 ** (self.bits - 1) - 1
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field; ``binarizer`` only for binary specs (so other specs read as they always have)."""
+        data = dataclasses.asdict(self)
+        if data["binarizer"] is None:
+            del data["binarizer"]
+        return data
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
@@ -124,4 +144,6 @@ class QuantSpec:
         slicing = f"per-group({self.group_size})" if self.granularity == "group" else f"per-{self.granularity}"
         if self.ternary:
             return f"ternary {self.observer} {slicing}"
+        if self.binary:
+            return f"binary {self.binarizer}"
         return f"int{self.bits} {mode} {slicing}"

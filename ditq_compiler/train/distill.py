@@ -2,11 +2,13 @@
 
 The FP (rotated) graph is the teacher. The student is a copy in which every layer the recipe
 quantizes is a ``QATLayer`` (trainable latent weight and bias, learnable weight scale and
-activation scale / per-token clipping ratio, straight-through estimator). Training inputs are
+activation scale / per-token clipping ratio, straight-through estimator), or a ``BinaryLayer`` for a
+W1A1 layer (``train/binary_layer.py``: BiDM+'s FPB or the XNOR / ReAct binarizers). Training inputs are
 the calibration set: the ``(x_t, t, class)`` the FP sampler produced along its own trajectories,
 so no image data is needed. Each iteration draws ``batch_size`` of them and minimises
 
     L = output_weight * mean (out_q - out_fp)^2
+        + dm_weight * mean (eps_q - eps)^2                                       (BiDM+'s L_DM)
         + block_weight / K * sum_{i=1..K} mean (r_i^SBM)^2                      (BiDM+ Eq. 20)
 
     r_i^SBM = |r_i^fp| * max(|r_i^fp - r_i^q| - q_eps(|r_i^fp - r_i^q|), 0)      (BiDM+ Eq. 19)
@@ -14,8 +16,10 @@ so no image data is needed. Each iteration draws ``batch_size`` of them and mini
 where ``r_i`` are the outputs of the K blocks (a DiT block is the module path up to its first
 index, ``transformer_blocks.3``; its outputs are the values it hands to the rest of the graph),
 ``|r^fp|`` weights each element by its salience (Eq. 18) and ``q_eps`` is the ``leniency``-th
-percentile of the error over each sample's block output: errors below it are forgiven. BiDM+
-trains with the diffusion loss L_DM; data-free, the teacher's output takes its place.
+percentile of the error over each sample's block output: errors below it are forgiven. L_DM is the
+diffusion loss on the calibration set's own ``(x_t, eps)`` pairs (``from_sampler`` records the noise that
+makes each ``x_t`` a forward-process sample of its trajectory's final image), so even BiDM+'s loss needs no
+image data; without noise, the teacher's output takes its place (``output_weight``).
 
 Optimiser: AdamW, ``lr`` (with ``weight_decay``) on latent weights and biases, ``scale_lr`` (no
 decay) on scales, both decayed to 0 by a cosine schedule. Everything else in the model is frozen.
@@ -37,8 +41,9 @@ from ditq_compiler.calibration.params import QuantParams
 from ditq_compiler.meta import LayerAnnotation
 from ditq_compiler.graph import module_path, op_name, unit_of
 from ditq_compiler.recipe import DistillationSpec
+from ditq_compiler.train.binary_layer import BinaryLayer
 from ditq_compiler.train.qat_layer import QATLayer
-from ditq_compiler.trainable import learned_params, swap_in_trainable_layers
+from ditq_compiler.trainable import LayerSource, TrainableLayer, learned_params, swap_in_trainable_layers
 from ditq_compiler import meta
 
 EVAL_CHUNK = 256
@@ -130,22 +135,23 @@ class Distiller:
 
     def __init__(self, gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                  act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
-                 sample_dependent: set[str], with_blocks: bool):
+                 sample_dependent: set[str], with_blocks: bool, noise: list[Tensor] | None = None):
         if not inputs:
             raise ValueError("distillation needs calibration inputs; the calibration set is empty")
         self.inputs, self.size = stack_inputs(inputs)
+        self.noise = None if noise is None else torch.cat(noise)     # the eps of each row, for L_DM
         self._outputs: list[Tensor] | None = None
         self.teacher, self.student = _copy(gm), _copy(gm)
         self.teacher.requires_grad_(False)
         self.student.requires_grad_(False)
-        self.layers = swap_in_trainable_layers(self.student, annotations, act_qparams, QATLayer.from_source)
+        self.layers = swap_in_trainable_layers(self.student, annotations, act_qparams, trainable_layer)
         blocks = list(dict.fromkeys(unit_of(a.name) for a in annotations.values())) if with_blocks else []
         names = block_outputs(gm, blocks, sample_dependent)
         self.teacher_taps, self.student_taps = _insert_taps(self.teacher, names), _insert_taps(self.student, names)
 
     def parameters(self, kind: str) -> list[nn.Parameter]:
-        get = QATLayer.weight_parameters if kind == "weights" else QATLayer.scale_parameters
-        return [p for layer in self.layers.values() for p in get(layer)]
+        return [p for layer in self.layers.values()
+                for p in (layer.weight_parameters() if kind == "weights" else layer.scale_parameters())]
 
     def _targets(self) -> list[Tensor]:
         """The teacher's outputs on every calibration input, computed once (block targets are not kept:
@@ -158,7 +164,8 @@ class Distiller:
         return self._outputs
 
     def loss(self, index: Tensor, spec: DistillationSpec) -> tuple[Tensor, Tensor, Tensor]:
-        """(total, output MSE, block term) on the calibration inputs ``index``."""
+        """(total, output term, block term) on the calibration inputs ``index``; the output term is the MSE to the
+        teacher's output and, with ``dm_weight``, the diffusion loss ``mean (eps - eps_q)^2`` (BiDM+'s L_DM)."""
         rows = select_rows(self.inputs, self.size, index)
         mimic = spec.block_weight > 0 and self.student_taps
         if mimic:
@@ -169,11 +176,16 @@ class Distiller:
             target = [t[index] for t in self._targets()]
         out = _float_outputs(self.student(**rows))
         mse = sum((o - t).square().mean() for o, t in zip(out, target, strict=True)) / len(out)
+        if spec.dm_weight > 0:
+            eps = self.noise[index]
+            mse = spec.output_weight * mse + spec.dm_weight * (out[0][:, :eps.shape[1]] - eps).square().mean()
+        else:
+            mse = spec.output_weight * mse
         block = torch.zeros(())
         if mimic:
             block = sum(salience_residual(t, tap.value, spec.leniency).square().mean()
                         for t, tap in zip(target_blocks, self.student_taps, strict=True)) / len(self.student_taps)
-        return spec.output_weight * mse + spec.block_weight * block, mse, block
+        return mse + spec.block_weight * block, mse, block
 
     def evaluate(self, spec: DistillationSpec, rows: int | None = None) -> float:
         """Mean loss over the first ``rows`` calibration inputs (all by default), no gradients."""
@@ -219,6 +231,11 @@ class Distiller:
         return learned_params(self.layers)
 
 
+def trainable_layer(source: LayerSource) -> TrainableLayer:
+    """The trainable form of a layer: binarized (BiDM+ and baselines) or fake-quantized with STE."""
+    return BinaryLayer.from_source(source) if source.annotation.weights.binary else QATLayer.from_source(source)
+
+
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     with warnings.catch_warnings():   # torch's own pytree deprecation notice on deepcopy
         warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*", category=FutureWarning)
@@ -227,10 +244,12 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 def distill(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
             act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
-            spec: DistillationSpec, sample_dependent: set[str], progress: bool = True) -> QuantParams:
+            spec: DistillationSpec, sample_dependent: set[str], progress: bool = True,
+            noise: list[Tensor] | None = None) -> QuantParams:
     """Distil the quantized version of ``gm`` (not modified) into trained codes, scales and biases; the loss
-    before and after is in ``trace["distill"]``."""
-    distiller = Distiller(gm, annotations, act_qparams, inputs, sample_dependent, with_blocks=spec.block_weight > 0)
+    before and after is in ``trace["distill"]``. ``noise``: the eps of each calibration call (for ``dm_weight``)."""
+    distiller = Distiller(gm, annotations, act_qparams, inputs, sample_dependent, with_blocks=spec.block_weight > 0,
+                          noise=noise)
     before = distiller.evaluate(spec)
     distiller.train(spec, spec.iterations, progress)
     result = distiller.result()
