@@ -77,6 +77,7 @@ integer codes through ``QuantizedInput``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import json
@@ -92,13 +93,14 @@ import onnx
 import torch
 from torch import Tensor, fx
 
-from ditq_compiler.backends import onnx_ops, onnx_sites  # noqa: F401  (onnx_sites registers the site lowerings)
+from ditq_compiler.backends import onnx_binary, onnx_ops, onnx_sites  # noqa: F401  (register the lowerings)
 from ditq_compiler.backends.onnx_lowering import (INT4_RANGE, LOWERINGS, ONNX, TARGETS, LoweringContext,
                                                   LoweringError, OnnxExportError, QuantizedInput, Target, add_bias,
                                                   fits, kernel_weight_codes, lower_graph, lower_graph_with_state,
                                                   make_target, register_lowering, signed_range, static_activation,
                                                   symmetric_codes, token_activation, weight_matrix, weight_operand)
 from ditq_compiler.capture import CapturedModel, bind_inputs, capture
+from ditq_compiler.trajectory import StateInput, state_inputs
 
 OPSET = 21
 IR_VERSION = 10
@@ -290,6 +292,7 @@ def export_graph(gm: fx.GraphModule, captured: CapturedModel, path: str | os.Pat
         "ditq.sample": captured.sample_input,
         "ditq.output": torch.utils._pytree.treespec_dumps(gm._out_spec),
         "ditq.layers": json.dumps(layer_nodes(model)),
+        "ditq.states": json.dumps([dataclasses.asdict(s) for s in state_inputs(gm)]),
         **(metadata or {}),
     })
     return write_checked(model, path, external_data, tensorrt=bool(resolved and resolved.symmetric_int8_only))
@@ -424,17 +427,24 @@ class ExportedSignature:
     Parameters that are not graph inputs must be left at None.
     """
 
-    def __init__(self, parameters: list[str], inputs: list[str], timestep: str | None, out_spec: Any, name: str):
+    def __init__(self, parameters: list[str], inputs: list[str], timestep: str | None, out_spec: Any, name: str,
+                 states: list[StateInput] | None = None):
         self.signature = inspect.Signature([inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
                                             for p in parameters])
-        self.inputs, self.timestep, self.out_spec, self.name = tuple(inputs), timestep, out_spec, name
+        self.states = list(states or [])          # BiDM+'s TES: inputs the caller's trajectory fills
+        state_names = {s.name for s in self.states}
+        self.inputs = tuple(i for i in inputs if i not in state_names)
+        self.timestep, self.name = timestep, name
+        self.out_spec = out_spec.children()[0] if self.states and out_spec is not None else out_spec
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], name: str) -> ExportedSignature:
         if "ditq.inputs" not in meta:
             raise ValueError(f"{name} was not written by ditq_compiler's ONNX export (no ditq.* metadata)")
+        states = [StateInput(s["name"], s["index"], tuple(s["shape"]))
+                  for s in json.loads(meta.get("ditq.states", "[]"))]
         return cls(json.loads(meta["ditq.parameters"]), json.loads(meta["ditq.inputs"]),
-                   meta.get("ditq.timestep") or None, _load_treespec(meta["ditq.output"]), name)
+                   meta.get("ditq.timestep") or None, _load_treespec(meta["ditq.output"]), name, states)
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[dict[str, Any], bool]:
         """(graph input name -> value, return_dict) for a call of the original model."""

@@ -31,6 +31,7 @@ import torch
 
 from ditq_compiler.backends.onnx import ExportedSignature
 from ditq_compiler.backends.torch import cpu_has_vnni
+from ditq_compiler.trajectory import Trajectory
 
 INTEGER_KERNELS = frozenset({"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul",
                              "QGemm", "ConvInteger", "QLinearConv", "QAttention"})
@@ -82,6 +83,11 @@ class OrtModel:
                           "Runtime's u8 x s8 kernel adds product pairs in saturating int16 and can be wrong. Export "
                           "it here (or with vnni=False) for the exact u8 x u8 kernel in those layers.", stacklevel=2)
         self._types = {i.name: _NUMPY_TYPES.get(i.type) for i in self.session.get_inputs()}
+        self.trajectory = Trajectory()      # BiDM+'s TES: state across sampler steps (``ditq_compiler.trajectory``)
+
+    def reset_trajectory(self) -> None:
+        """Start a new sampling run (a no-op for models without state across steps)."""
+        self.trajectory = Trajectory()
 
     def feeds(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """The session's input arrays for a call of the original model."""
@@ -89,7 +95,16 @@ class OrtModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         feeds, return_dict = self._bind(args, kwargs)
+        states = self.signature.states
+        if states:
+            timesteps = torch.as_tensor(feeds[self.signature.timestep])
+            feeds.update({name: _as_array(value, self._types.get(name)) for name, value in
+                          self.trajectory.inputs(states, timesteps).items()})
         outputs = [torch.from_numpy(o) for o in self.session.run(None, feeds)]
+        if states:
+            count = sum(1 for s in states if s.index >= 0)
+            outputs, new_states = outputs[:len(outputs) - count], outputs[len(outputs) - count:]
+            self.trajectory.advance(new_states, timesteps)
         return self.signature.structure(outputs, return_dict)
 
     def _bind(self, args: tuple, kwargs: dict) -> tuple[dict[str, np.ndarray], bool]:

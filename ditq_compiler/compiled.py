@@ -19,6 +19,7 @@ from ditq_compiler.artifact.store import read_artifact, write_artifact
 from ditq_compiler.inspection.summary import Summary
 from ditq_compiler.records import CompileRecord
 from ditq_compiler.report import rotation_table, sites_table, summary_rows
+from ditq_compiler.trajectory import Trajectory, state_inputs
 
 _CAST_REFUSED = ("holds integer weight codes with their calibrated scales; casting it would silently "
                  "dequantize them or change the quantizers' arithmetic. Compile the float model again "
@@ -37,9 +38,27 @@ class CompiledModel(torch.nn.Module):
         super().__init__()
         self.graph_module = record.graph_module    # a submodule: moves with .to(), saved in state_dict()
         self.record = record                       # not a module: the reference graph is not a second copy
+        self.state_inputs = state_inputs(record.graph_module)   # BiDM+'s TES: state across sampler steps
+        self.trajectory = Trajectory()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.graph_module(**self.captured.bind(args, kwargs))
+        inputs = self.captured.bind(args, kwargs)
+        if not self.state_inputs:
+            return self.graph_module(**inputs)
+        timesteps = inputs[self.captured.timestep_input]
+        state = self.trajectory.inputs(self.state_inputs, timesteps, inputs[self.captured.sample_input])
+        output, states = self.graph_module(**inputs, **state)
+        self.trajectory.advance(states, timesteps)
+        return output
+
+    @property
+    def stateful(self) -> bool:
+        """Whether calls depend on the previous call of the same sampling run (``ditq_compiler.trajectory``)."""
+        return bool(self.state_inputs)
+
+    def reset_trajectory(self) -> None:
+        """Start a new sampling run: the next call is a first step (a no-op for models without state)."""
+        self.trajectory = Trajectory()
 
     # ---- what the record holds ---------------------------------------------------------------
     @property

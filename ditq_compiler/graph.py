@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 
 import networkx as nx
 import torch
-from torch import fx
+from torch import Tensor, fx
 from ditq_compiler import meta
 from ditq_compiler.records import UnsupportedLayer
 
@@ -254,6 +254,37 @@ def _is_patchify(node: fx.Node) -> bool:
     kernel = tuple(weight.meta["val"].shape[2:]) if "val" in weight.meta else None
     stride = tuple(node.args[3]) if len(node.args) > 3 else (1, 1)
     return kernel is not None and kernel == stride and max(kernel) > 1
+
+
+def block_outputs(gm: fx.GraphModule, blocks: list[str], sample_dependent: set[str]) -> list[str]:
+    """Names of the values each block hands to the rest of the graph (sample-dependent float tensors)."""
+    found = []
+    for block in blocks:
+        inside = {n for n in gm.graph.nodes
+                  if n.op == "call_function" and (module_path(n) == block or module_path(n).startswith(block + "."))}
+        for node in gm.graph.nodes:
+            val = node.meta.get("val")
+            if (node in inside and node.name in sample_dependent and isinstance(val, Tensor)
+                    and val.is_floating_point()
+                    and any(u not in inside and op_name(u) != "_assert_tensor_metadata" for u in node.users)):
+                found.append(node.name)
+    return found
+
+
+BLOCK_LISTS = ("up_blocks", "transformer_blocks")   # where BiDM+'s TES connects: a U-Net's up blocks, a DiT's blocks
+
+
+def block_sites(gm: fx.GraphModule, sample_dependent: set[str]) -> list[str]:
+    """The outputs of a U-Net's up blocks and of a transformer's blocks (``up_blocks.N``, ``transformer_blocks.N``),
+    in graph order: where BiDM+'s TES (``passes/connect_timesteps.py``) connects timesteps."""
+    blocks = []
+    for node in gm.graph.nodes:
+        parts = module_path(node).split(".")
+        if len(parts) > 1 and parts[0] in BLOCK_LISTS and parts[1].isdigit():
+            block = ".".join(parts[:2])
+            if block not in blocks:
+                blocks.append(block)
+    return block_outputs(gm, blocks, sample_dependent)
 
 
 def analyse(gm: fx.GraphModule, sample_input: str, timestep_input: str | None = None) -> GraphAnalysis:

@@ -26,6 +26,8 @@ Who writes what:
     time_group_index    passes.attach_time_groups           the node computing the time-group index
     source_node         passes.quantize_linears             a quantized layer: its node in the captured graph
     trainable_of        train.trainable                     a layer swapped for a trainable module
+    timestep_state      passes.connect_timesteps            an input carrying state across sampler steps: the index
+                                                            of the state, -1 for the flag of rows that have one
     applied             ``record_applied`` (every pass)     a layer: the passes that changed it
 
 Artifacts store each node's record as JSON (``to_json`` / ``from_json``): plain values and the three
@@ -120,6 +122,7 @@ class NodeMeta:
     time_group_index: bool = False
     source_node: str | None = None
     trainable_of: str | None = None
+    timestep_state: int | None = None
     applied: tuple[Mapping[str, Any], ...] = ()
 
     # ---- JSON --------------------------------------------------------------------------------
@@ -165,6 +168,7 @@ _FIELD_KINDS = {"role": "str?", "site": "str?", "timestep_dependent": "bool", "a
                 "matmul": "str?", "matmul_layer": "MatmulLayer", "shift": "bool", "transform": "str?",
                 "rotation": "bool", "activation_site": "ActivationSite", "time_grouped": "bool",
                 "input_site": "str?", "time_group_index": "bool", "source_node": "str?", "trainable_of": "str?",
+                "timestep_state": "int?",
                 "applied": "applied"}
 _VALUE_TYPES = {"LayerAnnotation": LayerAnnotation, "ActivationSite": ActivationSite, "MatmulLayer": MatmulLayer}
 _VALUE_FIELD_KINDS = {

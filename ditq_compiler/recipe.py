@@ -49,8 +49,8 @@ from ditq_compiler.recipe_rules import RuleContext, check_rules
 from ditq_compiler.recipe_sections import (SECTIONS, TIME_GROUP_SITES, AttentionSpec, DistillationSpec,  # noqa: F401
                                            MigrationSpec, MixedPrecisionSpec, MultiRegionSpec, Override,
                                            ReconstructionSpec, RecipeError, RotationSpec, ScaleSearchSpec, ShiftSpec,
-                                           SmoothingSpec, TimeGroupSpec, _activation_spec, _check_keys, _check_roles,
-                                           _check_weight_spec, _override, _spec)
+                                           SmoothingSpec, TimeGroupSpec, TimestepConnectionSpec, _activation_spec,
+                                           _check_keys, _check_roles, _check_weight_spec, _override, _spec)
 
 RECIPE_VERSION = 2
 DEFAULT_QUANTIZED_ROLES = ("qkv", "attn_out", "fc1", "fc2", "conv", "linear")
@@ -83,6 +83,7 @@ class Recipe:
     rotation: RotationSpec | None = None
     distillation: DistillationSpec | None = None
     mixed_precision: MixedPrecisionSpec | None = None
+    timestep_connections: TimestepConnectionSpec | None = None
     version: int = RECIPE_VERSION
 
     # ---- construction -------------------------------------------------------------------
@@ -192,4 +193,4 @@ def _preset_dir():
 __all__ = ["DEFAULT_QUANTIZED_ROLES", "RECIPE_VERSION", "ROLES", "SECTIONS", "TIME_GROUP_SITES", "AttentionSpec",
            "DistillationSpec", "LayerPlan", "MigrationSpec", "MixedPrecisionSpec", "MultiRegionSpec", "Override",
            "Recipe", "RecipeError", "ReconstructionSpec", "RotationSpec", "ScaleSearchSpec", "ShiftSpec",
-           "SmoothingSpec", "TimeGroupSpec"]
+           "SmoothingSpec", "TimeGroupSpec", "TimestepConnectionSpec"]

@@ -220,6 +220,13 @@ def binary_layers(c: RuleContext) -> Problems:
                 yield name, "is not defined for binarized (bits: 1) layers; train them with a distillation section"
 
 
+def connections_are_learned(c: RuleContext) -> Problems:
+    """TES's coefficients are learned by distillation; with the initial ones blindly applied the model would
+    average features the network never learned to average."""
+    if c.recipe.timestep_connections is not None and c.recipe.distillation is None:
+        yield "timestep_connections", "its coefficients are learned by distillation; add a 'distillation' section"
+
+
 def post_gelu_site_exists(c: RuleContext) -> Problems:
     """A two-region post-GELU quantizer needs a post-GELU site."""
     r = c.recipe
@@ -291,6 +298,7 @@ RULES: tuple[Rule, ...] = (
     Rule("recipe", one_fitting_method),
     Rule("recipe", mixed_precision_inputs),
     Rule("recipe", binary_layers),
+    Rule("recipe", connections_are_learned),
     Rule("calls", calls_for_time_groups, CalibrationError),
     Rule("calls", calls_carry_noise_for_smoothing, CalibrationError),
     Rule("calls", calls_carry_noise_for_dm_loss, CalibrationError),

@@ -439,15 +439,38 @@ class SmoothingSpec(Section):
         _number(self.rows, f"{path}.rows", 1, 10**8, integer=True)
 
 
+@dataclass(frozen=True)
+class TimestepConnectionSpec(Section):
+    """BiDM+'s TES (Sec. 3.4, Eq. 17; ``passes/connect_timesteps.py``): each block output mixed with its value at
+    the previous sampler step, ``u + lambda(t) (u_prev - u)``, ``lambda(t) = lambda_hat[g] (1 + t / T)`` with
+    ``groups`` learnable coefficients per site (g = floor(t groups / T), ``train_timesteps`` T) initialised to
+    ``initial``. ``sites``: "blocks" (the outputs of a U-Net's up blocks, as the paper; of a DiT's transformer
+    blocks, our extension). The coefficients are learned by the recipe's distillation, which then runs each
+    training input's neighbouring (noisier) step first, as BiDM+'s training does.
+    """
+
+    sites: str = "blocks"
+    groups: int = 10
+    initial: float = 0.25
+    train_timesteps: int = 1000
+
+    def check(self, path: str) -> None:
+        _choice(self.sites, ("blocks",), f"{path}.sites")
+        _number(self.groups, f"{path}.groups", 1, 10**4, integer=True)
+        _number(self.initial, f"{path}.initial", 0.0, 1.0)
+        _number(self.train_timesteps, f"{path}.train_timesteps", 1, 10**6, integer=True)
+
+
 SECTIONS: dict[str, type[Section]] = {
     "smoothing": SmoothingSpec,                                                                 # ditq
     "shift": ShiftSpec, "migration": MigrationSpec, "reconstruction": ReconstructionSpec,          # TaQ-DiT
     "attention": AttentionSpec, "scale_search": ScaleSearchSpec, "multi_region": MultiRegionSpec,  # TQ-DiT
     "time_groups": TimeGroupSpec,
     "rotation": RotationSpec, "distillation": DistillationSpec, "mixed_precision": MixedPrecisionSpec,  # RobuQ
+    "timestep_connections": TimestepConnectionSpec,                                               # BiDM+
 }
 
 
 __all__ = ["SECTIONS", "TIME_GROUP_SITES", "AttentionSpec", "DistillationSpec", "MigrationSpec", "MixedPrecisionSpec",
            "MultiRegionSpec", "Override", "ReconstructionSpec", "RecipeError", "RotationSpec", "ScaleSearchSpec",
-           "Section", "ShiftSpec", "SmoothingSpec", "TimeGroupSpec"]
+           "Section", "ShiftSpec", "SmoothingSpec", "TimeGroupSpec", "TimestepConnectionSpec"]

@@ -56,6 +56,13 @@ def make_scheduler(scheduler: Any, method: str, num_inference_steps: int) -> Any
     return fresh
 
 
+def _new_trajectory(denoiser: Any) -> None:
+    """A model with state across sampler steps (BiDM+'s TES, ``ditq_compiler.trajectory``) starts each run empty."""
+    reset = getattr(denoiser, "reset_trajectory", None)
+    if callable(reset):
+        reset()
+
+
 def sample(denoiser: Callable[..., Any], scheduler: Any, class_labels: Tensor, *, num_inference_steps: int = 100,
            method: str = "ddpm", guidance_scale: float = 1.0, null_class: int = 10,
            shape: tuple[int, ...] = (1, 8, 8), generator: torch.Generator | None = None, seed: int | None = None,
@@ -93,6 +100,7 @@ def sample(denoiser: Callable[..., Any], scheduler: Any, class_labels: Tensor, *
     samples = []
     with torch.no_grad(), bar:
         for start in starts:
+            _new_trajectory(denoiser)
             step_scheduler = make_scheduler(scheduler, method, num_inference_steps)
             samples.append(_denoise(denoiser, step_scheduler, noise[start:start + chunk],
                                     labels[start:start + chunk], guidance_scale, null_class, generator, record, bar))

@@ -18,6 +18,7 @@
     lower              always                        the backend's kernels (``backends.registry``)
     measure            always                        per-layer and output SQNR against FP
     inspect            always                        activation statistics; the per-layer report
+    connect            timestep_connections          block outputs mixed across sampler steps (BiDM+'s TES)
 
 A stage is a name, a ``run(state)`` and an ``enabled(recipe)``; its wall time counts toward the
 summary column ``clock`` (``CLOCKS``). A new method is one more entry: a stage function that reads
@@ -46,9 +47,11 @@ from ditq_compiler.calibration.scale_search import check_search_inputs, search_s
 from ditq_compiler.calibration.smoothing import choose_smoothing
 from ditq_compiler.calibration.time_groups import describe_groups
 from ditq_compiler.capture import capture
-from ditq_compiler.graph import UnsupportedLayerError, analyse, unsupported_layers
+from ditq_compiler.calibration.batches import CalibrationError
+from ditq_compiler.graph import UnsupportedLayerError, analyse, block_sites, unsupported_layers
 from ditq_compiler.inspection.activations import record_activation_stats
 from ditq_compiler.passes.attach_time_groups import AttachTimeGroups
+from ditq_compiler.passes.connect_timesteps import ConnectTimesteps
 from ditq_compiler.passes.decompose_attention import DecomposeAttention
 from ditq_compiler.passes.fold_shift_into_bias import FoldShiftIntoBias
 from ditq_compiler.passes.insert_hadamard import InsertHadamard
@@ -63,6 +66,7 @@ from ditq_compiler.recipe_rules import RuleContext, check_rules, smoothing_metri
 from ditq_compiler.report import layer_reports, measure, site_reports
 from ditq_compiler.state import CompileState
 from ditq_compiler.train import choose_activation_bits, distill
+from ditq_compiler.train.distill import Connection
 from ditq_compiler.version import __version__
 
 # the summary's time columns, in the order the stages that count toward them run
@@ -219,7 +223,32 @@ def choose_bits(state: CompileState) -> None:
 def distill_layers(state: CompileState) -> None:
     state.fit(distill(state.gm, state.annotations, state.params.activations, state.data.bound,
                       state.recipe.distillation, state.analysis.sample_dependent, state.options.progress,
-                      state.data.noise))
+                      state.data.noise, _connection(state)))
+
+
+def _connection(state: CompileState) -> Connection | None:
+    """BiDM+'s TES for the student, when the recipe connects timesteps."""
+    spec = state.recipe.timestep_connections
+    if spec is None:
+        return None
+    if state.data.schedule is None or state.data.noise is None:
+        raise CalibrationError("timestep_connections trains on each input's neighbouring sampler step, rebuilt from "
+                               "its noise and the training schedule: use dq.calibration.from_sampler(...), whose "
+                               "sets carry both")
+    return Connection(spec, block_sites(state.gm, state.analysis.sample_dependent), state.captured.sample_input,
+                      state.captured.timestep_input, state.data.schedule)
+
+
+def connect_timesteps(state: CompileState) -> None:
+    """TES on what runs and on the reference, with the learned coefficients (measured before: the first-step
+    rule of a connected model is the unconnected one)."""
+    spec = state.recipe.timestep_connections
+    sites = block_sites(state.float_graph, state.analysis.sample_dependent)
+    for graph in {id(g): g for g in (state.quantized, state.lowered)}.values():
+        ConnectTimesteps(sites, state.captured.timestep_input, spec.groups, spec.train_timesteps,
+                         state.params.timestep_lambdas, spec.initial)(graph)
+    state.note("timestep connections", f"{len(sites)} block output(s) mixed with the previous sampler step's "
+                                       f"({spec.groups} coefficients each)")
 
 
 def quantize(state: CompileState) -> None:
@@ -309,6 +338,7 @@ DEFAULT_STAGES: tuple[Stage, ...] = (
     Stage("lower", lower_to_backend, clock="rewrite"),
     Stage("measure", measure_error),
     Stage("inspect", inspect_layers),
+    Stage("connect", connect_timesteps, lambda r: r.timestep_connections is not None, clock="rewrite"),
 )
 
 

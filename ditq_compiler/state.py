@@ -39,6 +39,7 @@ from ditq_compiler.pipeline import PassPipeline
 from ditq_compiler.provenance import provenance_of
 from ditq_compiler.recipe import Recipe
 from ditq_compiler.records import CompileRecord, Reports, StageNote
+from ditq_compiler.trajectory import state_inputs, stateless_inputs
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,16 @@ class CompileState:
     def record(self) -> CompileRecord:
         """The finished compile, as the record a ``CompiledModel`` is built from."""
         lowered = self.lowered if self.lowered is not None else self.quantized
+        provenance = provenance_of(self.model, self.data.source, self.data.calls, self.captured.bind)
+        states = state_inputs(self.quantized)
+        if states and provenance.example_inputs is not None:   # the saved example call fills the state inputs too
+            batch = len(provenance.example_inputs[self.captured.timestep_input])
+            provenance.example_inputs.update(stateless_inputs(states, batch))
         return CompileRecord(graph_module=lowered, captured=self.captured, recipe=self.recipe,
                              backend=self.options.backend,
                              reference_graph=None if lowered is self.quantized else self.quantized,
                              reports=self.reports, stage_seconds=dict(self.stage_seconds),
-                             resumed_from_cache=list(self.cache.loaded),
-                             provenance=provenance_of(self.model, self.data.source, self.data.calls,
-                                                      self.captured.bind))
+                             resumed_from_cache=list(self.cache.loaded), provenance=provenance)
 
 
 __all__ = ["CompileOptions", "CompileState"]

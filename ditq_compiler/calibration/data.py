@@ -7,6 +7,8 @@ the noise each input was made with. ``CalibrationData.of(calibration)`` checks e
 
     calls           the (args, kwargs) calls as given
     noise           the eps of each call (TQ-DiT Eq. 11's diffusion loss), or None
+    schedule        the training schedule's abar_t (T,) and the sampler's step between timesteps, when the set
+                    records them (``from_sampler``): what rebuilds a row's neighbouring sampler step
     source          the object the user passed (its selection and seed go into the provenance)
 
 and, after capture, ``data.bind(captured)`` adds what the graph stages run on:
@@ -32,6 +34,7 @@ from ditq_compiler.calibration.batches import Batch, CalibrationError, as_batche
 class CalibrationData:
     calls: list[Batch] = field(default_factory=list)
     noise: list[Tensor] | None = None
+    schedule: tuple[Tensor, int] | None = None
     source: Any = field(default=None, compare=False)
     bound: list[dict[str, Any]] = field(default_factory=list)
     flat: list[list[Any]] = field(default_factory=list)
@@ -46,7 +49,10 @@ class CalibrationData:
         noise = noise() if callable(noise) else None
         if noise is not None and len(noise) != len(calls):
             raise CalibrationError(f"{len(noise)} noise batches for {len(calls)} calibration batches")
-        return cls(calls=calls, noise=noise, source=calibration)
+        abar = getattr(calibration, "alphas_cumprod", None)
+        steps = (getattr(calibration, "selection", None) or {}).get("num_inference_steps")
+        schedule = (abar, len(abar) // steps) if abar is not None and steps else None
+        return cls(calls=calls, noise=noise, schedule=schedule, source=calibration)
 
     def __len__(self) -> int:
         return len(self.calls)

@@ -8,6 +8,7 @@ some of these, keyed by the layer's node name in the graph being compiled:
     token_clips   node -> c                   per-token activation range clipping ratio (learned)
     biases        node -> b                   a trained bias that replaces the float one
     binary        node -> {name -> tensor}    a binarized layer's stored form (``train.binary_layer``)
+    timestep_lambdas  site -> (G,)            BiDM+'s TES coefficients of a block output (learned)
     smoothing     node -> s                   per-channel smoothing of a site's input (its first consumer's node)
     shifts        node -> d                   TaQ-DiT momentum shift of a linear's input (folded into the graph)
     factors       node -> a                   TaQ-DiT migration factors (from channel ranges, then learned)
@@ -36,6 +37,7 @@ class QuantParams:
     token_clips: dict[str, Tensor] = field(default_factory=dict)
     biases: dict[str, Tensor] = field(default_factory=dict)
     binary: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    timestep_lambdas: dict[str, Tensor] = field(default_factory=dict)
     smoothing: dict[str, Tensor] = field(default_factory=dict)
     shifts: dict[str, Tensor] = field(default_factory=dict)
     factors: dict[str, Tensor] = field(default_factory=dict)

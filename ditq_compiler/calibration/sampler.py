@@ -54,7 +54,7 @@ SELECTIONS = ("uniform", "time_groups")
 FORMAT = "ditq-calibration-set"
 FORMAT_VERSION = "1"
 TENSOR_NAMES = ("inputs", "timesteps", "class_labels", "step_index")
-OPTIONAL_TENSOR_NAMES = ("noise",)
+OPTIONAL_TENSOR_NAMES = ("noise", "alphas_cumprod")
 
 
 @dataclass
@@ -69,6 +69,7 @@ class CalibrationSet:
     batch_size: int = 32
     selection: dict[str, Any] = field(default_factory=dict)   # how the rows were chosen (JSON-able)
     noise: Tensor | None = None   # (M, C, ...) the diffusion-loss noise of each row (module docs); optional
+    alphas_cumprod: Tensor | None = None   # (T,) the training schedule's abar_t (rebuilds neighbouring steps)
 
     def __post_init__(self) -> None:
         if not isinstance(self.sample_name, str) or not self.sample_name:
@@ -186,8 +187,10 @@ def from_sampler(model: Any, scheduler: Any, *, num_inference_steps: int = 100, 
             "seed": seed}
     info.update({"steps": steps, "samples_per_step": samples_per_step} if selection == "uniform"
                 else {"groups": groups, "samples_per_group": samples_per_group})
+    abar = getattr(scheduler, "alphas_cumprod", None)
     return CalibrationSet(sample_name=sample_name, batch_size=batch_size, selection=info,
                           noise=None if noise is None else noise[rows],
+                          alphas_cumprod=None if abar is None else torch.as_tensor(abar, dtype=torch.float32),
                           **{name: recorded[name][rows] for name in TENSOR_NAMES})
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -39,10 +40,12 @@ from tqdm.auto import tqdm
 
 from ditq_compiler.calibration.params import QuantParams
 from ditq_compiler.meta import LayerAnnotation
-from ditq_compiler.graph import module_path, op_name, unit_of
+from ditq_compiler.graph import block_outputs, unit_of
 from ditq_compiler.recipe import DistillationSpec
+from ditq_compiler.passes.connect_timesteps import LAMBDA, ConnectTimesteps
 from ditq_compiler.train.binary_layer import BinaryLayer
 from ditq_compiler.train.qat_layer import QATLayer
+from ditq_compiler.trajectory import state_inputs, stateless_inputs
 from ditq_compiler.trainable import LayerSource, TrainableLayer, learned_params, swap_in_trainable_layers
 from ditq_compiler import meta
 
@@ -59,21 +62,6 @@ class _Tap(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self.value = x
         return x
-
-
-def block_outputs(gm: fx.GraphModule, blocks: list[str], sample_dependent: set[str]) -> list[str]:
-    """Names of the values each block hands to the rest of the graph (sample-dependent float tensors)."""
-    found = []
-    for block in blocks:
-        inside = {n for n in gm.graph.nodes
-                  if n.op == "call_function" and (module_path(n) == block or module_path(n).startswith(block + "."))}
-        for node in gm.graph.nodes:
-            val = node.meta.get("val")
-            if (node in inside and node.name in sample_dependent and isinstance(val, Tensor)
-                    and val.is_floating_point()
-                    and any(u not in inside and op_name(u) != "_assert_tensor_metadata" for u in node.users)):
-                found.append(node.name)
-    return found
 
 
 def _insert_taps(gm: fx.GraphModule, names: list[str]) -> list[_Tap]:
@@ -130,16 +118,29 @@ def salience_residual(fp: Tensor, q: Tensor, leniency: float) -> Tensor:
     return fp.abs() * error
 
 
+@dataclass(frozen=True)
+class Connection:
+    """BiDM+'s TES in the student: where, how, and what rebuilds a row's neighbouring (noisier) sampler step."""
+
+    spec: Any                          # recipe.TimestepConnectionSpec
+    sites: list[str]                   # block outputs (graph.block_sites)
+    sample_input: str
+    timestep_input: str
+    schedule: tuple[Tensor, int]       # (abar_t, sampler step in timesteps), from the calibration set
+
+
 class Distiller:
     """Teacher and student graphs over the calibration inputs; train, evaluate, read the results."""
 
     def __init__(self, gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                  act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
-                 sample_dependent: set[str], with_blocks: bool, noise: list[Tensor] | None = None):
+                 sample_dependent: set[str], with_blocks: bool, noise: list[Tensor] | None = None,
+                 connection: Connection | None = None):
         if not inputs:
             raise ValueError("distillation needs calibration inputs; the calibration set is empty")
         self.inputs, self.size = stack_inputs(inputs)
         self.noise = None if noise is None else torch.cat(noise)     # the eps of each row, for L_DM
+        self.connection = connection
         self._outputs: list[Tensor] | None = None
         self.teacher, self.student = _copy(gm), _copy(gm)
         self.teacher.requires_grad_(False)
@@ -148,10 +149,29 @@ class Distiller:
         blocks = list(dict.fromkeys(unit_of(a.name) for a in annotations.values())) if with_blocks else []
         names = block_outputs(gm, blocks, sample_dependent)
         self.teacher_taps, self.student_taps = _insert_taps(self.teacher, names), _insert_taps(self.student, names)
+        self.state_inputs = []
+        if connection is not None:
+            spec = connection.spec
+            ConnectTimesteps(connection.sites, connection.timestep_input, spec.groups, spec.train_timesteps,
+                             initial_lambda=spec.initial, trainable=True)(self.student)
+            self.state_inputs = state_inputs(self.student)
 
     def parameters(self, kind: str) -> list[nn.Parameter]:
-        return [p for layer in self.layers.values()
-                for p in (layer.weight_parameters() if kind == "weights" else layer.scale_parameters())]
+        found = [p for layer in self.layers.values()
+                 for p in (layer.weight_parameters() if kind == "weights" else layer.scale_parameters())]
+        if kind != "weights" and self.connection is not None:
+            found += [p for name, p in self.student.named_parameters() if name.startswith("ditq_tes_lambda_")]
+        return found
+
+    def _student(self, rows: dict[str, Any], index: Tensor) -> Any:
+        """The student's output on ``rows``; with TES, after its forward at each row's neighbouring step."""
+        if self.connection is None:
+            return self.student(**rows)
+        previous, valid = neighbouring_step(rows, self.noise[index], self.connection)
+        with torch.no_grad():
+            _, states = self.student(**previous, **stateless_inputs(self.state_inputs, len(index)))
+        state = {s.name: (valid if s.index < 0 else states[s.index]) for s in self.state_inputs}
+        return self.student(**rows, **state)[0]
 
     def _targets(self) -> list[Tensor]:
         """The teacher's outputs on every calibration input, computed once (block targets are not kept:
@@ -174,7 +194,7 @@ class Distiller:
                 target_blocks = [tap.value for tap in self.teacher_taps]
         else:
             target = [t[index] for t in self._targets()]
-        out = _float_outputs(self.student(**rows))
+        out = _float_outputs(self._student(rows, index))
         mse = sum((o - t).square().mean() for o, t in zip(out, target, strict=True)) / len(out)
         if spec.dm_weight > 0:
             eps = self.noise[index]
@@ -227,8 +247,35 @@ class Distiller:
                 p.requires_grad_(False)
 
     def result(self) -> QuantParams:
-        """Every layer's trained codes, biases and activation parameters."""
-        return learned_params(self.layers)
+        """Every layer's trained codes, biases and activation parameters, and TES's coefficients per site."""
+        params = learned_params(self.layers)
+        if self.connection is not None:
+            params.timestep_lambdas = {site: getattr(self.student, LAMBDA.format(i)).detach().clone()
+                                       for i, site in enumerate(self.connection.sites)}
+        return params
+
+
+def neighbouring_step(rows: dict[str, Any], eps: Tensor, connection: Connection) -> tuple[dict[str, Any], Tensor]:
+    """Each row's input at the sampler's previous (noisier) step, and 1 where it has one (0 at the first step):
+
+        x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),     x_t' = sqrt(abar_t') x_0 + sqrt(1 - abar_t') eps
+
+    with t' = t + step: the forward-process sample of the same image and noise one step earlier, as BiDM+'s
+    training runs the neighbouring timestep before the one it learns on."""
+    abar, step = connection.schedule
+    x, t = rows[connection.sample_input], rows[connection.timestep_input]
+    t_long = torch.as_tensor(t).reshape(-1).expand(x.shape[0]).long()
+    earlier = t_long + step
+    valid = (earlier < len(abar)).to(torch.float32)
+    earlier = earlier.clamp_max(len(abar) - 1)
+    shape = (-1, *[1] * (x.dim() - 1))
+    a_t, a_e = abar[t_long].reshape(shape).to(x.dtype), abar[earlier].reshape(shape).to(x.dtype)
+    eps = eps[:, :x.shape[1]].to(x.dtype)
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    previous = dict(rows)
+    previous[connection.sample_input] = a_e.sqrt() * x0 + (1 - a_e).sqrt() * eps
+    previous[connection.timestep_input] = earlier.to(torch.as_tensor(t).dtype)
+    return previous, valid
 
 
 def trainable_layer(source: LayerSource) -> TrainableLayer:
@@ -245,11 +292,11 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 def distill(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
             act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
             spec: DistillationSpec, sample_dependent: set[str], progress: bool = True,
-            noise: list[Tensor] | None = None) -> QuantParams:
+            noise: list[Tensor] | None = None, connection: Connection | None = None) -> QuantParams:
     """Distil the quantized version of ``gm`` (not modified) into trained codes, scales and biases; the loss
     before and after is in ``trace["distill"]``. ``noise``: the eps of each calibration call (for ``dm_weight``)."""
     distiller = Distiller(gm, annotations, act_qparams, inputs, sample_dependent, with_blocks=spec.block_weight > 0,
-                          noise=noise)
+                          noise=noise, connection=connection)
     before = distiller.evaluate(spec)
     distiller.train(spec, spec.iterations, progress)
     result = distiller.result()

@@ -13,7 +13,8 @@ from ditq_compiler.graph import analyse, module_path
 from ditq_compiler.passes.insert_hadamard import InsertHadamard
 from ditq_compiler.passes.quantize_linears import QuantizeLinears
 from ditq_compiler.graph import unit_of
-from ditq_compiler.train.distill import Distiller, block_outputs, salience_residual
+from ditq_compiler.graph import block_outputs
+from ditq_compiler.train.distill import Distiller, salience_residual
 
 
 def test_salience_residual_is_bidm_plus_eq_19():
