@@ -8,7 +8,10 @@ number passed as the timestep is turned into a tensor of the batch size first;
 otherwise ``torch.export`` would bake it into the graph as a constant.
 
 The batch dimension of every tensor input is exported as ``Dim.AUTO``: dynamic where
-the model allows it, so calibration and inference may use other batch sizes.
+the model allows it, so calibration and inference may use other batch sizes. Where the model's
+code bounds it (diffusers' ``Upsample2D`` branches on ``batch >= 64``, so a U-Net exports for
+batches 2..63), the bound is kept as ``max_batch``, and larger calls run in chunks of at most
+that many rows (``split_rows`` / ``cat_rows``) instead of failing torch's guard.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class CapturedModel:
     sample_input: str                 # placeholder of the noisy sample / latent
     timestep_input: str | None        # placeholder of the timestep, if the model takes one
     model_class: str
+    max_batch: int | None = None      # the largest batch the graph accepts; None: unbounded
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Map a call of the original model onto the exported inputs, by name, and check their shapes."""
@@ -76,6 +80,29 @@ def check_shapes(gm: fx.GraphModule, inputs: dict[str, Any], model_class: str) -
                     f"{model_class}: input '{name}' has size {got} in dim {dim} (shape {tuple(value.shape)}); "
                     f"the model was compiled for shape {shown}, where dim {dim} is fixed at {want}. Compile with "
                     "example inputs of the size you deploy, or ask for that dim in dynamic_shapes=")
+
+
+def split_rows(inputs: Any, limit: int | None) -> list[Any]:
+    """``inputs`` (any pytree) as consecutive chunks of at most ``limit`` rows: every tensor whose first
+    dim is the batch is sliced, everything else is shared. One chunk when ``limit`` is None or not exceeded."""
+    leaves, spec = torch.utils._pytree.tree_flatten(inputs)
+    batch = next((v.shape[0] for v in leaves if isinstance(v, torch.Tensor) and v.dim() > 0
+                  and v.is_floating_point()), None)
+    if limit is None or batch is None or batch <= limit:
+        return [inputs]
+    return [torch.utils._pytree.tree_unflatten(
+        [v[start:start + limit] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
+         for v in leaves], spec) for start in range(0, batch, limit)]
+
+
+def cat_rows(outputs: list[Any]) -> Any:
+    """The outputs of consecutive row chunks joined back along the batch dim (the inverse of ``split_rows``)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    flats = [torch.utils._pytree.tree_flatten(out) for out in outputs]
+    joined = [torch.cat(parts) if isinstance(parts[0], torch.Tensor) and parts[0].dim() > 0 else parts[0]
+              for parts in zip(*(leaves for leaves, _ in flats), strict=True)]
+    return torch.utils._pytree.tree_unflatten(joined, flats[0][1])
 
 
 def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict, timestep_name: str | None,
@@ -218,15 +245,31 @@ def capture(model: torch.nn.Module, example_inputs: tuple[tuple, dict] | dict | 
         ) from e
     gm = program.module()
     placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    sample = sample_name if sample_name in placeholders else _placeholder_for(gm, sample_name)
     return CapturedModel(
         graph_module=gm,
         signature=signature,
         input_names=tuple(inputs),
-        sample_input=sample_name if sample_name in placeholders else _placeholder_for(gm, sample_name),
+        sample_input=sample,
         timestep_input=(timestep_name if timestep_name in placeholders else _placeholder_for(gm, timestep_name))
         if timestep_name in inputs else None,
         model_class=cls,
+        max_batch=_batch_limit(program, gm, sample),
     )
+
+
+def _batch_limit(program: torch.export.ExportedProgram, gm: fx.GraphModule, sample_name: str) -> int | None:
+    """The upper bound torch.export derived for the sample's batch dim, where the model's code sets one."""
+    node = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == sample_name), None)
+    value = node.meta.get("val") if node is not None else None
+    size = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() > 0 else None
+    if not isinstance(size, torch.SymInt):
+        return None
+    bound = program.range_constraints.get(size.node.expr)
+    try:
+        return int(bound.upper)
+    except (AttributeError, TypeError, ValueError, OverflowError):   # no entry, or torch's int_oo
+        return None
 
 
 def _constraint_message(cls: str, error: str, requested: dict[str, dict[int, Any]]) -> str:

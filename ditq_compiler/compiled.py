@@ -16,6 +16,7 @@ from torch import fx
 
 from ditq_compiler import meta
 from ditq_compiler.artifact.store import read_artifact, write_artifact
+from ditq_compiler.capture import cat_rows, split_rows
 from ditq_compiler.inspection.summary import Summary
 from ditq_compiler.records import CompileRecord
 from ditq_compiler.report import rotation_table, sites_table, summary_rows
@@ -44,12 +45,16 @@ class CompiledModel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self.captured.bind(args, kwargs)
         if not self.state_inputs:
-            return self.graph_module(**inputs)
+            return self._run(inputs)
         timesteps = inputs[self.captured.timestep_input]
         state = self.trajectory.inputs(self.state_inputs, timesteps, inputs[self.captured.sample_input])
-        output, states = self.graph_module(**inputs, **state)
+        output, states = self._run({**inputs, **state})
         self.trajectory.advance(states, timesteps)
         return output
+
+    def _run(self, inputs: dict[str, Any]) -> Any:
+        """The graph on ``inputs``, in chunks of rows where the model bounds its batch (``capture.max_batch``)."""
+        return cat_rows([self.graph_module(**chunk) for chunk in split_rows(inputs, self.captured.max_batch)])
 
     @property
     def stateful(self) -> bool:

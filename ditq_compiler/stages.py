@@ -46,7 +46,7 @@ from ditq_compiler.calibration.reconstruct import reconstruct
 from ditq_compiler.calibration.scale_search import check_search_inputs, search_scales
 from ditq_compiler.calibration.smoothing import choose_smoothing
 from ditq_compiler.calibration.time_groups import describe_groups
-from ditq_compiler.capture import capture
+from ditq_compiler.capture import capture, split_rows
 from ditq_compiler.calibration.batches import CalibrationError
 from ditq_compiler.graph import UnsupportedLayerError, analyse, block_sites, unsupported_layers
 from ditq_compiler.inspection.activations import record_activation_stats
@@ -98,10 +98,17 @@ def check_inputs(state: CompileState) -> None:
     check_search_inputs(state.recipe.scale_search, state.data.calls, state.data.noise)
 
 
+EXAMPLE_ROWS = 2      # rows of the calibration call that torch.export traces (1 would specialise the batch)
+
+
 def capture_graph(state: CompileState) -> None:
+    """Export on the user's example, else on the first calibration call cut to 2 rows: a model whose code
+    branches on the batch (diffusers' Upsample2D at 64) then exports for the small batches, and larger
+    calls run in chunks (``capture.max_batch``) rather than small ones being refused."""
     example = state.options.example_inputs
-    state.captured = capture(state.model, example if example is not None else
-                             (state.data.calls[0] if state.data.calls else None), state.options.dynamic_shapes)
+    if example is None and state.data.calls:
+        example = split_rows(state.data.calls[0], EXAMPLE_ROWS)[0]
+    state.captured = capture(state.model, example, state.options.dynamic_shapes)
     state.gm = state.captured.graph_module
 
 
@@ -217,13 +224,13 @@ def reconstruct_blocks(state: CompileState) -> None:
 def choose_bits(state: CompileState) -> None:
     state.annotations, state.reports.allocation = choose_activation_bits(
         state.gm, state.annotations, state.params.activations, state.data.bound, state.recipe,
-        state.analysis.sample_dependent, state.options.progress)
+        state.analysis.sample_dependent, state.options.progress, state.captured.max_batch)
 
 
 def distill_layers(state: CompileState) -> None:
     state.fit(distill(state.gm, state.annotations, state.params.activations, state.data.bound,
                       state.recipe.distillation, state.analysis.sample_dependent, state.options.progress,
-                      state.data.noise, _connection(state)))
+                      state.data.noise, _connection(state), state.captured.max_batch))
 
 
 def _connection(state: CompileState) -> Connection | None:

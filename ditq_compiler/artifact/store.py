@@ -185,7 +185,8 @@ def _captured_to_json(captured: CapturedModel) -> dict[str, Any]:
             default = {"unstored": repr(p.default)}
         parameters.append({"name": p.name, "kind": p.kind.name, "default": default})
     return {"signature": parameters, "input_names": list(captured.input_names), "sample_input": captured.sample_input,
-            "timestep_input": captured.timestep_input, "model_class": captured.model_class}
+            "timestep_input": captured.timestep_input, "model_class": captured.model_class,
+            "max_batch": captured.max_batch}
 
 
 def _example_to_files(example: dict[str, Any] | None) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
@@ -400,7 +401,8 @@ def _captured_from_json(data: dict[str, Any], graph_module) -> CapturedModel:
         parameters.append(inspect.Parameter(p["name"], kind, default=default))
     return CapturedModel(graph_module=graph_module, signature=inspect.Signature(parameters),
                          input_names=tuple(data["input_names"]), sample_input=data["sample_input"],
-                         timestep_input=data["timestep_input"], model_class=data["model_class"])
+                         timestep_input=data["timestep_input"], model_class=data["model_class"],
+                         max_batch=data.get("max_batch"))
 
 
 def _example_from_files(description: dict[str, Any] | None, tensors: dict[str, torch.Tensor]) -> dict | None:

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
 from ditq_compiler.calibration.batches import Batch, CalibrationError, as_batches
+from ditq_compiler.capture import split_rows
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,19 @@ class CalibrationData:
         return len(self.flat) == len(self.calls)
 
     def bind(self, captured: Any) -> CalibrationData:
-        """The same calls bound to ``captured`` (a ``CapturedModel``): names, placeholder order, timestep."""
+        """The same calls bound to ``captured`` (a ``CapturedModel``): names, placeholder order, timestep.
+
+        A call of more rows than the graph accepts (``captured.max_batch``) becomes consecutive calls of
+        at most that many, its noise split alike, so every stage can run each call as it is."""
+        limit = captured.max_batch
         bound = [captured.bind(args, kwargs) for args, kwargs in self.calls]
-        return replace(self, bound=bound, flat=[flat_inputs(call) for call in bound],
+        chunks = [split_rows(call, limit) for call in bound]
+        data = self
+        if any(len(parts) > 1 for parts in chunks):
+            noise = None if self.noise is None else [part for eps in self.noise for part in torch.split(eps, limit)]
+            bound = [part for parts in chunks for part in parts]
+            data = replace(self, calls=[((), call) for call in bound], noise=noise)
+        return replace(data, bound=bound, flat=[flat_inputs(call) for call in bound],
                        timestep_index=timestep_position(captured))
 
     def timesteps(self) -> Tensor | None:

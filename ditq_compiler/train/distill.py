@@ -135,12 +135,14 @@ class Distiller:
     def __init__(self, gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                  act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
                  sample_dependent: set[str], with_blocks: bool, noise: list[Tensor] | None = None,
-                 connection: Connection | None = None):
+                 connection: Connection | None = None, max_batch: int | None = None):
         if not inputs:
             raise ValueError("distillation needs calibration inputs; the calibration set is empty")
         self.inputs, self.size = stack_inputs(inputs)
         self.noise = None if noise is None else torch.cat(noise)     # the eps of each row, for L_DM
         self.connection = connection
+        self.max_batch = max_batch                      # the most rows the graph takes per call (capture)
+        self.chunk = min(EVAL_CHUNK, max_batch or EVAL_CHUNK)
         self._outputs: list[Tensor] | None = None
         self.teacher, self.student = _copy(gm), _copy(gm)
         self.teacher.requires_grad_(False)
@@ -179,7 +181,7 @@ class Distiller:
         if self._outputs is None:
             with torch.no_grad():
                 chunks = [_float_outputs(self.teacher(**select_rows(self.inputs, self.size, torch.arange(
-                    start, min(self.size, start + EVAL_CHUNK))))) for start in range(0, self.size, EVAL_CHUNK)]
+                    start, min(self.size, start + self.chunk))))) for start in range(0, self.size, self.chunk)]
             self._outputs = [torch.cat(parts) for parts in zip(*chunks, strict=True)]
         return self._outputs
 
@@ -212,14 +214,17 @@ class Distiller:
         count = self.size if rows is None else min(rows, self.size)
         total = 0.0
         with torch.no_grad():
-            for start in range(0, count, EVAL_CHUNK):
-                index = torch.arange(start, min(count, start + EVAL_CHUNK))
+            for start in range(0, count, self.chunk):
+                index = torch.arange(start, min(count, start + self.chunk))
                 total += float(self.loss(index, spec)[0]) * len(index)
         return total / count
 
     def train(self, spec: DistillationSpec, iterations: int, progress: bool = True, desc: str = "distill") -> None:
         if iterations == 0:
             return
+        if self.max_batch is not None and min(spec.batch_size, self.size) > self.max_batch:
+            raise ValueError(f"distillation.batch_size {spec.batch_size}: the model takes at most {self.max_batch} "
+                             f"rows per call (its code bounds the batch); set batch_size <= {self.max_batch}")
         groups = [{"params": self.parameters("weights"), "lr": spec.lr, "weight_decay": spec.weight_decay},
                   {"params": self.parameters("scales"), "lr": spec.scale_lr, "weight_decay": 0.0}]
         for group in groups:
@@ -292,11 +297,12 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 def distill(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
             act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
             spec: DistillationSpec, sample_dependent: set[str], progress: bool = True,
-            noise: list[Tensor] | None = None, connection: Connection | None = None) -> QuantParams:
+            noise: list[Tensor] | None = None, connection: Connection | None = None,
+            max_batch: int | None = None) -> QuantParams:
     """Distil the quantized version of ``gm`` (not modified) into trained codes, scales and biases; the loss
     before and after is in ``trace["distill"]``. ``noise``: the eps of each calibration call (for ``dm_weight``)."""
     distiller = Distiller(gm, annotations, act_qparams, inputs, sample_dependent, with_blocks=spec.block_weight > 0,
-                          noise=noise, connection=connection)
+                          noise=noise, connection=connection, max_batch=max_batch)
     before = distiller.evaluate(spec)
     distiller.train(spec, spec.iterations, progress)
     result = distiller.result()

@@ -125,7 +125,8 @@ def measure_sensitivity(distiller: Distiller, names: list[str], candidates: tupl
 def choose_activation_bits(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                            act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
                            recipe: Recipe, sample_dependent: set[str],
-                           progress: bool = True) -> tuple[dict[str, LayerAnnotation], Allocation]:
+                           progress: bool = True, max_batch: int | None = None
+                           ) -> tuple[dict[str, LayerAnnotation], Allocation]:
     """AMPN: measure sensitivities, allocate widths, return the re-annotated layers (``gm`` keeps the new
     annotations in the nodes' meta records)."""
     spec: MixedPrecisionSpec = recipe.mixed_precision
@@ -134,7 +135,8 @@ def choose_activation_bits(gm: fx.GraphModule, annotations: Mapping[str, LayerAn
         raise ValueError(f"recipe '{recipe.name}': mixed_precision found no layer with per-token activations")
     distillation = recipe.distillation or _OUTPUT_ONLY
     distiller = Distiller(gm, annotations, act_qparams, inputs, sample_dependent,
-                          with_blocks=distillation.block_weight > 0 and spec.sensitivity == "distilled")
+                          with_blocks=distillation.block_weight > 0 and spec.sensitivity == "distilled",
+                          max_batch=max_batch)
     if spec.sensitivity == "distilled":
         distiller.train(distillation, spec.search_iterations, progress, desc="distill (AMPN search)")
     base, sensitivity = measure_sensitivity(distiller, names, spec.candidates, progress)

@@ -291,7 +291,9 @@ def test_update_does_not_track_gradients() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"bits": 1}, "bits"),
+        ({"bits": 0}, "bits"),
+        ({"bits": 1}, "binarizer"),
+        ({"bits": 4, "binarizer": "xnor"}, "binarizer"),
         ({"bits": 9}, "bits"),
         ({"bits": 8.0}, "bits"),
         ({"bits": True}, "bits"),
