@@ -213,7 +213,7 @@ def decode_value(data: Any, nodes: dict[str, fx.Node], where: str, depth: int = 
     if kind == "dict" and isinstance(payload, list) and all(
             isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in payload):
         return {k: decode_value(v, nodes, where, depth + 1) for k, v in payload}
-    if kind == "float" and payload in _FLOATS:
+    if kind == "float" and isinstance(payload, str) and payload in _FLOATS:
         return _FLOATS[payload]
     if kind == "device" and isinstance(payload, str) and _DEVICE.fullmatch(payload):
         return torch.device(payload)
@@ -428,16 +428,30 @@ def _node_entry(entry: Any, index: int) -> tuple[str, str, Any]:
     return name, op, target
 
 
-def _pytree_codegen(tree: Any) -> fx.graph._PyTreeCodeGen:
-    """The call signature; its input names and keyword keys are spelled in generated code, so they are checked."""
+def _pytree_codegen(tree: Any, graph: fx.Graph) -> fx.graph._PyTreeCodeGen:
+    """The call signature and output structure. Input names and keyword keys are spelled in generated code,
+    so they are plain identifiers; the input spec is ``((args...), {kwargs...})`` over the graph's inputs
+    (the form ``torch.export`` gives) and the output spec holds as many values as the output node returns."""
     if not (isinstance(tree, dict) and isinstance(tree.get("orig_args"), list)):
         raise GraphFormatError("malformed 'pytree' entry")
     names = [check_identifier(arg, "graph input name") for arg in tree["orig_args"]]
     in_spec, out_spec = decode_spec(tree.get("in_spec")), decode_spec(tree.get("out_spec"))
-    for child in in_spec.children():
-        if child.type is dict:
-            for key in child.context:
-                check_identifier(key, "keyword input name")
+    if not (in_spec.type is tuple and in_spec.num_children == 2 and in_spec.child(0).type is tuple
+            and in_spec.child(1).type is dict):
+        raise GraphFormatError("the input spec must be ((args...), {kwargs...})")
+    positional, keywords = in_spec.child(0).num_children, list(in_spec.child(1).context)
+    for key in keywords:
+        check_identifier(key, "keyword input name")
+    if keywords != names[positional:] or positional + len(keywords) != len(names):
+        raise GraphFormatError(f"the input spec's keywords {keywords} do not match the graph's input names {names}")
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if in_spec.num_leaves != len(placeholders):
+        raise GraphFormatError(f"the input spec holds {in_spec.num_leaves} tensors, the graph has "
+                               f"{len(placeholders)} inputs")
+    returned = graph.find_nodes(op="output")[0].args[0]
+    count = len(returned) if isinstance(returned, (list, tuple)) else 1
+    if out_spec.num_leaves != count:
+        raise GraphFormatError(f"the output spec holds {out_spec.num_leaves} values, the graph returns {count}")
     return fx.graph._PyTreeCodeGen(fx.graph._PyTreeInfo(names, in_spec, out_spec))
 
 
@@ -475,6 +489,8 @@ def graph_from_json(description: dict[str, Any], tensors: dict[str, torch.Tensor
             raise GraphFormatError(f"{where}: args must be a tuple and kwargs a mapping")
         if op in ("placeholder", "get_attr") and (args or kwargs):
             raise GraphFormatError(f"{where}: a {op} node takes no arguments")
+        if op == "output" and (len(args) != 1 or kwargs):
+            raise GraphFormatError(f"{where}: the output node takes one argument, the values it returns")
         node = graph.create_node(op, target, tuple(args), dict(kwargs), name=name)
         if node.name != name:
             raise GraphFormatError(f"{where}: the name is reserved in generated code")
@@ -482,7 +498,7 @@ def graph_from_json(description: dict[str, Any], tensors: dict[str, torch.Tensor
         nodes[name] = node
     tree = description.get("pytree")
     if tree is not None:
-        graph._codegen = _pytree_codegen(tree)
+        graph._codegen = _pytree_codegen(tree, graph)
     gm = fx.GraphModule(root, graph)
     gm.graph.lint()
     return gm

@@ -537,25 +537,38 @@ _UNSTORED = object()
 _PARAMETER_KINDS = {kind.name: kind for kind in inspect._ParameterKind}
 
 
+_CAPTURED_FIELDS = {"signature": list, "input_names": list, "sample_input": str, "timestep_input": (str, type(None)),
+                    "model_class": str}
+
+
 def _captured_from_json(data: Any, graph_module) -> CapturedModel:
-    if not (isinstance(data, dict) and isinstance(data.get("signature"), list)):
+    """How to call the model: the forward signature (plain names, known kinds, stored defaults) and inputs."""
+    if not isinstance(data, dict):
         raise ArtifactError("graph.json: malformed 'captured' entry (how to call the model)")
+    for field, kind in _CAPTURED_FIELDS.items():
+        if field not in data or not isinstance(data[field], kind):
+            raise ArtifactError(f"graph.json: captured.{field} is missing or malformed: {str(data.get(field))[:80]}")
     parameters = []
     for p in data["signature"]:
-        name = check_identifier(p.get("name") if isinstance(p, dict) else None, "graph.json: call parameter")
+        if not (isinstance(p, dict) and {"name", "kind", "default"} <= set(p)):
+            raise ArtifactError(f"graph.json: malformed call parameter {str(p)[:80]}")
+        name = check_identifier(p["name"], "graph.json: call parameter")
         default = inspect.Parameter.empty
         if p["default"] is not None:
-            default = decode_value(p["default"]["value"], {}, name) if "value" in p["default"] else _UNSTORED
-        if p["kind"] not in _PARAMETER_KINDS:
+            stored = p["default"].get("value", _UNSTORED) if isinstance(p["default"], dict) else _UNSTORED
+            default = _UNSTORED if stored is _UNSTORED else decode_value(stored, {}, f"parameter '{name}'")
+        if not isinstance(p["kind"], str) or p["kind"] not in _PARAMETER_KINDS:
             raise ArtifactError(f"graph.json: parameter '{name}' has an unknown kind {p['kind']!r}")
         parameters.append(inspect.Parameter(name, _PARAMETER_KINDS[p["kind"]], default=default))
-    names = data.get("input_names")
-    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+    if not all(isinstance(n, str) for n in data["input_names"]):
         raise ArtifactError("graph.json: malformed input names")
-    return CapturedModel(graph_module=graph_module, signature=inspect.Signature(parameters),
-                         input_names=tuple(names), sample_input=str(data["sample_input"]),
-                         timestep_input=None if data["timestep_input"] is None else str(data["timestep_input"]),
-                         model_class=str(data["model_class"]))
+    try:
+        signature = inspect.Signature(parameters)
+    except ValueError as e:      # parameters out of order, or a name twice
+        raise ArtifactError(f"graph.json: the call signature is invalid: {e}") from None
+    return CapturedModel(graph_module=graph_module, signature=signature,
+                         input_names=tuple(data["input_names"]), sample_input=data["sample_input"],
+                         timestep_input=data["timestep_input"], model_class=data["model_class"])
 
 
 def _example_from_files(description: dict[str, Any] | None, tensors: dict[str, torch.Tensor]) -> dict | None:

@@ -24,8 +24,10 @@ the example's (it grows with the batch as the model's own would).
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import fx
@@ -59,7 +61,7 @@ def packed_info(name: str, info: Any, data: torch.Tensor) -> PackedInfo:
     bits, offset, dtype = info["bits"], info["offset"], info["dtype"]
     if not (isinstance(bits, int) and not isinstance(bits, bool) and 0 <= bits <= MAX_PACKED_BITS):
         raise ArtifactError(f"{what}: packed at {bits!r} bits (0..{MAX_PACKED_BITS})")
-    if dtype not in _INTEGER_NAMES:
+    if not isinstance(dtype, str) or dtype not in _INTEGER_NAMES:
         raise ArtifactError(f"{what}: packed dtype {dtype!r} is not an integer dtype ({', '.join(_INTEGER_NAMES)})")
     info_dtype = _INTEGER_NAMES[dtype]
     lo, hi = torch.iinfo(info_dtype).min, torch.iinfo(info_dtype).max
@@ -147,7 +149,30 @@ def check_graph(gm: fx.GraphModule, inputs: list[Any]) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(inputs):
         raise ArtifactError(f"the example call has {len(inputs)} inputs, the graph takes {len(placeholders)}")
-    Checked(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+    propagation = Checked(gm, FakeTensorMode(allow_non_fake_inputs=True))
+    propagation.extra_traceback = False      # our errors name the node already
+    with _quiet(_FAKE_TENSOR_LOGGER):
+        try:
+            propagation.propagate(*inputs)
+        except ArtifactError:
+            raise
+        except Exception as e:  # outside any node: the inputs or the output structure
+            raise ArtifactError(f"the example call does not fit the graph's inputs and outputs: {e}") from None
+
+
+_FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"   # logs a traceback for every op that refuses its operands
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Silence a logger while the verifier turns what it would report into one ``ArtifactError``."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 __all__ = ["FLOAT_DTYPES", "INTEGER_DTYPES", "MAX_ELEMENTS", "MAX_FILL_ELEMENTS", "check_graph", "check_tensor",
