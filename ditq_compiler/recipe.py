@@ -48,7 +48,8 @@ from ditq_compiler.quant import QuantSpec
 from ditq_compiler.recipe_rules import RuleContext, check_rules
 from ditq_compiler.recipe_sections import (SECTIONS, TIME_GROUP_SITES, AttentionSpec, DistillationSpec,  # noqa: F401
                                            MigrationSpec, MixedPrecisionSpec, MultiRegionSpec, Override,
-                                           ReconstructionSpec, RecipeError, RotationSpec, ScaleSearchSpec, ShiftSpec,
+                                           ReconstructionSpec, RecipeError, RecipeWarning, RotationSpec,
+                                           ScaleSearchSpec, ShiftSpec,
                                            TimeGroupSpec, _activation_spec, _check_keys, _check_roles,
                                            _check_weight_spec, _override, _spec)
 
@@ -190,5 +191,6 @@ def _preset_dir():
 
 __all__ = ["DEFAULT_QUANTIZED_ROLES", "RECIPE_VERSION", "ROLES", "SECTIONS", "TIME_GROUP_SITES", "AttentionSpec",
            "DistillationSpec", "LayerPlan", "MigrationSpec", "MixedPrecisionSpec", "MultiRegionSpec", "Override",
-           "Recipe", "RecipeError", "ReconstructionSpec", "RotationSpec", "ScaleSearchSpec", "ShiftSpec",
+           "Recipe", "RecipeError", "RecipeWarning", "ReconstructionSpec", "RotationSpec", "ScaleSearchSpec",
+           "ShiftSpec",
            "TimeGroupSpec"]
