@@ -103,13 +103,14 @@ def library_versions() -> dict[str, str]:
 # ---- writing -------------------------------------------------------------------------------------
 def write_artifact(record: CompileRecord, reference: torch.fx.GraphModule, path: str | os.PathLike,
                    progress: bool = False, sign_key: bytes | str | None = None) -> Path:
-    """Write ``record`` (its fake-quant ``reference`` graph) as an artifact directory at ``path``; returns
-    it (symlinks resolved). ``sign_key``: also write ``signature.json`` (``signing``)."""
-    path = check_destination(path)
+    """Write ``record`` (its fake-quant ``reference`` graph) as an artifact directory at ``path`` (where a
+    symlink points, if it is one); returns ``path``. ``sign_key``: also write ``signature.json`` (``signing``)."""
+    given, path = Path(path), check_destination(path)
     captured, reports = record.captured, record.reports
     try:
         description, tensors = graph_to_json(reference)
-    except GraphFormatError as e:
+        verify.check_tensors(tensors)           # what loading would refuse is refused now, not after the move
+    except (GraphFormatError, ArtifactError) as e:
         raise ArtifactError(f"cannot save {captured.model_class}: {e}") from None
     stored, packed = _pack_tensors(tensors, progress)
     description["packed"] = packed
@@ -160,7 +161,7 @@ def write_artifact(record: CompileRecord, reference: torch.fx.GraphModule, path:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if sign_key is not None:
             write_signature(tmp, sign_key)
-    return path
+    return given
 
 
 def _pack_tensors(tensors: dict[str, torch.Tensor], progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
