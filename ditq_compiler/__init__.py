@@ -15,11 +15,11 @@ from ditq_compiler.compiled import CompiledModel, load
 from ditq_compiler.compiler import compile
 from ditq_compiler.graph import UnsupportedLayerError
 from ditq_compiler.pipeline import PassError
-from ditq_compiler.recipe import Recipe, RecipeError
+from ditq_compiler.recipe import Recipe, RecipeError, RecipeWarning
 from ditq_compiler.version import __version__
 
 __all__ = ["ArtifactError", "CalibrationError", "CaptureError", "CompiledModel", "PassError", "Recipe", "RecipeError",
-           "UnsupportedLayerError", "__version__", "calibration", "compile", "load"]
+           "RecipeWarning", "UnsupportedLayerError", "__version__", "calibration", "compile", "load"]
 
 _LAZY_SUBMODULES = ("diffusers", "zoo", "inspection", "artifact", "sampling", "quality", "stages")
 

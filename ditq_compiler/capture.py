@@ -47,39 +47,109 @@ class CapturedModel:
     max_batch: int | None = None      # the largest batch the graph accepts; None: unbounded
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """Map a call of the original model onto the exported inputs, by name, and check their shapes."""
+        """Map a call of the original model onto the exported inputs, by name, and check them (``check_inputs``)."""
         inputs = bind_inputs(self.signature, args, kwargs, self.timestep_input,
                              expected=self.input_names, model_class=self.model_class)
-        check_shapes(self.graph_module, inputs, self.model_class)
-        return inputs
+        return check_inputs(self.graph_module, inputs, self.model_class)
 
 
-def check_shapes(gm: fx.GraphModule, inputs: dict[str, Any], model_class: str) -> None:
-    """Every tensor input has the rank and the static sizes the graph was exported with.
+def check_inputs(gm: fx.GraphModule, inputs: dict[str, Any], model_class: str) -> dict[str, Any]:
+    """Every tensor input is one the graph can take; each problem is named here, not deep inside the graph.
 
-    Dimensions exported as dynamic (the batch) may take any size; the others are fixed by the
-    export (a DiT's pos-embedding fixes its latent size), and a different size is named here
-    rather than failing deep inside the graph.
+    * rank and static sizes as exported: dimensions exported as dynamic (the batch) may take any size,
+      the others are fixed by the export (a DiT's pos-embedding fixes its latent size);
+    * at least one sample: a batch of 0 would fail in the first reshape;
+    * the dtype exported: a float64, float16 or integer latent would fail in the first matmul. An
+      integer input of another width (int32 class labels) is converted, losslessly for the values an
+      embedding takes;
+    * the rows of the embedding tables integer inputs index (class labels: 0..classes-1).
+
+    Returns ``inputs``, integer inputs converted to the exported width.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     flat = torch.utils._pytree.tree_flatten_with_path(((), inputs))[0]
     if len(flat) != len(placeholders):    # a call torch.export's own guards will judge
-        return
+        return inputs
+    checked = dict(inputs)
     for (path, value), node in zip(flat, placeholders, strict=True):
         expected = node.meta.get("val")
         if not isinstance(value, torch.Tensor) or not isinstance(expected, torch.Tensor):
             continue
         name = torch.utils._pytree.keystr(path[1:]).strip("[]'\"")
-        shown = "(" + ", ".join(str(d) if isinstance(d, int) else "any" for d in expected.shape) + ")"
-        if value.dim() != expected.dim():
-            raise ValueError(f"{model_class}: input '{name}' has {value.dim()} dims, shape {tuple(value.shape)}; "
-                             f"the model was compiled for shape {shown}")
-        for dim, (got, want) in enumerate(zip(value.shape, expected.shape, strict=True)):
-            if isinstance(want, int) and got != want:
-                raise ValueError(
-                    f"{model_class}: input '{name}' has size {got} in dim {dim} (shape {tuple(value.shape)}); "
-                    f"the model was compiled for shape {shown}, where dim {dim} is fixed at {want}. Compile with "
-                    "example inputs of the size you deploy, or ask for that dim in dynamic_shapes=")
+        _check_size(name, value, expected, model_class)
+        value = _check_dtype(name, value, expected, model_class, top_level=len(path) == 2)
+        if len(path) == 2:
+            checked[name] = value
+        for embedding, rows in _embedding_tables(node):
+            _check_indices(name, value, embedding, rows, model_class)
+    return checked
+
+
+def _check_size(name: str, value: torch.Tensor, expected: torch.Tensor, model_class: str) -> None:
+    shown = "(" + ", ".join(str(d) if isinstance(d, int) else "any" for d in expected.shape) + ")"
+    if value.dim() != expected.dim():
+        raise ValueError(f"{model_class}: input '{name}' has {value.dim()} dims, shape {tuple(value.shape)}; "
+                         f"the model was compiled for shape {shown}")
+    if value.dim() and value.shape[0] == 0:
+        raise ValueError(f"{model_class}: input '{name}' has batch size 0 (shape {tuple(value.shape)}); call the "
+                         "model with at least one sample")
+    for dim, (got, want) in enumerate(zip(value.shape, expected.shape, strict=True)):
+        if isinstance(want, int) and got != want:
+            raise ValueError(
+                f"{model_class}: input '{name}' has size {got} in dim {dim} (shape {tuple(value.shape)}); "
+                f"the model was compiled for shape {shown}, where dim {dim} is fixed at {want}. Compile with "
+                "example inputs of the size you deploy, or ask for that dim in dynamic_shapes=")
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _check_dtype(name: str, value: torch.Tensor, expected: torch.Tensor, model_class: str,
+                 top_level: bool) -> torch.Tensor:
+    if value.dtype == expected.dtype:
+        return value
+    if _is_integer(value.dtype) and _is_integer(expected.dtype) and top_level:
+        return value.to(expected.dtype)
+    wanted = str(expected.dtype).removeprefix("torch.")
+    raise ValueError(f"{model_class}: input '{name}' is {value.dtype}; the model was compiled for {expected.dtype} "
+                     f"(pass {name}.to(torch.{wanted}))")
+
+
+# ops that pass an integer input's values on unchanged (only their shape or dtype changes)
+_VALUE_PRESERVING = {"to", "_to_copy", "view", "reshape", "clone", "contiguous", "unsqueeze", "squeeze", "expand",
+                     "flatten", "slice", "select", "repeat"}
+
+
+def _embedding_tables(placeholder: fx.Node) -> list[tuple[fx.Node, int]]:
+    """(embedding node, rows of its table) for each ``aten.embedding`` indexed by this input's values."""
+    val = placeholder.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not _is_integer(val.dtype):
+        return []
+    found, stack, seen = [], [placeholder], set()
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user in seen or user.op != "call_function":
+                continue
+            seen.add(user)
+            name = getattr(user.target, "_opname", None)
+            if user.target is torch.ops.aten.embedding.default and len(user.args) > 1 and user.args[1] is node:
+                table = user.args[0].meta.get("val")
+                if isinstance(table, torch.Tensor) and isinstance(table.shape[0], int):
+                    found.append((user, table.shape[0]))
+            elif name in _VALUE_PRESERVING and user.args and user.args[0] is node:
+                stack.append(user)
+    return found
+
+
+def _check_indices(name: str, value: torch.Tensor, embedding: fx.Node, rows: int, model_class: str) -> None:
+    bad = (value < 0) | (value >= rows)
+    if value.numel() and bool(bad.any()):
+        where = bad.reshape(-1).nonzero()[0].item()
+        raise ValueError(f"{model_class}: input '{name}' holds {value.reshape(-1)[where].item()} (element {where}); "
+                         f"the model's embedding table (node '{embedding.name}') has {rows} rows, so it takes "
+                         f"0..{rows - 1}")
 
 
 def split_rows(inputs: Any, limit: int | None) -> list[Any]:

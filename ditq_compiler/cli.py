@@ -96,6 +96,7 @@ def compile_command(ctx, model, recipe, out, backend, calibration, scheduler, st
 
     quiet = _quiet(ctx, quiet)
     recipe = Recipe.load(recipe)                        # bad recipes fail before any work
+    dq.artifact.check_destination(out)                  # so does a destination the save would refuse
     try:
         source = resolve_model(model, scheduler)
     except ModelSourceError as e:

@@ -217,9 +217,12 @@ class CompiledModel(torch.nn.Module):
         return plot_activations(self, out_dir, layers)
 
     # ---- saving and exporting ---------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, progress: bool = False) -> Path:
-        """Write a versioned artifact directory (``ditq_compiler.artifact``); ``dq.load`` reads it back."""
-        return write_artifact(self.record, self.reference_graph_module, path, progress=progress)
+    def save(self, path: str | os.PathLike, progress: bool = False, sign_key: bytes | str | None = None) -> Path:
+        """Write a versioned artifact directory (``ditq_compiler.artifact``); ``dq.load`` reads it back.
+
+        ``path`` may be new, empty, or an artifact (files in it the artifact did not write are kept);
+        anything else is refused. ``sign_key``: also sign it (HMAC of the manifest; ``artifact.signing``)."""
+        return write_artifact(self.record, self.reference_graph_module, path, progress=progress, sign_key=sign_key)
 
     def export_onnx(self, path: str | os.PathLike, target: str = "ort", **options: Any) -> Path:
         """Write an opset-21 Q/DQ ONNX model for ``target`` ("ort" or "tensorrt"); see ``backends/onnx.py``."""
@@ -227,9 +230,13 @@ class CompiledModel(torch.nn.Module):
         return export_compiled(self, path, target, **options)
 
 
-def load(path: str | os.PathLike, progress: bool = False) -> CompiledModel:
-    """The ``CompiledModel`` saved at ``path``; its outputs equal the saved model's bit for bit."""
-    return CompiledModel(read_artifact(path, progress=progress))
+def load(path: str | os.PathLike, progress: bool = False, verify_key: bytes | str | None = None) -> CompiledModel:
+    """The ``CompiledModel`` saved at ``path``; its outputs equal the saved model's bit for bit.
+
+    The artifact is verified before any of it runs (``artifact.verify``: only allowed ops, checked names,
+    dtypes, shapes, bounds and scales); anything wrong is an ``ArtifactError`` naming the file, node or
+    tensor. ``verify_key``: also require a signature made with this key (``save(..., sign_key=)``)."""
+    return CompiledModel(read_artifact(path, progress=progress, verify_key=verify_key))
 
 
 def _retarget_device(gm: fx.GraphModule, device: torch.device) -> None:

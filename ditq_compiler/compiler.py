@@ -31,7 +31,8 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path, calibration: It
     compile resumes (None: ``$DITQ_CACHE_DIR`` or ``~/.cache/ditq-compiler``; False: nothing kept).
     ``dynamic_shapes``: dims besides the batch that may vary at run time (``capture.capture``). ``strict``:
     weight-carrying ops with no quantized lowering are an error listing them (else they stay in float and
-    the summary lists them). ``stages``: the stage list to run (``stages.with_stage`` adds one).
+    the summary lists them), and so is a recipe override that matches no layer (else a ``RecipeWarning``).
+    ``stages``: the stage list to run (``stages.with_stage`` adds one).
     """
     get_backend(backend)                                     # an unknown name fails before any work
     state = CompileState(model, recipe if isinstance(recipe, Recipe) else Recipe.load(recipe),

@@ -3,7 +3,9 @@
 * ``fp_checkpoint_bytes``: the size of the FP model's state dict (each tensor counted once), the
   reference the artifact's size on disk is reported against;
 * ``model_config``: the diffusers config of the model, if it has one (pipelines read it from the
-  denoiser: ``config.sample_size``, ``config.in_channels`` ...);
+  denoiser: ``config.sample_size``, ``config.in_channels`` ...), with sets as sorted lists: a set's
+  order follows the process's hash seed (``PYTHONHASHSEED``), and an artifact must be the same
+  bytes in every process;
 * ``calibration``: how the calibration set was made; for a ``from_sampler`` set its selection,
   sampler and ``seed``, otherwise the number of batches;
 * ``example_inputs``: one call of the model (its first calibration batch, cut to two rows),
@@ -40,11 +42,25 @@ def state_dict_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+# config entries diffusers builds as list(set(...)): their order is the hash order of the process that made them
+SET_VALUED_CONFIG_KEYS = ("_use_default_values",)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted((_plain(v) for v in value), key=repr)
+    return str(value)
+
+
 def model_config(model: torch.nn.Module) -> dict[str, Any] | None:
     config = getattr(model, "config", None)
     if not isinstance(config, dict):
         return None
-    return json.loads(json.dumps(dict(config), default=str))
+    plain = json.loads(json.dumps(dict(config), default=_plain))
+    for key in SET_VALUED_CONFIG_KEYS:
+        if isinstance(plain.get(key), list):
+            plain[key] = sorted(plain[key], key=repr)
+    return plain
 
 
 def calibration_info(calibration: Any, batches: list) -> dict[str, Any]:

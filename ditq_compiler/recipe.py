@@ -48,9 +48,10 @@ from ditq_compiler.quant import QuantSpec
 from ditq_compiler.recipe_rules import RuleContext, check_rules
 from ditq_compiler.recipe_sections import (SECTIONS, TIME_GROUP_SITES, AttentionSpec, DistillationSpec,  # noqa: F401
                                            MigrationSpec, MixedPrecisionSpec, MultiRegionSpec, Override,
-                                           ReconstructionSpec, RecipeError, RotationSpec, ScaleSearchSpec, ShiftSpec,
-                                           SmoothingSpec, TimeGroupSpec, TimestepConnectionSpec, _activation_spec,
-                                           _check_keys, _check_roles, _check_weight_spec, _override, _spec)
+                                           ReconstructionSpec, RecipeError, RecipeWarning, RotationSpec,
+                                           ScaleSearchSpec, ShiftSpec, SmoothingSpec, TimeGroupSpec,
+                                           TimestepConnectionSpec, _activation_spec, _check_keys, _check_roles,
+                                           _check_weight_spec, _override, _spec)
 
 RECIPE_VERSION = 2
 DEFAULT_QUANTIZED_ROLES = ("qkv", "attn_out", "fc1", "fc2", "conv", "linear")
@@ -192,5 +193,5 @@ def _preset_dir():
 
 __all__ = ["DEFAULT_QUANTIZED_ROLES", "RECIPE_VERSION", "ROLES", "SECTIONS", "TIME_GROUP_SITES", "AttentionSpec",
            "DistillationSpec", "LayerPlan", "MigrationSpec", "MixedPrecisionSpec", "MultiRegionSpec", "Override",
-           "Recipe", "RecipeError", "ReconstructionSpec", "RotationSpec", "ScaleSearchSpec", "ShiftSpec",
-           "SmoothingSpec", "TimeGroupSpec", "TimestepConnectionSpec"]
+           "Recipe", "RecipeError", "RecipeWarning", "ReconstructionSpec", "RotationSpec", "ScaleSearchSpec",
+           "ShiftSpec", "SmoothingSpec", "TimeGroupSpec", "TimestepConnectionSpec"]

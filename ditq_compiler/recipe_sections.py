@@ -27,6 +27,10 @@ class RecipeError(ValueError):
     """A recipe is malformed; the message names the field path."""
 
 
+class RecipeWarning(UserWarning):
+    """A part of a recipe has no effect on the model compiled (an override that matches no layer)."""
+
+
 def _check_keys(data: Any, allowed: set[str], path: str) -> None:
     if not isinstance(data, Mapping):
         raise RecipeError(f"{path}: expected a mapping, got {type(data).__name__}")

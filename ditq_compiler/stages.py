@@ -127,7 +127,7 @@ def analyse_graph(state: CompileState) -> None:
 
 
 def annotate_layers(state: CompileState) -> None:
-    state.annotations = annotate(state.gm, state.analysis, state.recipe)
+    state.annotations = annotate(state.gm, state.analysis, state.recipe, strict=state.options.strict)
     state.plan = plan_sites(state.gm, state.analysis, state.annotations, state.recipe)
     check_rules(RuleContext(state.recipe, plan=state.plan, gm=state.gm, timestep_input=state.captured.timestep_input,
                             model_class=state.captured.model_class), "graph")

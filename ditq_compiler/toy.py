@@ -30,6 +30,16 @@ def small_pixart(seed: int = 0):
                                     caption_channels=24).eval()
 
 
+def small_sd3(seed: int = 0):
+    """SD3Transformer2DModel (MMDiT): 2 joint blocks of 2 heads x 16, 8x8x4 input, text of width 24, pooled 16."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                                 num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=32,
+                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8).eval()
+
+
 def small_unet(seed: int = 0):
     """UNet2DModel with attention blocks, 1x8x8 input, 10 classes plus a null class."""
     from diffusers import UNet2DModel
@@ -52,24 +62,6 @@ def small_unet_condition(seed: int = 0):
                                 norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8).eval()
 
 
-def small_sd3(seed: int = 0):
-    """SD3Transformer2DModel: 2 joint blocks (the last one's context pre-only), 2 heads x 8, captions of width 16."""
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(seed)
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8).eval()
-
-
-def random_sd3_batches(count: int = 2, batch_size: int = 2, seed: int = 1) -> list[Batch]:
-    g = torch.Generator().manual_seed(seed)
-    return [((), {"hidden_states": torch.randn(batch_size, 4, 8, 8, generator=g),
-                  "encoder_hidden_states": torch.randn(batch_size, 5, 16, generator=g),
-                  "pooled_projections": torch.randn(batch_size, 16, generator=g),
-                  "timestep": torch.randint(0, 1000, (batch_size,), generator=g)}) for _ in range(count)]
-
-
 def _random_batches(sample_name: str, channels: int, classes: int, count: int, batch_size: int,
                     seed: int) -> list[Batch]:
     g = torch.Generator().manual_seed(seed)
@@ -85,3 +77,13 @@ def random_dit_batches(count: int = 8, batch_size: int = 4, seed: int = 1) -> li
 
 def random_unet_batches(count: int = 8, batch_size: int = 4, seed: int = 1) -> list[Batch]:
     return _random_batches("sample", 1, 11, count, batch_size, seed)
+
+
+def random_sd3_batches(count: int = 8, batch_size: int = 4, seed: int = 1, tokens: int = 5) -> list[Batch]:
+    """Calls of ``small_sd3``: latents, text tokens, pooled text and timesteps."""
+    g = torch.Generator().manual_seed(seed)
+    return [((), {"hidden_states": torch.randn(batch_size, 4, 8, 8, generator=g),
+                  "encoder_hidden_states": torch.randn(batch_size, tokens, 24, generator=g),
+                  "pooled_projections": torch.randn(batch_size, 16, generator=g),
+                  "timestep": torch.randint(0, 1000, (batch_size,), generator=g)})
+            for _ in range(count)]

@@ -126,3 +126,57 @@ def test_casting_a_compiled_model_is_refused_with_an_explanation(cast, compiled_
     after = compiled.state_dict()
     assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
     assert compiled.to("cpu") is compiled          # moving it is fine
+
+
+def test_an_override_that_matches_no_layer_warns_with_the_model_s_roles_and_names():
+    for override, selector in (({"name": "fc3", "activations": False}, r"name 'fc3'"),
+                               ({"role": "qkv", "quantize": False}, r"role 'qkv'")):
+        recipe = dq.Recipe.from_dict({**ALL.to_dict(), "overrides": [override]})
+        with pytest.warns(dq.RecipeWarning, match=rf"overrides\[0\] \({selector}\) matches no layer of the model, so "
+                                                  r"it changes nothing. The model's roles: \['fc2', 'patch_embed'\]; its "
+                                                  r"layers: fc1, fc2"):
+            dq.compile(TimedMLP(), recipe, calibration=_batches(), progress=False, cache_dir=False)
+        with pytest.raises(dq.RecipeError, match=rf"overrides\[0\] \({selector}\) matches no layer"):
+            dq.compile(TimedMLP(), recipe, calibration=_batches(), progress=False, cache_dir=False, strict=True)
+
+
+def test_layer_names_are_summarised_by_pattern():
+    from ditq_compiler.annotate import layer_names_summary
+    from ditq_compiler.graph import LayerInfo
+
+    def layer(name):
+        return LayerInfo(node=name, name=name, op="linear", role="qkv", timestep_dependent=False)
+
+    layers = [layer(f"transformer_blocks.{i}.attn1.to_{p}") for i in range(28) for p in "qkv"] + [layer("proj_out_2")]
+    assert layer_names_summary(layers) == ("transformer_blocks.*.attn1.to_q (x28), transformer_blocks.*.attn1.to_k "
+                                           "(x28), transformer_blocks.*.attn1.to_v (x28), proj_out_2")
+
+
+def test_a_calibration_batch_with_no_samples_is_named():
+    x, t = _batches(1)[0][0]
+    with pytest.raises(dq.CalibrationError, match=r"calibration batch 1: input 'args\[0\]' has no samples \(shape "
+                                                  r"\(0, 8\)\); every batch needs at least one"):
+        dq.compile(TimedMLP(), ALL, calibration=[((x, t), {}), ((x[:0], t[:0]), {})], progress=False)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda x: x | {"hidden_states": x["hidden_states"].double()},
+     r"input 'hidden_states' is torch.float64; the model was compiled for torch.float32 \(pass "
+     r"hidden_states.to\(torch.float32\)\)"),
+    (lambda x: x | {"hidden_states": x["hidden_states"].long()}, r"input 'hidden_states' is torch.int64; the model "
+                                                                 r"was compiled for torch.float32"),
+    (lambda x: x | {"class_labels": x["class_labels"] * 0 + 5000},
+     r"input 'class_labels' holds 5000 \(element 0\); the model's embedding table \(node 'embedding\w*'\) has 11 "
+     r"rows, so it takes 0..10"),
+    (lambda x: {k: v[:0] for k, v in x.items()}, r"input 'hidden_states' has batch size 0 \(shape \(0, 4, 8, 8\)\); "
+                                                 r"call the model with at least one sample"),
+], ids=["float64-latent", "integer-latent", "label-out-of-range", "batch-0"])
+def test_a_call_the_model_cannot_take_names_the_input_value_and_range(compiled_dit_w8a8, dit_batches, change, match):
+    with pytest.raises(ValueError, match=rf"DiTTransformer2DModel: {match}"):
+        compiled_dit_w8a8(**change(dit_batches[0][1]))
+
+
+def test_integer_inputs_of_another_width_are_converted(compiled_dit_w8a8, dit_batches):
+    x = dit_batches[0][1]
+    narrow = x | {"class_labels": x["class_labels"].int(), "timestep": x["timestep"].int()}
+    assert torch.equal(compiled_dit_w8a8(**narrow).sample, compiled_dit_w8a8(**x).sample)

@@ -31,6 +31,9 @@ def as_batches(calibration: Iterable[Any] | None) -> list[Batch]:
                                    f"got {type(item).__name__}")
         args, kwargs = tuple(item[0]), dict(item[1])
         for name, value in [*((f"args[{j}]", a) for j, a in enumerate(args)), *kwargs.items()]:
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 0:
+                raise CalibrationError(f"calibration batch {i}: input '{name}' has no samples (shape "
+                                       f"{tuple(value.shape)}); every batch needs at least one")
             if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
                 raise CalibrationError(f"calibration batch {i}: input '{name}' contains NaN or Inf")
         batches.append((args, kwargs))

@@ -15,8 +15,15 @@ recipe, the data or the libraries gives another key, so stale work is never reus
 are written to a temporary file and renamed, so a kill mid-write leaves no half entry. When
 ``compile`` finishes, its run directory is deleted: the cache holds interrupted work only.
 
-Loaded tensors are the exact bytes that were saved, so a resumed compile gives bitwise the
-result of an uninterrupted one (the reconstruction also stores its random generator's state).
+An entry is checked before it is reused, since a disk, a copy or a bug may have changed it: it
+carries its name, the key of the compile that made it, the order of its tensors and a checksum of
+all of them. An entry that is unreadable, belongs to another entry or key, fails its checksum or
+holds a NaN or Inf is discarded with a ``CacheWarning`` naming it, and its work is redone.
+
+Loaded tensors are the exact bytes that were saved, in the order they were saved (a dict built
+from them iterates as the original did, so a pass that walks it names its nodes the same), so a
+resumed compile gives bitwise the result, and the artifact, of an uninterrupted one (the
+reconstruction also stores its random generator's state).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -37,6 +45,11 @@ from ditq_compiler.atomic import replacing
 from ditq_compiler.calibration.params import QuantParams
 
 ENV_VAR = "DITQ_CACHE_DIR"
+RESERVED_METADATA = ("entry", "key", "order", "checksum")   # what every entry carries besides its own metadata
+
+
+class CacheWarning(UserWarning):
+    """A cache entry could not be trusted; it was discarded and its work is redone."""
 
 
 def default_root() -> Path:
@@ -67,11 +80,22 @@ def run_key(graph_code: str, state: Mapping[str, Tensor], recipe: Mapping[str, A
     return h.hexdigest()
 
 
+def entry_checksum(entry: str, key: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
+    """BLAKE2b of an entry's name, its compile's key, its metadata and every tensor (name, dtype, shape, bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"entry": entry, "key": key, "metadata": dict(sorted(metadata.items())),
+                         "order": list(tensors)}).encode())
+    for name, tensor in tensors.items():
+        _feed_tensor(h, name, tensor)
+    return h.hexdigest()
+
+
 class WorkCache:
     """The run directory of one compile; a disabled cache (``root=None``) stores nothing."""
 
     def __init__(self, root: Path | None, key: str):
         self.directory = None if root is None else Path(root) / key
+        self.key = key
         self.loaded: list[str] = []      # entries this run took from disk, for the progress report
 
     @property
@@ -83,7 +107,8 @@ class WorkCache:
         return self.directory / f"{safe}.safetensors"
 
     def load(self, entry: str) -> tuple[dict[str, Tensor], dict[str, str]] | None:
-        """(tensors, metadata) of a finished entry, or None. An unreadable entry is dropped and redone."""
+        """(tensors in their saved order, metadata) of a finished entry, or None. An entry that cannot be
+        trusted (module doc) is discarded with a ``CacheWarning`` and None is returned, so it is redone."""
         if not self.enabled or not self._path(entry).is_file():
             return None
         path = self._path(entry)
@@ -91,20 +116,55 @@ class WorkCache:
             tensors = load_file(path)
             with safe_open(path, framework="pt") as f:
                 metadata = dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError):
-            path.unlink(missing_ok=True)
-            return None
-        if metadata.get("entry") != entry:
-            return None
+        except (SafetensorError, OSError, ValueError) as e:
+            return self._discard(entry, path, f"is unreadable ({e})")
+        problem, ordered = self._check(entry, tensors, metadata)
+        if problem:
+            return self._discard(entry, path, problem)
         self.loaded.append(entry)
-        return tensors, metadata
+        return ordered, {k: v for k, v in metadata.items() if k not in RESERVED_METADATA}
+
+    def _check(self, entry: str, tensors: dict[str, Tensor],
+               metadata: dict[str, str]) -> tuple[str | None, dict[str, Tensor]]:
+        """(what is wrong with the entry or None, its tensors in their saved order)."""
+        if metadata.get("entry") != entry:
+            return f"holds entry {metadata.get('entry')!r}, not this one", {}
+        if metadata.get("key") != self.key:
+            return f"was made by another compile (key {metadata.get('key')!r}, this one is {self.key!r})", {}
+        try:
+            order = json.loads(metadata.get("order", ""))
+        except json.JSONDecodeError:
+            order = None
+        if not isinstance(order, list) or sorted(order) != sorted(tensors):
+            return "does not list its tensors", {}
+        ordered = {name: tensors[name] for name in order}
+        own = {k: v for k, v in metadata.items() if k not in RESERVED_METADATA}
+        if metadata.get("checksum") != entry_checksum(entry, self.key, ordered, own):
+            return "is damaged: its checksum does not match its contents", {}
+        for name, tensor in ordered.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"holds NaN or Inf in tensor '{name}'", {}
+        return None, ordered
+
+    def _discard(self, entry: str, path: Path, reason: str) -> None:
+        warnings.warn(f"cache entry '{entry}' ({path}) {reason}; it is discarded and that work is redone",
+                      CacheWarning, stacklevel=3)
+        path.unlink(missing_ok=True)
+        return None
 
     def save(self, entry: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
+        """Store ``tensors`` (their order kept) and ``metadata`` as ``entry``, with its key and checksum."""
         if not self.enabled:
             return
+        own = dict(metadata or {})
+        clash = sorted(set(own) & set(RESERVED_METADATA))
+        if clash:
+            raise ValueError(f"cache entry '{entry}': metadata keys {clash} are reserved")
         contiguous = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        stamped = {**own, "entry": entry, "key": self.key, "order": json.dumps(list(contiguous)),
+                   "checksum": entry_checksum(entry, self.key, contiguous, own)}
         with replacing(self._path(entry)) as tmp:
-            save_file(contiguous, tmp, metadata={**dict(metadata or {}), "entry": entry})
+            save_file(contiguous, tmp, metadata=stamped)
 
     def finish(self) -> None:
         """The compile completed: its interrupted-work directory is no longer needed."""

@@ -73,7 +73,11 @@ def test_4_bit_codes_are_stored_two_per_byte_and_the_size_is_reported(w4a8, dit,
     assert sizes["artifact_bytes"] < sizes["fp_checkpoint_bytes"]
 
 
-def test_a_new_op_with_ternary_codes_round_trips_without_changes(dit, dit_batches, tmp_path):
+def test_a_new_op_with_ternary_codes_round_trips_once_its_module_allows_it(dit, dit_batches, tmp_path):
+    """An op registered outside the package is saved and loaded with no change to the format code, once the
+    code that registers it allows it (``allowed_ops.allow_op``); an artifact can never allow it itself."""
+    from ditq_compiler.artifact import allowed_ops
+
     compiled = dq.compile(dit, "w8a8-minmax", calibration=dit_batches, progress=False)
     gm = compiled.graph_module
     node = next(n for n in gm.graph.nodes if n.target is torch.ops.ditq.quant_linear.default)
@@ -92,11 +96,20 @@ def test_a_new_op_with_ternary_codes_round_trips_without_changes(dit, dit_batche
     gm.graph.eliminate_dead_code()
     gm.recompile()
 
-    path = compiled.save(tmp_path / "ternary")
-    assert json.loads((path / "graph.json").read_text())["packed"]["ternary_codes"]["bits"] == 2
-    loaded = dq.load(path)
+    with pytest.raises(ArtifactError, match=r"calls ditq_test::ternary_linear.default, which a ditq artifact may "
+                                            r"not call .*would not load"):
+        compiled.save(tmp_path / "ternary")
+    allowed_ops.allow_op(torch.ops.ditq_test.ternary_linear.default)
+    try:
+        path = compiled.save(tmp_path / "ternary")
+        assert json.loads((path / "graph.json").read_text())["packed"]["ternary_codes"]["bits"] == 2
+        loaded = dq.load(path)
+    finally:
+        allowed_ops.disallow_op(torch.ops.ditq_test.ternary_linear.default)
     assert "ditq_test.ternary_linear" in loaded.print_readable(print_output=False)
     assert_bitwise(compiled, loaded, dit_batches)
+    with pytest.raises(ArtifactError, match=r"node 'ternary_linear_default' calls 'ditq_test::ternary_linear"):
+        dq.load(path)
 
 
 def test_int8_backend_is_lowered_again_on_load(dit, dit_batches, tmp_path):
