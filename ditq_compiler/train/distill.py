@@ -19,6 +19,11 @@ trains with the diffusion loss L_DM; data-free, the teacher's output takes its p
 
 Optimiser: AdamW, ``lr`` (with ``weight_decay``) on latent weights and biases, ``scale_lr`` (no
 decay) on scales, both decayed to 0 by a cosine schedule. Everything else in the model is frozen.
+
+Over several processes (``ditq_compiler.distributed``) every rank draws the same minibatch each step
+and computes its rows [r m / N, (r + 1) m / N); its loss is those rows' part of the minibatch's (sums
+divided by the minibatch's counts), the gradients are summed over the ranks and every rank takes the
+same step. Evaluations split the rows and sum the ranks' parts.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from tqdm.auto import tqdm
 
 from ditq_compiler.calibration.params import QuantParams
+from ditq_compiler.distributed import SINGLE, Distributed
 from ditq_compiler.meta import LayerAnnotation
 from ditq_compiler.graph import module_path, op_name, unit_of
 from ditq_compiler.recipe import DistillationSpec
@@ -125,14 +131,23 @@ def salience_residual(fp: Tensor, q: Tensor, leniency: float) -> Tensor:
     return fp.abs() * error
 
 
+def _mean(values: Tensor, rows: int | None) -> Tensor:
+    """The mean of ``values`` (batch-first), or with ``rows`` (the minibatch's row count, of which ``values``
+    holds some) these rows' part of the minibatch's mean."""
+    if rows is None:
+        return values.mean()
+    return values.sum() / (values.numel() // values.shape[0] * rows)
+
+
 class Distiller:
     """Teacher and student graphs over the calibration inputs; train, evaluate, read the results."""
 
     def __init__(self, gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                  act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
-                 sample_dependent: set[str], with_blocks: bool):
+                 sample_dependent: set[str], with_blocks: bool, dist: Distributed = SINGLE):
         if not inputs:
             raise ValueError("distillation needs calibration inputs; the calibration set is empty")
+        self.dist = dist
         self.inputs, self.size = stack_inputs(inputs)
         self._outputs: list[Tensor] | None = None
         self.teacher, self.student = _copy(gm), _copy(gm)
@@ -157,8 +172,10 @@ class Distiller:
             self._outputs = [torch.cat(parts) for parts in zip(*chunks, strict=True)]
         return self._outputs
 
-    def loss(self, index: Tensor, spec: DistillationSpec) -> tuple[Tensor, Tensor, Tensor]:
-        """(total, output MSE, block term) on the calibration inputs ``index``."""
+    def loss(self, index: Tensor, spec: DistillationSpec,
+             minibatch: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(total, output MSE, block term) on the calibration inputs ``index``; with ``minibatch``, ``index`` is
+        part of a minibatch of that many rows and the loss is its part of the minibatch's."""
         rows = select_rows(self.inputs, self.size, index)
         mimic = spec.block_weight > 0 and self.student_taps
         if mimic:
@@ -168,22 +185,24 @@ class Distiller:
         else:
             target = [t[index] for t in self._targets()]
         out = _float_outputs(self.student(**rows))
-        mse = sum((o - t).square().mean() for o, t in zip(out, target, strict=True)) / len(out)
+        mse = sum(_mean((o - t).square(), minibatch) for o, t in zip(out, target, strict=True)) / len(out)
         block = torch.zeros(())
         if mimic:
-            block = sum(salience_residual(t, tap.value, spec.leniency).square().mean()
+            block = sum(_mean(salience_residual(t, tap.value, spec.leniency).square(), minibatch)
                         for t, tap in zip(target_blocks, self.student_taps, strict=True)) / len(self.student_taps)
         return spec.output_weight * mse + spec.block_weight * block, mse, block
 
     def evaluate(self, spec: DistillationSpec, rows: int | None = None) -> float:
-        """Mean loss over the first ``rows`` calibration inputs (all by default), no gradients."""
+        """Mean loss over the first ``rows`` calibration inputs (all by default), no gradients (each rank
+        its share of the rows)."""
         count = self.size if rows is None else min(rows, self.size)
+        mine = self.dist.shard(count)
         total = 0.0
         with torch.no_grad():
-            for start in range(0, count, EVAL_CHUNK):
-                index = torch.arange(start, min(count, start + EVAL_CHUNK))
+            for start in range(mine.start, mine.stop, EVAL_CHUNK):
+                index = torch.arange(start, min(mine.stop, start + EVAL_CHUNK))
                 total += float(self.loss(index, spec)[0]) * len(index)
-        return total / count
+        return float(self.dist.total(torch.tensor(total, dtype=torch.float64))) / count
 
     def train(self, spec: DistillationSpec, iterations: int, progress: bool = True, desc: str = "distill") -> None:
         if iterations == 0:
@@ -196,13 +215,22 @@ class Distiller:
         optimizer = torch.optim.AdamW(groups)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=0.0)
         generator = torch.Generator().manual_seed(spec.seed)
+        learned = [p for group in groups for p in group["params"]]
+        m = min(spec.batch_size, self.size)
+        mine, minibatch = slice(None), None        # this rank's rows of each minibatch (module doc)
+        if self.dist.active:
+            if m < self.dist.world_size:
+                raise ValueError(f"distillation minibatches of {m} rows cannot be split over "
+                                 f"{self.dist.world_size} processes: raise batch_size, or use fewer processes")
+            mine, minibatch = self.dist.split(m), m
         bar = tqdm(range(iterations), desc=desc, unit="it", disable=not progress)
         average = None
         for step in bar:
-            index = torch.randint(0, self.size, (min(spec.batch_size, self.size),), generator=generator)
-            loss, mse, block = self.loss(index, spec)
+            index = torch.randint(0, self.size, (m,), generator=generator)[mine]
+            loss, mse, block = self.loss(index, spec, minibatch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self.dist.sum_gradients(learned)
             optimizer.step()
             schedule.step()
             value = float(loss.detach())
@@ -213,6 +241,7 @@ class Distiller:
         for group in groups:
             for p in group["params"]:
                 p.requires_grad_(False)
+        self.dist.broadcast_tensors(learned)   # equal already (the same steps from the same sums): to be sure
 
     def result(self) -> QuantParams:
         """Every layer's trained codes, biases and activation parameters."""
@@ -227,10 +256,12 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
 def distill(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
             act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
-            spec: DistillationSpec, sample_dependent: set[str], progress: bool = True) -> QuantParams:
+            spec: DistillationSpec, sample_dependent: set[str], progress: bool = True,
+            dist: Distributed = SINGLE) -> QuantParams:
     """Distil the quantized version of ``gm`` (not modified) into trained codes, scales and biases; the loss
-    before and after is in ``trace["distill"]``."""
-    distiller = Distiller(gm, annotations, act_qparams, inputs, sample_dependent, with_blocks=spec.block_weight > 0)
+    before and after is in ``trace["distill"]``. ``dist``: the ranks split each minibatch (module doc)."""
+    distiller = Distiller(gm, annotations, act_qparams, inputs, sample_dependent, with_blocks=spec.block_weight > 0,
+                          dist=dist)
     before = distiller.evaluate(spec)
     distiller.train(spec, spec.iterations, progress)
     result = distiller.result()
