@@ -44,7 +44,12 @@ def model_config(model: torch.nn.Module) -> dict[str, Any] | None:
     config = getattr(model, "config", None)
     if not isinstance(config, dict):
         return None
-    return json.loads(json.dumps(dict(config), default=str))
+    found = json.loads(json.dumps(dict(config), default=str))
+    if isinstance(found.get("_use_default_values"), list):
+        # diffusers lists the keys that took their defaults in the order of a set of strings, which changes
+        # with each process's string hashing: sorted, an artifact's bytes do not depend on the process
+        found["_use_default_values"] = sorted(found["_use_default_values"])
+    return found
 
 
 def calibration_info(calibration: Any, batches: list) -> dict[str, Any]:

@@ -17,6 +17,11 @@ are written to a temporary file and renamed, so a kill mid-write leaves no half 
 
 Loaded tensors are the exact bytes that were saved, so a resumed compile gives bitwise the
 result of an uninterrupted one (the reconstruction also stores its random generator's state).
+
+A compile over several processes (``ditq_compiler.distributed``) keeps one cache, rank 0's: rank 0
+writes every entry, and what it finds on disk it sends to the other ranks, so they resume from the same
+entries whether or not they share its file system. The key does not depend on the number of processes:
+a compile interrupted with N processes resumes with any number.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from torch import Tensor
 
 from ditq_compiler.atomic import replacing
 from ditq_compiler.calibration.params import QuantParams
+from ditq_compiler.distributed import SINGLE, Distributed
 
 ENV_VAR = "DITQ_CACHE_DIR"
 
@@ -68,10 +74,12 @@ def run_key(graph_code: str, state: Mapping[str, Tensor], recipe: Mapping[str, A
 
 
 class WorkCache:
-    """The run directory of one compile; a disabled cache (``root=None``) stores nothing."""
+    """The run directory of one compile; a disabled cache (``root=None``) stores nothing. Over several
+    processes, rank 0's directory is the cache (module docstring)."""
 
-    def __init__(self, root: Path | None, key: str):
+    def __init__(self, root: Path | None, key: str, dist: Distributed = SINGLE):
         self.directory = None if root is None else Path(root) / key
+        self.dist = dist
         self.loaded: list[str] = []      # entries this run took from disk, for the progress report
 
     @property
@@ -84,7 +92,15 @@ class WorkCache:
 
     def load(self, entry: str) -> tuple[dict[str, Tensor], dict[str, str]] | None:
         """(tensors, metadata) of a finished entry, or None. An unreadable entry is dropped and redone."""
-        if not self.enabled or not self._path(entry).is_file():
+        if not self.enabled:
+            return None
+        found = self.dist.broadcast(self._read(entry) if self.dist.is_main else None)
+        if found is not None:
+            self.loaded.append(entry)
+        return found
+
+    def _read(self, entry: str) -> tuple[dict[str, Tensor], dict[str, str]] | None:
+        if not self._path(entry).is_file():
             return None
         path = self._path(entry)
         try:
@@ -96,11 +112,10 @@ class WorkCache:
             return None
         if metadata.get("entry") != entry:
             return None
-        self.loaded.append(entry)
         return tensors, metadata
 
     def save(self, entry: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
-        if not self.enabled:
+        if not self.enabled or not self.dist.is_main:
             return
         contiguous = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         with replacing(self._path(entry)) as tmp:
@@ -108,16 +123,18 @@ class WorkCache:
 
     def finish(self) -> None:
         """The compile completed: its interrupted-work directory is no longer needed."""
-        if self.enabled and self.directory.is_dir():
+        if self.enabled and self.dist.is_main and self.directory.is_dir():
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def open_cache(cache_dir: str | Path | bool | None, key_parts: dict[str, Any]) -> WorkCache:
-    """``cache_dir``: a folder, None for the default root, False to keep nothing on disk."""
+def open_cache(cache_dir: str | Path | bool | None, key_parts: dict[str, Any], dist: Distributed = SINGLE,
+               key: str | None = None) -> WorkCache:
+    """``cache_dir``: a folder, None for the default root, False to keep nothing on disk. ``key``: the
+    ``run_key`` of ``key_parts``, when it is known already."""
     if cache_dir is False:
-        return WorkCache(None, "")
+        return WorkCache(None, "", dist)
     root = default_root() if cache_dir is None or cache_dir is True else Path(cache_dir)
-    return WorkCache(root, run_key(**key_parts))
+    return WorkCache(root, key or run_key(**key_parts), dist)
 
 
 PARAM_FIELDS = ("activations", "shifts", "factors")   # the QuantParams fields an entry of calibration holds
