@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -93,7 +94,8 @@ def launch(processes: int, recipe: str, calibration: Path, args: argparse.Namesp
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
-        raise SystemExit(f"{recipe} on {processes} process(es) failed:\n{done.stderr[-4000:]}")
+        errors = "\n".join(f"{p.name}:\n{p.read_text()}" for p in sorted(out.glob("rank*.error")))
+        raise SystemExit(f"{recipe} on {processes} process(es) failed:\n{errors or done.stderr[-4000:]}")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
 
 
@@ -145,7 +147,12 @@ def main() -> None:
     parser.add_argument("--worker", nargs=3, metavar=("RECIPE", "CALIBRATION", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], args.model, args.iterations, Path(args.worker[2]))
+        try:
+            worker(args.worker[0], args.worker[1], args.model, args.iterations, Path(args.worker[2]))
+        except BaseException:
+            rank = os.environ.get("RANK", "0")
+            (Path(args.worker[2]) / f"rank{rank}.error").write_text(traceback.format_exc())
+            raise
         return
 
     from ditq_compiler import zoo
