@@ -13,15 +13,17 @@ from ditq_compiler.calibration import CalibrationError
 from ditq_compiler.capture import CaptureError
 from ditq_compiler.compiled import CompiledModel, load
 from ditq_compiler.compiler import compile
+from ditq_compiler.distributed import DistributedError
 from ditq_compiler.graph import UnsupportedLayerError
 from ditq_compiler.pipeline import PassError
 from ditq_compiler.recipe import Recipe, RecipeError, RecipeWarning
 from ditq_compiler.version import __version__
 
-__all__ = ["ArtifactError", "CalibrationError", "CaptureError", "CompiledModel", "PassError", "Recipe", "RecipeError",
-           "RecipeWarning", "UnsupportedLayerError", "__version__", "calibration", "compile", "load"]
+__all__ = ["ArtifactError", "CalibrationError", "CaptureError", "CompiledModel", "DistributedError", "PassError",
+           "Recipe", "RecipeError", "RecipeWarning", "UnsupportedLayerError", "__version__", "calibration", "compile",
+           "load"]
 
-_LAZY_SUBMODULES = ("diffusers", "zoo", "inspection", "artifact", "sampling", "quality", "stages")
+_LAZY_SUBMODULES = ("diffusers", "zoo", "inspection", "artifact", "sampling", "quality", "stages", "distributed")
 
 
 def __getattr__(name: str):

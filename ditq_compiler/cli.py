@@ -9,10 +9,15 @@
 
 Exit codes: 0 success, 1 failure, 2 bad usage. Errors print as one line on stderr (``--debug``
 for the traceback). ``--quiet`` (before or after the command) turns progress bars off.
+
+Under ``torchrun --nproc-per-node N -m ditq_compiler.cli compile ...`` the N processes compile together
+(``ditq_compiler.distributed``): rank 0 draws the calibration set and sends it to the others, shows the
+progress and the summary and writes the artifact; every rank's error line starts with its rank.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,23 +97,35 @@ def compile_command(ctx, model, recipe, out, backend, calibration, scheduler, st
     or from --calibration.
     """
     import ditq_compiler as dq
+    from ditq_compiler.distributed import SINGLE, init_from_environment, launched_by_torchrun
     from ditq_compiler.model_source import ModelSourceError, calibration_for, resolve_model
 
-    quiet = _quiet(ctx, quiet)
     recipe = Recipe.load(recipe)                        # bad recipes fail before any work
     dq.artifact.check_destination(out)                  # so does a destination the save would refuse
     try:
         source = resolve_model(model, scheduler)
     except ModelSourceError as e:
         raise click.BadParameter(str(e), param_hint="MODEL") from None
-    try:
-        calibration = calibration_for(source, calibration_file=calibration, num_inference_steps=steps,
-                                      guidance_scale=guidance, trajectories=trajectories, seed=seed,
-                                      progress=not quiet)
-    except ModelSourceError as e:
-        raise click.UsageError(str(e)) from None
-    compiled = dq.compile(source.model, recipe, calibration=calibration, backend=backend, progress=not quiet)
+    group = init_from_environment(_device(source.model)) if launched_by_torchrun() else SINGLE
+    quiet = _quiet(ctx, quiet) or not group.is_main      # one progress bar and one summary: rank 0's
+    drawn, failure = None, None
+    if group.is_main:                                   # rank 0 draws the calibration set, the others get it
+        try:
+            drawn = calibration_for(source, calibration_file=calibration, num_inference_steps=steps,
+                                    guidance_scale=guidance, trajectories=trajectories, seed=seed,
+                                    progress=not quiet)
+        except Exception as e:   # every rank stops with it
+            failure = e
+    drawn, failure = group.broadcast((drawn, failure))
+    if isinstance(failure, ModelSourceError):
+        raise click.UsageError(str(failure)) from None
+    if failure is not None:
+        raise failure
+    compiled = dq.compile(source.model, recipe, calibration=drawn, backend=backend, progress=not quiet,
+                          distributed=group.active)
     path = compiled.save(out, progress=not quiet)
+    if not group.is_main:
+        return
     console = _console()
     print_summary(console, compiled.summary())
     manifest = dq.artifact.read_manifest(path)
@@ -212,6 +229,19 @@ def recipes() -> None:
         click.echo(f"{name.ljust(width)}  {description}")
 
 
+def _device(model) -> str:
+    from ditq_compiler.distributed import model_device
+
+    return str(model_device(model))
+
+
+def _rank_prefix() -> str:
+    """'[rank r] ' in a process of a torchrun job (their lines interleave on one terminal), else ''."""
+    from ditq_compiler.distributed import launched_by_torchrun
+
+    return f"[rank {os.environ['RANK']}] " if launched_by_torchrun() else ""
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:
@@ -225,8 +255,18 @@ def main() -> None:
         if debug:
             raise
         message = " ".join(str(e).split()) or type(e).__name__
-        click.echo(f"error: {type(e).__name__}: {message}", err=True)
+        click.echo(f"{_rank_prefix()}error: {type(e).__name__}: {message}", err=True)
         sys.exit(1)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """A torchrun job's process group ends with the command."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

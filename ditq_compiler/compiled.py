@@ -132,6 +132,11 @@ class CompiledModel(torch.nn.Module):
         return self.record.provenance
 
     @property
+    def world_size(self) -> int:
+        """How many processes calibrated it (``ditq_compiler.distributed``)."""
+        return self.record.world_size
+
+    @property
     def manifest(self) -> dict | None:
         return self.record.manifest
 
@@ -187,6 +192,8 @@ class CompiledModel(torch.nn.Module):
                 f"output SQNR vs FP on the calibration data: {sqnr}")
         if self.stage_seconds:
             head += "\nstages: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
+        if self.world_size > 1:
+            head += f"\ncalibrated by {self.world_size} processes (torch.distributed)"
         learned = [v["total"] for v in reports.unit_seconds.values() if v["total"] > 0]
         if learned:
             head += (f"\nreconstruction: {len(reports.unit_seconds)} block(s), "
@@ -221,7 +228,8 @@ class CompiledModel(torch.nn.Module):
         """Write a versioned artifact directory (``ditq_compiler.artifact``); ``dq.load`` reads it back.
 
         ``path`` may be new, empty, or an artifact (files in it the artifact did not write are kept);
-        anything else is refused. ``sign_key``: also sign it (HMAC of the manifest; ``artifact.signing``)."""
+        anything else is refused. ``sign_key``: also sign it (HMAC of the manifest; ``artifact.signing``).
+        Compiled by several processes: call it on every one; rank 0 writes, the others wait for it."""
         return write_artifact(self.record, self.reference_graph_module, path, progress=progress, sign_key=sign_key)
 
     def export_onnx(self, path: str | os.PathLike, target: str = "ort", **options: Any) -> Path:

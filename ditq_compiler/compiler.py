@@ -11,6 +11,7 @@ import torch
 from ditq_compiler.backends.registry import get_backend
 from ditq_compiler.calibration.data import CalibrationData
 from ditq_compiler.compiled import CompiledModel
+from ditq_compiler.distributed import Distributed, model_device, resolve
 from ditq_compiler.recipe import Recipe
 from ditq_compiler.stages import CLOCKS, DEFAULT_STAGES, Stage
 from ditq_compiler.state import CompileOptions, CompileState
@@ -21,7 +22,7 @@ STAGES = CLOCKS   # the summary's time columns (``CompiledModel.stage_seconds`` 
 def compile(model: torch.nn.Module, recipe: Recipe | str | Path, calibration: Iterable[Any] | None = None, *,
             example_inputs: Any = None, backend: str = "torch", debug: bool = False, progress: bool = True,
             cache_dir: str | Path | bool | None = None, dynamic_shapes: dict | None = None, strict: bool = False,
-            stages: Sequence[Stage] = DEFAULT_STAGES) -> CompiledModel:
+            stages: Sequence[Stage] = DEFAULT_STAGES, distributed: bool | Distributed | None = None) -> CompiledModel:
     """Quantize ``model`` as ``recipe`` says; ``model`` itself is never modified.
 
     ``calibration``: calls of the model, ``(args, kwargs)`` pairs (``dq.calibration.from_sampler`` makes
@@ -33,17 +34,29 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path, calibration: It
     weight-carrying ops with no quantized lowering are an error listing them (else they stay in float and
     the summary lists them), and so is a recipe override that matches no layer (else a ``RecipeWarning``).
     ``stages``: the stage list to run (``stages.with_stage`` adds one).
+    ``distributed``: spread the calibration over the processes of a ``torch.distributed`` group, every one
+    of them calling ``compile`` with the same arguments (``ditq_compiler.distributed``; ``torchrun``
+    starts them): True (the group is initialised from torchrun's environment if it is not yet), None (when
+    a group of several processes is initialised) or False (this process alone). Every rank returns the
+    same model; save it from every rank (rank 0 writes, the others wait for it).
     """
     get_backend(backend)                                     # an unknown name fails before any work
+    group = resolve(distributed, model_device(model))
     state = CompileState(model, recipe if isinstance(recipe, Recipe) else Recipe.load(recipe),
                          CalibrationData.of(calibration),
-                         CompileOptions(backend, example_inputs, debug, progress, cache_dir, dynamic_shapes, strict))
-    for stage in stages:
-        if stage.enabled(state.recipe):
-            started = time.perf_counter()
-            stage.run(state)
-            clock = stage.column
-            state.stage_seconds[clock] = state.stage_seconds.get(clock, 0.0) + time.perf_counter() - started
+                         CompileOptions(backend, example_inputs, debug, progress, cache_dir, dynamic_shapes, strict,
+                                        group))
+    try:
+        for stage in stages:
+            if stage.enabled(state.recipe):
+                started = time.perf_counter()
+                with group.failure_named(stage.name):
+                    stage.run(state)
+                clock = stage.column
+                state.stage_seconds[clock] = state.stage_seconds.get(clock, 0.0) + time.perf_counter() - started
+    finally:
+        if group is not distributed:        # a group this compile opened (not one the caller passed)
+            group.close()
     return CompiledModel(state.record())
 
 

@@ -158,6 +158,7 @@ class CompileRecord:
     reports: Reports = field(default_factory=Reports)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     resumed_from_cache: list[str] = field(default_factory=list)   # work an interrupted compile had finished
+    world_size: int = 1                           # processes that calibrated it (``ditq_compiler.distributed``)
     provenance: Provenance | None = None
     manifest: dict[str, Any] | None = None        # a loaded artifact's manifest (``ditq inspect`` shows it)
 

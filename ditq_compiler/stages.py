@@ -38,7 +38,8 @@ from ditq_compiler import meta
 from ditq_compiler.activation_sites import plan_sites
 from ditq_compiler.annotate import annotate
 from ditq_compiler.backends.registry import get_backend, lower
-from ditq_compiler.calibration.cache import load_params, open_cache, save_params
+from ditq_compiler.calibration.batches import CalibrationError
+from ditq_compiler.calibration.cache import load_params, open_cache, run_key, save_params
 from ditq_compiler.calibration.channel_stats import calibrate_transforms
 from ditq_compiler.calibration.observe import observe_activations
 from ditq_compiler.calibration.params import QuantParams
@@ -47,7 +48,7 @@ from ditq_compiler.calibration.scale_search import check_search_inputs, search_s
 from ditq_compiler.calibration.smoothing import choose_smoothing
 from ditq_compiler.calibration.time_groups import describe_groups
 from ditq_compiler.capture import capture, split_rows
-from ditq_compiler.calibration.batches import CalibrationError
+from ditq_compiler.distributed import DistributedError
 from ditq_compiler.graph import UnsupportedLayerError, analyse, block_sites, unsupported_layers
 from ditq_compiler.inspection.activations import record_activation_stats
 from ditq_compiler.passes.attach_time_groups import AttachTimeGroups
@@ -96,6 +97,10 @@ def check_inputs(state: CompileState) -> None:
     """What the recipe needs from the calibration set, checked before capture (seconds, not minutes)."""
     check_rules(RuleContext(state.recipe, calls=state.data), "calls")
     check_search_inputs(state.recipe.scale_search, state.data.calls, state.data.noise)
+    world = state.options.distributed.world_size
+    if world > 1 and len(state.data.calls) < world:
+        raise CalibrationError(f"{len(state.data.calls)} calibration batches for {world} processes: each process "
+                               "calibrates on its share of the batches and needs at least one")
 
 
 EXAMPLE_ROWS = 2      # rows of the calibration call that torch.export traces (1 would specialise the batch)
@@ -139,9 +144,16 @@ def bind_calibration(state: CompileState) -> None:
     check_rules(RuleContext(state.recipe, plan=state.plan, flat=state.data.flat,
                             timestep_index=state.data.timestep_index), "calibration")
     versions = {"ditq-compiler": __version__, "torch": torch.__version__}
-    state.cache = open_cache(state.options.cache_dir, dict(graph_code=state.gm.code, state=state.gm.state_dict(),
-                                                           recipe=state.recipe.to_dict(), batches=state.data.flat,
-                                                           versions=versions))
+    parts = dict(graph_code=state.gm.code, state=state.gm.state_dict(), recipe=state.recipe.to_dict(),
+                 batches=state.data.flat, versions=versions)
+    dist, key = state.options.distributed, None
+    if dist.active:     # every rank must compile the same model on the same data, or their work does not add up
+        key = run_key(**parts)
+        differ = [rank for rank, theirs in enumerate(dist.gather(key)) if theirs != key]
+        if differ:
+            raise DistributedError(f"rank {dist.rank}'s model, recipe or calibration data differ from rank(s) "
+                                   f"{differ}'s: every process must call compile() with the same arguments")
+    state.cache = open_cache(state.options.cache_dir, parts, dist, key)
 
 
 def smooth(state: CompileState) -> None:
@@ -155,7 +167,7 @@ def smooth(state: CompileState) -> None:
         fitted = choose_smoothing(state.gm, found.sites, state.annotations, spec, state.data.flat, state.data.noise,
                                   state.data.timestep_index,
                                   smoothing_metric(state.recipe, state.data.noise is not None) == "hessian",
-                                  state.options.progress)
+                                  state.options.show_progress)
         save_params(state.cache, "smoothing", fitted)
     alphas = {s.consumers[0].name: fitted.trace.get(f"smooth:{s.name}", {}).get("alpha") for s in found.sites}
     state.run_passes(SmoothThroughModulation(found.sites, fitted.smoothing, alphas))
@@ -181,7 +193,8 @@ def shift_and_migrate(state: CompileState) -> None:
     found = load_params(state.cache, "transforms")
     if found is None:
         found = calibrate_transforms(state.gm, state.annotations, state.recipe, state.data.flat,
-                                     state.data.timestep_index, state.options.progress)
+                                     state.data.timestep_index, state.options.show_progress,
+                                     state.options.distributed)
         save_params(state.cache, "transforms", found)
     passes = transform_passes(found)
     if passes:
@@ -199,21 +212,23 @@ def transform_passes(params: QuantParams) -> list:
 
 def calibrate(state: CompileState) -> None:
     """TQ-DiT's scale search (not cached: minutes), or the observers' ranges (cached)."""
-    spec, data, progress = state.recipe.scale_search, state.data, state.options.progress
+    spec, data, progress = state.recipe.scale_search, state.data, state.options.show_progress
+    dist = state.options.distributed
     if spec is not None:
         state.fit(search_scales(state.gm, state.annotations, state.plan, data.flat, spec, data.noise,
-                                data.timestep_index, progress))
+                                data.timestep_index, progress, dist))
         return
     found = load_params(state.cache, "observers")
     if found is None:
-        found = observe_activations(state.gm, state.annotations, data.flat, progress, data.timestep_index)
+        found = observe_activations(state.gm, state.annotations, data.flat, progress, data.timestep_index, dist)
         save_params(state.cache, "observers", found)
     state.fit(found)
 
 
 def reconstruct_blocks(state: CompileState) -> None:
     learned = reconstruct(state.gm, state.annotations, state.params.activations, state.data.flat,
-                          state.recipe.reconstruction, state.options.progress, state.cache)
+                          state.recipe.reconstruction, state.options.show_progress, state.cache,
+                          state.options.distributed)
     for unit, figures in learned.trace.items():
         state.reports.unit_seconds[unit] = {"total": figures["seconds"], "learning": figures["learning_seconds"]}
     if learned.factors:
@@ -224,13 +239,15 @@ def reconstruct_blocks(state: CompileState) -> None:
 def choose_bits(state: CompileState) -> None:
     state.annotations, state.reports.allocation = choose_activation_bits(
         state.gm, state.annotations, state.params.activations, state.data.bound, state.recipe,
-        state.analysis.sample_dependent, state.options.progress, state.captured.max_batch)
+        state.analysis.sample_dependent, state.options.show_progress, state.captured.max_batch,
+        state.options.distributed)
 
 
 def distill_layers(state: CompileState) -> None:
     state.fit(distill(state.gm, state.annotations, state.params.activations, state.data.bound,
-                      state.recipe.distillation, state.analysis.sample_dependent, state.options.progress,
-                      state.data.noise, _connection(state), state.captured.max_batch))
+                      state.recipe.distillation, state.analysis.sample_dependent, state.options.show_progress,
+                      state.data.noise, _connection(state), state.captured.max_batch,
+                      state.options.distributed))
 
 
 def _connection(state: CompileState) -> Connection | None:

@@ -33,6 +33,7 @@ from ditq_compiler.calibration.cache import WorkCache
 from ditq_compiler.calibration.data import CalibrationData
 from ditq_compiler.calibration.params import QuantParams
 from ditq_compiler.capture import CapturedModel
+from ditq_compiler.distributed import SINGLE, Distributed
 from ditq_compiler.graph import GraphAnalysis
 from ditq_compiler.meta import LayerAnnotation
 from ditq_compiler.pipeline import PassPipeline
@@ -53,6 +54,12 @@ class CompileOptions:
     cache_dir: str | Path | bool | None = None
     dynamic_shapes: dict | None = None
     strict: bool = False
+    distributed: Distributed = SINGLE    # this process's rank and share of the work (``distributed.py``)
+
+    @property
+    def show_progress(self) -> bool:
+        """Progress bars: asked for, and this is the first rank (the others would draw the same bars)."""
+        return self.progress and self.distributed.is_main
 
 
 @dataclass
@@ -101,7 +108,8 @@ class CompileState:
                              backend=self.options.backend,
                              reference_graph=None if lowered is self.quantized else self.quantized,
                              reports=self.reports, stage_seconds=dict(self.stage_seconds),
-                             resumed_from_cache=list(self.cache.loaded), provenance=provenance)
+                             resumed_from_cache=list(self.cache.loaded),
+                             world_size=self.options.distributed.world_size, provenance=provenance)
 
 
 __all__ = ["CompileOptions", "CompileState"]

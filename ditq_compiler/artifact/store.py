@@ -11,9 +11,10 @@
     report.json                 per-layer report, output SQNR, provenance, and what the summary
                                 shows besides: TQ-DiT's activation sites and time groups, RobuQ's
                                 rotations and AMPN allocation, the layers left in float
-    run.json                    when it was made and how long each stage took: the one file that
-                                differs between two compiles of the same inputs, so it is listed
-                                in the manifest as volatile and has no checksum
+    run.json                    when it was made, how long each stage took and how many processes
+                                calibrated it (``world_size``): the one file that differs between
+                                two compiles of the same inputs, so it is listed in the manifest
+                                as volatile and has no checksum
     inspection.safetensors      per-layer activation statistics (``inspection.activations``)
     example_inputs.safetensors  one call of the model (two rows), for re-export and checks
 
@@ -39,6 +40,9 @@ files in it the artifact did not write (an exported ONNX model, notes) move into
 artifact, and a folder or a file by an artifact file's name that the old manifest does not list
 makes the save refuse, naming it. A save that is killed leaves its temporary directory (named
 after its process id); the next save next to it removes those whose process is gone.
+
+A model compiled by several processes (``ditq_compiler.distributed``) is saved by every one of them:
+rank 0 writes the artifact and the others wait until it has (and fail with its error if it failed).
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ from ditq_compiler import meta
 from ditq_compiler.backends.registry import lower
 from ditq_compiler.calibration.data import flat_inputs
 from ditq_compiler.capture import CapturedModel
+from ditq_compiler.distributed import default_group
 from ditq_compiler.inspection.activations import LayerActivations
 from ditq_compiler.provenance import Provenance
 from ditq_compiler.recipe import Recipe
@@ -104,7 +109,28 @@ def library_versions() -> dict[str, str]:
 def write_artifact(record: CompileRecord, reference: torch.fx.GraphModule, path: str | os.PathLike,
                    progress: bool = False, sign_key: bytes | str | None = None) -> Path:
     """Write ``record`` (its fake-quant ``reference`` graph) as an artifact directory at ``path`` (where a
-    symlink points, if it is one); returns ``path``. ``sign_key``: also write ``signature.json`` (``signing``)."""
+    symlink points, if it is one); returns ``path``. ``sign_key``: also write ``signature.json`` (``signing``).
+
+    For a record calibrated by several processes, called by each of them: rank 0 writes, the others wait."""
+    group = default_group() if record.world_size > 1 else None
+    if group is None or not group.active:
+        return _write_artifact(record, reference, path, progress, sign_key)
+    failure = None
+    if group.is_main:
+        try:
+            _write_artifact(record, reference, path, progress, sign_key)
+        except Exception as error:   # the others are told before it is raised here
+            failure = f"{type(error).__name__}: {error}"
+            group.broadcast(failure)
+            raise
+    failure = group.broadcast(failure)
+    if failure is not None:
+        raise ArtifactError(f"rank 0 could not write the artifact {path}: {failure}")
+    return Path(path)
+
+
+def _write_artifact(record: CompileRecord, reference: torch.fx.GraphModule, path: str | os.PathLike,
+                    progress: bool, sign_key: bytes | str | None) -> Path:
     given, path = Path(path), check_destination(path)
     captured, reports = record.captured, record.reports
     try:
@@ -140,7 +166,7 @@ def write_artifact(record: CompileRecord, reference: torch.fx.GraphModule, path:
         files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         run = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "stage_seconds": record.stage_seconds, "block_seconds": reports.unit_seconds,
-               "resumed_from_cache": record.resumed_from_cache}
+               "resumed_from_cache": record.resumed_from_cache, "world_size": record.world_size}
         (tmp / RUN).write_text(json.dumps(run, indent=1))
         manifest = {
             "format": FORMAT,
@@ -500,6 +526,7 @@ def _read_record(path: Path, manifest: dict[str, Any], progress: bool) -> Compil
                          reference_graph=None if lowered is reference else reference, reports=reports,
                          stage_seconds=run.get("stage_seconds", report.get("stage_seconds")) or {},
                          resumed_from_cache=run.get("resumed_from_cache", []), provenance=provenance,
+                         world_size=int(run.get("world_size", 1)),
                          manifest={**manifest, "created": run.get("created", "unknown")})   # shown by inspect
 
 

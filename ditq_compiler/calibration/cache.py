@@ -24,6 +24,11 @@ Loaded tensors are the exact bytes that were saved, in the order they were saved
 from them iterates as the original did, so a pass that walks it names its nodes the same), so a
 resumed compile gives bitwise the result, and the artifact, of an uninterrupted one (the
 reconstruction also stores its random generator's state).
+
+A compile over several processes (``ditq_compiler.distributed``) keeps one cache, rank 0's: rank 0
+writes every entry, and what it finds on disk it sends to the other ranks, so they resume from the same
+entries whether or not they share its file system. The key does not depend on the number of processes:
+a compile interrupted with N processes resumes with any number.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from torch import Tensor
 
 from ditq_compiler.atomic import replacing
 from ditq_compiler.calibration.params import QuantParams
+from ditq_compiler.distributed import SINGLE, Distributed
 
 ENV_VAR = "DITQ_CACHE_DIR"
 RESERVED_METADATA = ("entry", "key", "order", "checksum")   # what every entry carries besides its own metadata
@@ -91,11 +97,13 @@ def entry_checksum(entry: str, key: str, tensors: Mapping[str, Tensor], metadata
 
 
 class WorkCache:
-    """The run directory of one compile; a disabled cache (``root=None``) stores nothing."""
+    """The run directory of one compile; a disabled cache (``root=None``) stores nothing. Over several
+    processes, rank 0's directory is the cache (module docstring)."""
 
-    def __init__(self, root: Path | None, key: str):
+    def __init__(self, root: Path | None, key: str, dist: Distributed = SINGLE):
         self.directory = None if root is None else Path(root) / key
         self.key = key
+        self.dist = dist
         self.loaded: list[str] = []      # entries this run took from disk, for the progress report
 
     @property
@@ -108,8 +116,17 @@ class WorkCache:
 
     def load(self, entry: str) -> tuple[dict[str, Tensor], dict[str, str]] | None:
         """(tensors in their saved order, metadata) of a finished entry, or None. An entry that cannot be
-        trusted (module doc) is discarded with a ``CacheWarning`` and None is returned, so it is redone."""
-        if not self.enabled or not self._path(entry).is_file():
+        trusted (module doc) is discarded with a ``CacheWarning`` and None is returned, so it is redone.
+        Over several processes rank 0 reads and checks it and sends the result to the others."""
+        if not self.enabled:
+            return None
+        found = self.dist.broadcast(self._read(entry) if self.dist.is_main else None)
+        if found is not None:
+            self.loaded.append(entry)
+        return found
+
+    def _read(self, entry: str) -> tuple[dict[str, Tensor], dict[str, str]] | None:
+        if not self._path(entry).is_file():
             return None
         path = self._path(entry)
         try:
@@ -121,7 +138,6 @@ class WorkCache:
         problem, ordered = self._check(entry, tensors, metadata)
         if problem:
             return self._discard(entry, path, problem)
-        self.loaded.append(entry)
         return ordered, {k: v for k, v in metadata.items() if k not in RESERVED_METADATA}
 
     def _check(self, entry: str, tensors: dict[str, Tensor],
@@ -154,7 +170,7 @@ class WorkCache:
 
     def save(self, entry: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
         """Store ``tensors`` (their order kept) and ``metadata`` as ``entry``, with its key and checksum."""
-        if not self.enabled:
+        if not self.enabled or not self.dist.is_main:
             return
         own = dict(metadata or {})
         clash = sorted(set(own) & set(RESERVED_METADATA))
@@ -168,16 +184,18 @@ class WorkCache:
 
     def finish(self) -> None:
         """The compile completed: its interrupted-work directory is no longer needed."""
-        if self.enabled and self.directory.is_dir():
+        if self.enabled and self.dist.is_main and self.directory.is_dir():
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def open_cache(cache_dir: str | Path | bool | None, key_parts: dict[str, Any]) -> WorkCache:
-    """``cache_dir``: a folder, None for the default root, False to keep nothing on disk."""
+def open_cache(cache_dir: str | Path | bool | None, key_parts: dict[str, Any], dist: Distributed = SINGLE,
+               key: str | None = None) -> WorkCache:
+    """``cache_dir``: a folder, None for the default root, False to keep nothing on disk. ``key``: the
+    ``run_key`` of ``key_parts``, when it is known already."""
     if cache_dir is False:
-        return WorkCache(None, "")
+        return WorkCache(None, "", dist)
     root = default_root() if cache_dir is None or cache_dir is True else Path(cache_dir)
-    return WorkCache(root, run_key(**key_parts))
+    return WorkCache(root, key or run_key(**key_parts), dist)
 
 
 def save_params(cache: WorkCache, entry: str, params: QuantParams) -> None:

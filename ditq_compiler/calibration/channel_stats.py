@@ -12,6 +12,10 @@ sum_j, count, min_j, max_j. From them (TaQ-DiT, Sec. III-B):
             scale is computed from. a_j = max(1, range_j / R_N) for j in O, a_j = 1 elsewhere.
 
 min_j / max_j here are over all calibration timesteps: the factors are static.
+
+Over several processes (``ditq_compiler.distributed``) each runs its shard of the batches and keeps
+each batch's statistics apart; the processes exchange them and every process adds them up in batch
+order, as one process does, so the shifts and factors are bitwise the same.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ditq_compiler.calibration.params import QuantParams
 from ditq_compiler.calibration.observe import InputObservingInterpreter
+from ditq_compiler.distributed import SINGLE, Distributed
 from ditq_compiler.meta import LayerAnnotation
 from ditq_compiler.recipe import Recipe
 
@@ -40,20 +45,18 @@ class ChannelStats:
     maxs: dict[float, Tensor] = field(default_factory=dict)
 
     def update(self, x: Tensor, timesteps: Tensor | None) -> None:
-        x = x.detach().to(torch.float32)
-        rows = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, 1, -1)
-        keys = torch.zeros(rows.shape[0]) if timesteps is None else _per_row(timesteps, rows.shape[0])
-        for key in keys.unique().tolist():
-            flat = rows[keys == key].reshape(-1, rows.shape[-1])
-            k = float(key)
-            lo, hi = flat.amin(0), flat.amax(0)
+        self.add(batch_stats(x, timesteps))
+
+    def add(self, batch: dict[float, tuple[Tensor, int, Tensor, Tensor]]) -> None:
+        """Fold in one batch's (sum, count, min, max) per timestep (``batch_stats``)."""
+        for k, (total, count, lo, hi) in batch.items():
             if k in self.sums:
-                self.sums[k] += flat.sum(0)
-                self.counts[k] += flat.shape[0]
+                self.sums[k] += total
+                self.counts[k] += count
                 self.mins[k] = torch.minimum(self.mins[k], lo)
                 self.maxs[k] = torch.maximum(self.maxs[k], hi)
             else:
-                self.sums[k], self.counts[k], self.mins[k], self.maxs[k] = flat.sum(0), flat.shape[0], lo, hi
+                self.sums[k], self.counts[k], self.mins[k], self.maxs[k] = total, count, lo, hi
 
     def sampling_order(self) -> list[float]:
         """Timesteps as the sampler visits them: largest (noisiest) first."""
@@ -62,6 +65,18 @@ class ChannelStats:
     def channel_range(self) -> tuple[Tensor, Tensor]:
         keys = self.sampling_order()
         return (torch.stack([self.mins[k] for k in keys]).amin(0), torch.stack([self.maxs[k] for k in keys]).amax(0))
+
+
+def batch_stats(x: Tensor, timesteps: Tensor | None) -> dict[float, tuple[Tensor, int, Tensor, Tensor]]:
+    """One batch's per-channel (sum, count, min, max) of ``x``, per timestep value."""
+    x = x.detach().to(torch.float32)
+    rows = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, 1, -1)
+    keys = torch.zeros(rows.shape[0]) if timesteps is None else _per_row(timesteps, rows.shape[0])
+    found = {}
+    for key in keys.unique().tolist():
+        flat = rows[keys == key].reshape(-1, rows.shape[-1])
+        found[float(key)] = (flat.sum(0), flat.shape[0], flat.amin(0), flat.amax(0))
+    return found
 
 
 def _per_row(timesteps: Tensor, rows: int) -> Tensor:
@@ -74,15 +89,25 @@ def _per_row(timesteps: Tensor, rows: int) -> Tensor:
 
 
 def collect_channel_stats(gm: fx.GraphModule, node_names: list[str], batches: list[list[Any]],
-                          timestep_index: int | None, progress: bool = True) -> dict[str, ChannelStats]:
-    """Statistics of the first input of each node in ``node_names`` over the calibration batches."""
-    stats = {name: ChannelStats() for name in node_names}
+                          timestep_index: int | None, progress: bool = True,
+                          dist: Distributed = SINGLE) -> dict[str, ChannelStats]:
+    """Statistics of the first input of each node in ``node_names`` over the calibration batches (this
+    rank's shard of them, then every rank's in batch order: the module docstring)."""
+    per_batch: dict[int, dict[str, dict]] = {}
     with torch.no_grad():
-        for i, flat in enumerate(tqdm(batches, desc="channel stats", unit="batch", disable=not progress)):
+        for i in tqdm(dist.shard(len(batches)), desc="channel stats", unit="batch", disable=not progress):
+            flat = batches[i]
             t = flat[timestep_index] if timestep_index is not None else None
             t = torch.as_tensor(t) if t is not None else None
-            callbacks = {name: (lambda x, s=s, t=t: s.update(x, t)) for name, s in stats.items()}
+            found = per_batch[i] = {}
+            callbacks = {name: (lambda x, name=name, t=t, found=found: found.__setitem__(name, batch_stats(x, t)))
+                         for name in node_names}
             InputObservingInterpreter(gm, callbacks, i, t.reshape(-1) if t is not None else None).run(*flat)
+    everyone = {i: found for rank_batches in dist.gather(per_batch) for i, found in rank_batches.items()}
+    stats = {name: ChannelStats() for name in node_names}
+    for i in sorted(everyone):
+        for name, found in everyone[i].items():
+            stats[name].add(found)
     return stats
 
 
@@ -123,7 +148,7 @@ def outlier_factors(stats: ChannelStats, shift: Tensor, top_k: float) -> Tensor:
 
 def calibrate_transforms(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation], recipe: Recipe,
                          batches: list[list[Any]], timestep_index: int | None,
-                         progress: bool = True) -> QuantParams:
+                         progress: bool = True, dist: Distributed = SINGLE) -> QuantParams:
     """The shifts (and migration factors) the recipe asks for, by linear node name (``QuantParams.shifts``,
     ``.factors``).
 
@@ -140,7 +165,7 @@ def calibrate_transforms(gm: fx.GraphModule, annotations: Mapping[str, LayerAnno
     if not batches:
         raise ValueError(f"recipe '{recipe.name}' shifts the inputs of {len(sites)} layers (e.g. "
                          f"'{annotations[sites[0]].name}'), which needs calibration batches")
-    stats = collect_channel_stats(gm, sites, batches, timestep_index, progress)
+    stats = collect_channel_stats(gm, sites, batches, timestep_index, progress, dist)
     shifts = {name: momentum_shift(stats[name], recipe.shift.statistic, recipe.shift.momentum) for name in sites}
     factors = {}
     if recipe.migration is not None:

@@ -16,6 +16,11 @@ Activations, LSQ (Esser et al. 2020): the static input quantizer's scale ``s_a``
 ``fake_quantize`` passes gradients to it. QDrop (Wei et al. 2022): while learning, each element
 keeps its float value with probability ``drop_prob`` instead of the quantized one.
 
+Over several processes each computes some rows of a step's minibatch (``share``: the minibatch's
+``m`` rows, this process's rows ``[a, b)``): QDrop's mask is drawn for the whole minibatch, so the
+processes' generators stay in step and each row gets the mask it gets in one process, and the rows
+``[a, b)`` are kept (``keep_float_mask``).
+
 TaQ-DiT migration: for a layer behind a shift/migration affine, the layer takes the raw input
 ``x`` and computes ``(x - d) / a`` itself, with weight ``W0 diag(a)``. Only the migrated
 (outlier) channels' factors are learned, as ``a_j = exp(log_a_j)`` so they stay positive;
@@ -24,6 +29,8 @@ passes gradients straight through).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +51,20 @@ SCALE_FLOOR = torch.finfo(torch.float32).eps   # a learned scale never reaches z
 
 def floor_ste(v: Tensor) -> Tensor:
     return v + (v.floor() - v).detach()
+
+
+def keep_float_mask(shape: torch.Size, drop_prob: float, generator: torch.Generator | None,
+                    share: tuple[int, int, int] | None = None) -> Tensor:
+    """QDrop: True where an element keeps its float value (probability ``drop_prob``).
+
+    ``share = (m, a, b)``: the tensor holds rows [a, b) of a minibatch of m rows (batch-major): the mask
+    of all m rows is drawn and rows [a, b) of it are returned."""
+    if share is None:
+        return torch.rand(shape, generator=generator) < drop_prob
+    m, a, b = share
+    per_row = math.prod(shape) // (b - a)
+    drawn = torch.rand(m * per_row, generator=generator)
+    return (drawn[a * per_row:b * per_row] < drop_prob).reshape(shape)
 
 
 def rectified_sigmoid(v: Tensor) -> Tensor:
@@ -83,6 +104,8 @@ class ReconLayer(TrainableLayer):
         self.register_buffer("act_zero_point", act_qparams[1].detach().clone().reshape(()) if static else None)
         self.weight_mode, self.act_quant, self.drop_prob = "fp", False, 0.0
         self.generator: torch.Generator | None = None   # QDrop's draws, seeded by the reconstruction
+        self.share: tuple[int, int, int] | None = None   # this process's rows of the minibatch (module doc)
+        self.weight_override: Tensor | None = None      # W_hat computed by the rank that owns this layer
 
     @classmethod
     def from_source(cls, source: LayerSource) -> ReconLayer:
@@ -118,6 +141,8 @@ class ReconLayer(TrainableLayer):
         return (1 - (2 * self.soft_rounding() - 1).abs().pow(b)).sum()
 
     def quantized_weight(self) -> Tensor:
+        if self.weight_override is not None:
+            return self.weight_override
         w = self.effective_weight()
         if self.weight_mode == "fp":
             return w
@@ -138,7 +163,7 @@ class ReconLayer(TrainableLayer):
         else:
             xq = fake_quantize(x, self.act_scale.abs().clamp_min(SCALE_FLOOR), self.act_zero_point, self.act_spec)
         if self.training and self.drop_prob > 0:
-            keep_float = torch.rand(x.shape, generator=self.generator) < self.drop_prob
+            keep_float = keep_float_mask(x.shape, self.drop_prob, self.generator, self.share)
             xq = torch.where(keep_float, x, xq)
         return xq
 

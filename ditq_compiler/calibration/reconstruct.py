@@ -29,6 +29,15 @@ forward per calibration batch advance unit by unit, the quantized one through ea
 once it has been learned, keeping the values live at the unit boundary. y runs the unit's float
 layers before they learn, in a fork of the float sweep. This gives bitwise the values of
 recording from scratch.
+
+Over several processes (``ditq_compiler.distributed``) every rank records the unit's inputs and
+targets on the whole calibration set (a forward of one block: a small part of a unit's time) and draws
+the same minibatch every step from the same generator; rank r computes the rows
+[r m / N, (r + 1) m / N) of it, with the QDrop masks those rows get in one process. Each rank's loss is
+its rows' share of the minibatch loss (sums over its rows divided by the minibatch's count), so the
+gradients summed over the ranks are the minibatch gradient. The weight side of each layer (its soft
+weight, round loss and Adam on V and the factors) is learned by one rank, which hands its W_hat to the
+others every step (``_LayerOwners``). Only the order of float additions differs from one process.
 """
 
 from __future__ import annotations
@@ -46,7 +55,8 @@ from tqdm.auto import tqdm
 
 from ditq_compiler.calibration.cache import WorkCache, pack, unpack
 from ditq_compiler.calibration.params import QuantParams
-from ditq_compiler.calibration.recon_layer import ReconLayer
+from ditq_compiler.calibration.recon_layer import ReconLayer, keep_float_mask
+from ditq_compiler.distributed import SINGLE, Distributed
 from ditq_compiler.graph import module_path, unit_of
 from ditq_compiler.meta import LayerAnnotation
 from ditq_compiler.pipeline import copy_graph_sharing_tensors
@@ -230,12 +240,26 @@ def _set_modes(layers: Mapping[str, ReconLayer], done: set[str], weight_mode: st
         layer.drop_prob = 0.0
 
 
-def _lp_loss(outputs: tuple, targets: tuple) -> Tensor:
+def _lp_loss(outputs: tuple, targets: tuple, share: tuple[int, int, int] | None = None,
+             batched: tuple[bool, ...] = (), first: bool = True) -> Tensor:
+    """sum over the outputs of ||out - target||^2 (summed over the last dimension, averaged over the rest).
+
+    ``share = (m, a, b)``: the outputs hold rows [a, b) of a minibatch of m rows (those ``batched``); the loss
+    is their part of the minibatch's, so the parts of all ranks add up to it. An output without a batch
+    dimension counts on the ``first`` rank only."""
     loss = 0.0
-    for out, target in zip(outputs, targets, strict=True):
+    for i, (out, target) in enumerate(zip(outputs, targets, strict=True)):
         if isinstance(out, Tensor) and out.is_floating_point():
             square = (out - target).float().square()
-            loss = loss + (square.sum(-1).mean() if square.dim() else square)
+            term = square.sum(-1).mean() if square.dim() else square
+            if share is not None:
+                if not batched[i]:
+                    term = term if first else 0.0
+                elif square.dim() > 1:        # a 1-D output's term is the sum over its rows already
+                    m, a, b = share
+                    rows = square.sum(-1)
+                    term = rows.sum() / (rows.numel() * m // (b - a))
+            loss = loss + term
     return loss
 
 
@@ -250,10 +274,11 @@ def _temperature(spec: ReconstructionSpec, step: int) -> float | None:
 
 def _train_unit(unit: _Unit, layers: list[ReconLayer], x_q: dict, x_fp: dict, target: tuple,
                 spec: ReconstructionSpec, learn_rounding: bool, learn_acts: bool, qdrop: bool,
-                generator: torch.Generator, progress: bool) -> tuple[float, float]:
-    params_w = [layer.rounding for layer in layers] if learn_rounding else []
+                generator: torch.Generator, progress: bool, dist: Distributed = SINGLE) -> tuple[float, float]:
+    owners = _LayerOwners(layers, dist)        # over several processes, who learns each layer's weight side
+    params_w = [layer.rounding for layer in owners.mine] if learn_rounding else []
     params_a = [layer.act_scale for layer in layers if layer.act_scale is not None] if learn_acts else []
-    params_f = [layer.log_factors for layer in layers if layer.log_factors is not None] if learn_acts else []
+    params_f = [layer.log_factors for layer in owners.mine if layer.log_factors is not None] if learn_acts else []
     groups = [g for g in ({"params": params_w, "lr": spec.weight_lr}, {"params": params_f, "lr": spec.factor_lr})
               if g["params"]]
     optimizers = [torch.optim.Adam(groups)] if groups else []
@@ -263,36 +288,53 @@ def _train_unit(unit: _Unit, layers: list[ReconLayer], x_q: dict, x_fp: dict, ta
         optimizers.append(act_optimizer)
         schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(act_optimizer, T_max=spec.iterations,
                                                                      eta_min=0.0))
-    if not optimizers or spec.iterations == 0:
+    learns_factors = learn_acts and any(layer.log_factors is not None for layer in layers)
+    if not (learn_rounding or params_a or learns_factors) or spec.iterations == 0:   # the same on every rank
         return math.nan, math.nan
-    before = _evaluate(unit, layers, x_q, target, spec, learn_acts)
+    before = _evaluate(unit, layers, x_q, target, spec, learn_acts, dist)
     for layer in layers:
         layer.weight_mode = "soft" if learn_rounding else "hard"
         layer.act_quant = learn_acts
         layer.drop_prob = spec.drop_prob if qdrop else 0.0
     names = [n.name for n in unit.inputs]
     size = next(x_q[n.name].shape[0] for n in unit.inputs if _batched(n))
+    m = min(spec.batch_size, size)
+    mine, share = slice(None), None                        # this rank's rows of each minibatch (module doc)
+    if dist.active:
+        if m < dist.world_size:
+            raise ValueError(f"reconstruction minibatches of {m} rows cannot be split over {dist.world_size} "
+                             "processes: raise reconstruction.batch_size, or use fewer processes")
+        mine = dist.split(m)
+        share = (m, mine.start, mine.stop)
+    for layer in layers:
+        layer.share = share
+    batched = tuple(_batched(node) for node in unit.outputs)
     bar = tqdm(range(spec.iterations), desc=f"reconstruct {unit.name}", unit="it", disable=not progress,
                leave=False)
     unit.module.train()
     for step in bar:
-        index = torch.randint(0, size, (min(spec.batch_size, size),), generator=generator)
+        index = torch.randint(0, size, (m,), generator=generator)[mine]
+        owners.share_weights()
         args = []
         for node, name in zip(unit.inputs, names, strict=True):
             value = x_q[name]
             if _batched(node):
                 value = value[index]
                 if qdrop and value.is_floating_point() and spec.drop_prob > 0:
-                    mask = torch.rand(value.shape, generator=generator) < spec.drop_prob
+                    mask = keep_float_mask(value.shape, spec.drop_prob, generator, share)
                     value = torch.where(mask, x_fp[name][index], value)
             args.append(value)
         wanted = tuple(t[index] if _batched(node) else t for node, t in zip(unit.outputs, target, strict=True))
-        rec = _lp_loss(unit.module(*args), wanted)
+        rec = _lp_loss(unit.module(*args), wanted, share, batched, dist.is_main)
         b = _temperature(spec, step) if learn_rounding else None
-        loss = rec if b is None else rec + spec.round_loss_weight * sum(layer.round_loss(b) for layer in layers)
         for optimizer in optimizers:
             optimizer.zero_grad()
-        loss.backward()
+        if dist.active:
+            rec.backward()
+            owners.finish_gradients(None if b is None else (spec.round_loss_weight, b))
+        else:
+            loss = rec if b is None else rec + spec.round_loss_weight * sum(layer.round_loss(b) for layer in layers)
+            loss.backward()
         for optimizer in optimizers:
             optimizer.step()
         for scheduler in schedulers:
@@ -300,42 +342,140 @@ def _train_unit(unit: _Unit, layers: list[ReconLayer], x_q: dict, x_fp: dict, ta
         if step % 50 == 0:
             bar.set_postfix(rec=f"{float(rec.detach()):.3g}", round="-" if b is None else f"{b:.1f}")
     unit.module.eval()
+    owners.close()
+    for layer in layers:
+        layer.share = None
     for optimizer in optimizers:   # the last step's gradients would otherwise stay, one weight-sized
         optimizer.zero_grad(set_to_none=True)   # tensor per layer for the rest of the compile,
         optimizer.state.clear()   # and Adam's two moments until the cyclic GC frees the optimizer
-    return before, _evaluate(unit, layers, x_q, target, spec, learn_acts)
+    return before, _evaluate(unit, layers, x_q, target, spec, learn_acts, dist)
+
+
+class _LayerOwners:
+    """Over several processes, each layer's weight side is learned by one rank, its owner: the soft weight
+    W_hat(V, a) and its backward, the round loss and Adam on V and the migration factors a. So the work of
+    a step that does not grow with the minibatch is split too, not repeated on every rank.
+
+    A step: every owner computes W_hat of its layers and the ranks exchange them (with the owners' current
+    factors, which the input side x / a reads); every rank runs its rows through the unit with those
+    W_hat as leaves; the gradients of the W_hat, the activation scales and the factors' input side are
+    summed over the ranks; each owner then carries dL/dW_hat back to V and a (W_hat = W0 diag(a), rounded
+    with h(V)) and adds its layers' round loss. The sums are the one-process gradient; the activation
+    scales are stepped on every rank, V and a by their owner, and ``close`` hands the owners' V and a to
+    every rank. Layers are assigned largest first to the rank with the fewest weights so far.
+    """
+
+    def __init__(self, layers: list[ReconLayer], dist: Distributed):
+        self.layers, self.dist = layers, dist
+        load = [0] * dist.world_size
+        self.owner: dict[int, int] = {}
+        for i in sorted(range(len(layers)), key=lambda i: -layers[i].base_weight.numel()):
+            self.owner[i] = min(range(dist.world_size), key=lambda r: (load[r], r))
+            load[self.owner[i]] += layers[i].base_weight.numel()
+        self.mine = [layer for i, layer in enumerate(layers) if self.owner[i] == dist.rank]
+        self.soft: dict[int, Tensor] = {}
+
+    @staticmethod
+    def _factors(layer: ReconLayer) -> list[Tensor]:
+        return [] if layer.log_factors is None else [layer.log_factors]
+
+    def _from_owners(self, tensors: list[list[Tensor]]) -> list[list[Tensor]]:
+        """``tensors[i]``: tensors of layer i, whose values count on its owner only; their owners' values, on
+        every rank (each element is written by one rank: ``Distributed.place``)."""
+        flat = torch.cat([t.detach().reshape(-1).float() if self.owner[i] == self.dist.rank else
+                          torch.zeros(t.numel()) for i, layer_tensors in enumerate(tensors) for t in layer_tensors])
+        shared, offset, found = self.dist.place(flat), 0, []
+        for layer_tensors in tensors:
+            found.append([])
+            for t in layer_tensors:
+                found[-1].append(shared[offset:offset + t.numel()].view(t.shape))
+                offset += t.numel()
+        return found
+
+    def share_weights(self) -> None:
+        """Owners compute their layers' W_hat; every rank gets every W_hat (as a leaf) and the owners' factors."""
+        if not self.dist.active:
+            return
+        for layer in self.layers:
+            for t in (layer.act_scale, layer.log_factors):   # a layer another rank owns keeps last step's sums
+                if t is not None:
+                    t.grad = None
+        for layer in self.mine:
+            layer.weight_override = None          # last step's W_hat: the owner computes this step's
+        self.soft = {i: layer.quantized_weight() for i, layer in enumerate(self.layers)
+                     if self.owner[i] == self.dist.rank}
+        shared = self._from_owners([[self.soft.get(i, layer.base_weight), *self._factors(layer)]
+                                    for i, layer in enumerate(self.layers)])
+        for i, (layer, (weight, *factors)) in enumerate(zip(self.layers, shared, strict=True)):
+            layer.weight_override = weight.requires_grad_()
+            if factors and self.owner[i] != self.dist.rank:
+                with torch.no_grad():
+                    layer.log_factors.copy_(factors[0])
+
+    def finish_gradients(self, round_loss: tuple[float, float] | None) -> None:
+        """Sum the data side's gradients over the ranks; owners carry them on to V and a, plus the round loss
+        ``(weight, b)`` of their layers."""
+        grads = [(t, t.grad) for layer in self.layers for t in
+                 (layer.weight_override, layer.act_scale, layer.log_factors) if t is not None]
+        summed = self.dist.total(torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1)
+                                            for t, g in grads]))
+        offset = 0
+        for t, _ in grads:
+            t.grad = summed[offset:offset + t.numel()].view_as(t)
+            offset += t.numel()
+        for i, soft in self.soft.items():
+            if soft.requires_grad:
+                soft.backward(self.layers[i].weight_override.grad)
+        if round_loss is not None and self.mine:
+            weight, b = round_loss
+            (weight * sum(layer.round_loss(b) for layer in self.mine)).backward()
+
+    def close(self) -> None:
+        """Every rank gets the owners' V and factors; the layers make their own W_hat again."""
+        if not self.dist.active:
+            return
+        mine = [[layer.rounding, *self._factors(layer)] for layer in self.layers]
+        with torch.no_grad():
+            for layer, tensors, values in zip(self.layers, mine, self._from_owners(mine), strict=True):
+                layer.weight_override = None
+                for t, value in zip(tensors, values, strict=True):
+                    t.copy_(value)
+        self.soft = {}
 
 
 def _evaluate(unit: _Unit, layers: list[ReconLayer], x_q: dict, target: tuple, spec: ReconstructionSpec,
-              act_quant: bool) -> float:
-    """The unit's loss on all calibration samples with hard rounding and no QDrop.
+              act_quant: bool, dist: Distributed = SINGLE) -> float:
+    """The unit's loss on all calibration samples with hard rounding and no QDrop (each rank its share of
+    them).
 
     Before learning, hard rounding is round-to-nearest (V starts at h(V) = frac(W/s)).
     """
     for layer in layers:
         layer.weight_mode, layer.act_quant, layer.drop_prob = "hard", act_quant, 0.0
     size = next(x_q[n.name].shape[0] for n in unit.inputs if _batched(n))
+    mine = dist.shard(size)
     total = 0.0
     with torch.no_grad():
-        for start in range(0, size, 256):
-            index = torch.arange(start, min(size, start + 256))
+        for start in range(mine.start, mine.stop, 256):
+            index = torch.arange(start, min(mine.stop, start + 256))
             args = [x_q[n.name][index] if _batched(n) else x_q[n.name] for n in unit.inputs]
             wanted = tuple(t[index] if _batched(n) else t for n, t in zip(unit.outputs, target, strict=True))
             total += float(_lp_loss(unit.module(*args), wanted)) * len(index)
-    return total / size
+    return float(dist.total(torch.tensor(total, dtype=torch.float64))) / size
 
 
 def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                 act_qparams: Mapping[str, tuple[Tensor, Tensor]], batches: list[list[Any]],
                 spec: ReconstructionSpec, progress: bool = True,
-                cache: WorkCache | None = None) -> QuantParams:
+                cache: WorkCache | None = None, dist: Distributed = SINGLE) -> QuantParams:
     """Learn rounding, activation scales and migration factors unit by unit (see module doc).
 
     Returns the learned ``weights`` (codes), ``activations`` (scales) and ``factors`` of every layer, and a
     ``trace`` entry per ``phase:unit`` (loss before and after, seconds, of which learning; 0 s when cached).
     ``gm`` is the float graph after shift and migration; it is not modified. With a ``cache``,
     each finished unit (its layers' learned state and the random generator's state after it)
-    is stored, and a unit found there is loaded instead of learned again (``cache.py``).
+    is stored, and a unit found there is loaded instead of learned again (``cache.py``). ``dist``: the
+    ranks split each step's minibatch (module doc).
     """
     if not batches:
         raise ValueError("reconstruction needs calibration batches; the calibration set is empty")
@@ -394,7 +534,7 @@ def reconstruct(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                     layer.weight_mode = "hard"
             learning = time.perf_counter()
             before, after = _train_unit(unit, unit_layers, x_q, x_fp, target, spec, learn_rounding, learn_acts,
-                                      qdrop, generator, progress)
+                                      qdrop, generator, progress, dist)
             learned = time.perf_counter()
             result.trace[f"{phase}:{unit.name}"] = {"loss_before": before, "loss_after": after, "seconds":
                                                     learned - started, "learning_seconds": learned - learning}

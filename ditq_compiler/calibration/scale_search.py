@@ -25,12 +25,21 @@ the error separates by channel) and then its input quantizer; a matmul updates i
 (q, or the post-softmax P) and then its second (k^T, v). A time-grouped site is searched per group
 on that group's rows only (Eq. 17); a two-region post-GELU site searches its positive step, then
 its negative step; a post-softmax site searches s1 (s2 = 1/2^(k-1) is fixed).
+
+Sums over rows. An error E is summed per calibration row in float64, the rows' errors per calibration
+batch, and the batches' sums by a fixed binary tree over the batch index (``Distributed.ordered_sum``).
+Over several processes (``ditq_compiler.distributed``) each records and scores only its shard of the
+batches (the recorded tensors are split too); the candidates' per-batch sums, the ranges the candidates
+are built from (min / max, exact) and the SQNRs are combined across the processes, every tree addition
+with the same operands as in one process: every rank chooses the same candidates, bitwise those of one
+process.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +50,7 @@ from ditq_compiler.activation_sites import SitePlan
 from ditq_compiler.meta import ActivationSite, LayerAnnotation
 from ditq_compiler.calibration.batches import CalibrationError
 from ditq_compiler.calibration.params import QuantParams
+from ditq_compiler.distributed import SINGLE, Distributed
 from ditq_compiler.graph import unit_of
 from ditq_compiler.calibration.time_groups import group_boundaries, group_index
 from ditq_compiler.pipeline import fetch_attr
@@ -58,13 +68,60 @@ def candidate_alphas(spec: ScaleSearchSpec) -> Tensor:
     return (spec.eq_alpha + i * (spec.eq_beta - spec.eq_alpha) / spec.eq_n).flip(0).to(torch.float32)
 
 
+# ---- rows, and sums over them ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's recorded rows: calibration batches [first, first + len(sizes)) of ``count``, ``sizes[i]``
+    rows each, concatenated in batch order."""
+
+    first: int
+    sizes: tuple[int, ...]
+    count: int
+    dist: Distributed = SINGLE
+
+    @classmethod
+    def whole(cls, rows: int) -> Shard:
+        """All rows in this process, as one batch."""
+        return cls(0, (rows,), 1)
+
+    def batch_of_rows(self) -> Tensor:
+        return torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes, dtype=torch.long))
+
+    def sums(self, per_row: Iterable[Tensor], rows: Tensor | None = None) -> list[Tensor]:
+        """For each item (first dim: the rows ``rows`` of this rank, or all of them, in order), its sum over
+        every rank's rows: per batch, then over the batches by the fixed tree (module docstring)."""
+        counts = torch.tensor(self.sizes) if rows is None else torch.bincount(self.batch_of_rows()[rows],
+                                                                             minlength=len(self.sizes))
+        bounds = [0, *torch.cumsum(counts, 0).tolist()]
+
+        def per_batch(values: Tensor) -> Tensor:
+            return torch.stack([values[a:b].to(torch.float64).sum(0) for a, b in zip(bounds, bounds[1:], strict=False)])
+        return self.dist.ordered_sums((per_batch(v) for v in per_row), self.first, self.count)
+
+    def extrema(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(min, max) of ``x`` (some of this rank's rows) over every rank's; (inf, -inf) when all are empty."""
+        lo = x.min().float() if x.numel() else torch.tensor(math.inf)
+        hi = x.max().float() if x.numel() else torch.tensor(-math.inf)
+        return self.dist.minimum(lo), self.dist.maximum(hi)
+
+
+def _row_errors(residual: Tensor) -> Tensor:
+    """sum of squares of each row (dim 0) of ``residual``, in float64."""
+    return residual.reshape(residual.shape[0], -1).square().sum(1, dtype=torch.float64)
+
+
 # ---- quantizers under search -----------------------------------------------------------------------
 
 class SiteQuantizer:
-    """The quantizer of one activation site: a table of parameters per time group, and the search."""
+    """The quantizer of one activation site: a table of parameters per time group, and the search.
 
-    def __init__(self, site: ActivationSite, x: Tensor, row_groups: Tensor | None, groups: int, alphas: Tensor):
+    ``x``: the site's values on this rank's rows (``shard``; default: all rows, in this process)."""
+
+    def __init__(self, site: ActivationSite, x: Tensor, row_groups: Tensor | None, groups: int, alphas: Tensor,
+                 shard: Shard | None = None):
         self.site, self.x, self.alphas = site, x, alphas
+        self.shard = shard if shard is not None else Shard.whole(x.shape[0])
         self.bits = site.spec.bits
         if site.time_grouped:
             if row_groups is None or len(row_groups) != x.shape[0]:
@@ -75,17 +132,17 @@ class SiteQuantizer:
         else:
             self.row_groups, self.rows = None, [slice(None)]
         self.tables = {name: torch.zeros(len(self.rows)) for name in site.parameters}
-        for g, rows in enumerate(self.rows):
-            if isinstance(rows, Tensor) and rows.numel() == 0:
+        self.ranges = [self.shard.extrema(x[rows]) for rows in self.rows]   # each group's (min, max), all ranks
+        for g, (lo, hi) in enumerate(self.ranges):
+            if not bool(torch.isfinite(lo)):
                 raise CalibrationError(f"time group {g} has no calibration rows for {site.layer} ({site.operand})")
-            for name, value in self._initial(x[rows]).items():
+            for name, value in self._initial(lo, hi).items():
                 self.tables[name][g] = value
         self.current = self.quantize_rows(x, slice(None))
 
-    def _initial(self, x: Tensor) -> dict[str, Tensor]:
-        """alpha = 1: the min/max parameters of ``x``."""
+    def _initial(self, lo: Tensor, hi: Tensor) -> dict[str, Tensor]:
+        """alpha = 1: the min/max parameters of data spanning [lo, hi]."""
         n = levels(self.bits)
-        lo, hi = x.min().float(), x.max().float()
         if self.site.quantizer == "uniform":
             scale, zero_point = qparams_from_range(lo, hi, self.site.spec)
             return {"scale": scale, "zero_point": zero_point.float()}
@@ -93,12 +150,12 @@ class SiteQuantizer:
             return {"s1": (hi / n).clamp(TINY, 1.0 / n)}
         return {"s_neg": (-lo).clamp_min(0) / n + TINY, "s_pos": hi.clamp_min(0) / (n - 1) + TINY}
 
-    def _steps(self, x: Tensor) -> list[dict[str, Tensor]]:
-        """Coordinate steps for one group's data: each maps parameter -> candidate values (alphas,)."""
+    def _steps(self, lo: Tensor, hi: Tensor) -> list[dict[str, Tensor]]:
+        """Coordinate steps for one group's data (spanning [lo, hi]): each maps parameter -> candidate values
+        (alphas,)."""
         a, n = self.alphas, levels(self.bits)
-        start = self._initial(x)
+        start = self._initial(lo, hi)
         if self.site.quantizer == "uniform":
-            lo, hi = x.min().float(), x.max().float()
             scale, zero_point = qparams_from_range(a * lo, a * hi, self.site.spec)
             return [{"scale": scale, "zero_point": zero_point.float()}]
         if self.site.quantizer == "softmax_mrq":
@@ -139,18 +196,20 @@ class SiteQuantizer:
             params = {k: v[groups].reshape(shape) for k, v in self.tables.items()}
         return self._apply(x, params)
 
-    def search(self, evaluator: Callable[[Any], Callable[[Tensor], float]]) -> None:
-        """Per group, per coordinate step: keep the candidate with the smallest error."""
+    def search(self, evaluator: Callable[[Any], Callable[[Tensor], float | Tensor]]) -> None:
+        """Per group, per coordinate step: keep the candidate with the smallest error (the first of equal ones).
+
+        ``evaluator(rows)(value)``: the error of ``value`` on ``rows``, a number, or each row's error (summed
+        over every rank's rows of the group by ``shard.sums``)."""
         for g, rows in enumerate(self.rows):
             x = self.x[rows]
             score = evaluator(rows)
-            for step in self._steps(x):
+            for step in self._steps(*self.ranges[g]):
                 trial = self._trial(x, {k: v[g] for k, v in self.tables.items()}, step)
-                best, best_error = None, math.inf
-                for i in range(len(self.alphas)):
-                    error = score(trial(i))
-                    if error < best_error:
-                        best, best_error = i, error
+                errors = [score(trial(i)) for i in range(len(self.alphas))]
+                if isinstance(errors[0], Tensor):
+                    errors = self.shard.sums([torch.stack(errors, dim=1)], None if isinstance(rows, slice) else rows)[0]
+                best = _first_minimum(torch.as_tensor(errors, dtype=torch.float64))
                 for k, v in step.items():
                     self.tables[k][g] = v[best]
         self.current = self.quantize_rows(self.x, slice(None))
@@ -168,11 +227,17 @@ class WeightQuantizer:
         self.scale, self.zero_point = qparams_from_range(self.lo, self.hi, spec)
         self.current = fake_quantize(self.weight, self.scale, self.zero_point, spec)
 
-    def search(self, channel_errors: Callable[[Tensor], Tensor]) -> None:
+    def search(self, channel_errors: Callable[[Tensor], Tensor],
+               sums: Callable[[Iterable[Tensor]], list[Tensor]] | None = None) -> None:
+        """Per channel, the candidate scale with the smallest error (the first of equal ones).
+
+        ``channel_errors(w)``: the error of each output channel with weight ``w``, or, with ``sums``, its
+        per-row parts that ``sums`` adds up over every rank's rows (``Shard.sums``)."""
+        candidates = [qparams_from_range(alpha * self.lo, alpha * self.hi, self.spec) for alpha in self.alphas]
+        found = (channel_errors(fake_quantize(self.weight, scale, zero_point, self.spec))
+                 for scale, zero_point in candidates)
         best_error = None
-        for alpha in self.alphas:
-            scale, zero_point = qparams_from_range(alpha * self.lo, alpha * self.hi, self.spec)
-            errors = channel_errors(fake_quantize(self.weight, scale, zero_point, self.spec))
+        for (scale, zero_point), errors in zip(candidates, found if sums is None else sums(found), strict=True):
             if self.spec.granularity != "channel":
                 errors = errors.sum()
             if best_error is None:
@@ -188,6 +253,11 @@ class WeightQuantizer:
         return quantize(self.weight, self.scale, self.zero_point, self.spec), self.scale, self.zero_point
 
 
+def _first_minimum(errors: Tensor) -> int:
+    """The index of the smallest error, the first of equal ones (NaN never wins)."""
+    return int(torch.nan_to_num(errors, nan=math.inf).argmin())
+
+
 # ---- layers ----------------------------------------------------------------------------------------
 
 class _Layer:
@@ -196,8 +266,8 @@ class _Layer:
     The error sum g^2 (Y_hat - Y)^2 is computed as the squared norm of g Y_hat - g Y, in place on Y_hat.
     """
 
-    def __init__(self, y: Tensor, grad: Tensor | None):
-        self.y, self.grad = y, grad
+    def __init__(self, y: Tensor, grad: Tensor | None, shard: Shard):
+        self.y, self.grad, self.shard = y, grad, shard
         self.grad_y = None if grad is None else grad * y
 
     def residual(self, out: Tensor) -> Tensor:
@@ -210,23 +280,24 @@ class _Layer:
     def operand_values(self, rows: Any) -> list[Tensor]:
         raise NotImplementedError
 
-    def evaluator(self, which: int) -> Callable[[Any], Callable[[Tensor], float]]:
-        """``evaluator(rows)(value)``: the weighted error with operand ``which`` set to ``value`` on ``rows``."""
-        def for_rows(rows: Any) -> Callable[[Tensor], float]:
+    def evaluator(self, which: int) -> Callable[[Any], Callable[[Tensor], Tensor]]:
+        """``evaluator(rows)(value)``: the weighted error of each row of ``rows`` with operand ``which`` set to
+        ``value``."""
+        def for_rows(rows: Any) -> Callable[[Tensor], Tensor]:
             restricted = _Rows(self, rows)
             others = self.operand_values(rows)
 
-            def score(value: Tensor) -> float:
+            def score(value: Tensor) -> Tensor:
                 operands = list(others)
                 operands[which] = value
-                residual = restricted.residual(self.output(operands)).reshape(-1)
-                return float(torch.dot(residual, residual))
+                return _row_errors(restricted.residual(self.output(operands)))
             return score
         return for_rows
 
     def sqnr_db(self) -> float:
-        noise = float((self.output(self.operand_values(slice(None))) - self.y).square().sum(dtype=torch.float64))
-        signal = float(self.y.square().sum(dtype=torch.float64))
+        noise, signal = self.shard.sums([_row_errors(self.output(self.operand_values(slice(None))) - self.y),
+                                         _row_errors(self.y)])
+        noise, signal = float(noise), float(signal)
         return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
 
 
@@ -246,8 +317,8 @@ class _WeightedLayer(_Layer):
     """A linear or conv2d: operand 0 is the input (a site, or float), operand 1 the weight."""
 
     def __init__(self, node: fx.Node, gm: fx.GraphModule, spec: QuantSpec, site: SiteQuantizer | None,
-                 x: Tensor, y: Tensor, grad: Tensor | None, alphas: Tensor):
-        super().__init__(y, grad)
+                 x: Tensor, y: Tensor, grad: Tensor | None, alphas: Tensor, shard: Shard):
+        super().__init__(y, grad, shard)
         self.site, self.x = site, x
         self.bias = fetch_attr(gm, node.args[2].target).detach() if len(node.args) > 2 and node.args[2] is not None \
             else None
@@ -266,13 +337,14 @@ class _WeightedLayer(_Layer):
         return [x, self.weight_q.current]
 
     def channel_errors(self, w: Tensor) -> Tensor:
+        """Each row's error per output channel (rows, channels), in float64."""
         square = self.residual(self.output([self.operand_values(slice(None))[0], w])).square_()
         if self.conv is None:
-            return square.reshape(-1, square.shape[-1]).sum(0)
-        return square.sum((0, *range(2, square.dim())))
+            return square.reshape(square.shape[0], -1, square.shape[-1]).sum(1, dtype=torch.float64)
+        return square.sum(tuple(range(2, square.dim())), dtype=torch.float64)
 
     def search_round(self) -> None:
-        self.weight_q.search(self.channel_errors)
+        self.weight_q.search(self.channel_errors, self.shard.sums)
         if self.site is not None:
             self.site.search(self.evaluator(0))
 
@@ -280,8 +352,8 @@ class _WeightedLayer(_Layer):
 class _MatmulLayer(_Layer):
     """An attention matmul: both operands are sites; the post-softmax (or q) operand is searched first."""
 
-    def __init__(self, sites: list[SiteQuantizer], y: Tensor, grad: Tensor | None):
-        super().__init__(y, grad)
+    def __init__(self, sites: list[SiteQuantizer], y: Tensor, grad: Tensor | None, shard: Shard):
+        super().__init__(y, grad, shard)
         self.sites = sorted(sites, key=lambda s: s.site.arg)
 
     def output(self, operands: Sequence[Tensor]) -> Tensor:
@@ -377,17 +449,21 @@ def check_search_inputs(spec: ScaleSearchSpec | None, batches: Sequence[Any], no
 
 def search_scales(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation], plan: SitePlan,
                   batches: list[list[Any]], spec: ScaleSearchSpec, noise: list[Tensor] | None = None,
-                  timestep_index: int | None = None, progress: bool = True) -> QuantParams:
+                  timestep_index: int | None = None, progress: bool = True,
+                  dist: Distributed = SINGLE) -> QuantParams:
     """Search every quantized layer's weight scales and every site's parameters (see the module doc).
 
     Returns the weight codes, every site's table (``site_tables``), the time-group ``boundaries``, the
     static input quantizers that ``quant_linear`` holds itself (``activations``) and each layer's SQNR.
 
-    ``noise``: per batch, the eps of Eq. 11 (needed for ``metric: hessian``).
+    ``noise``: per batch, the eps of Eq. 11 (needed for ``metric: hessian``). ``dist``: this rank records
+    and scores its shard of the batches (module doc).
     """
     check_search_inputs(spec, batches, noise)
     alphas = candidate_alphas(spec)
     result = QuantParams()
+    mine = dist.shard(len(batches))
+    shard = Shard(mine.start, tuple(_batch(batches[i]) for i in mine), len(batches), dist)
     row_groups = None
     if any(s.time_grouped for s in plan.sites):
         if timestep_index is None:
@@ -395,28 +471,31 @@ def search_scales(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation]
         timesteps = torch.cat([torch.as_tensor(f[timestep_index]).reshape(-1).expand(_batch(f))
                                for f in batches])
         result.boundaries = group_boundaries(timesteps, plan.groups)
-        row_groups = group_index(timesteps, result.boundaries)
+        first = sum(_batch(f) for f in batches[:mine.start])
+        row_groups = group_index(timesteps, result.boundaries)[first:first + sum(shard.sizes)]
     names = {name: a.name for name, a in annotations.items()} | {n: m.name for n, m in plan.matmuls.items()}
     units: dict[str, list[str]] = {}
     for node in gm.graph.nodes:
         if node.name in names:
             units.setdefault(unit_of(names[node.name]), []).append(node.name)
     nodes = {n.name: n for n in gm.graph.nodes}
-    rows = sum(_batch(f) for f in batches)
+    rows = max(sum(_batch(batches[i]) for i in dist.shard_of(r, len(batches))) for r in range(dist.world_size))
+    local = [batches[i] for i in mine]
+    local_noise = None if noise is None or spec.metric != "hessian" else [noise[i] for i in mine]
     bar = tqdm(total=len(names), desc=f"scale search ({spec.metric})", unit="layer", disable=not progress)
     for members in _passes(units, nodes, plan, rows):
         wanted = {name: [s.arg for s in plan.of(name)] or [0] for name in members}
-        inputs, outputs, grads = collect(gm, wanted, batches, noise if spec.metric == "hessian" else None)
+        inputs, outputs, grads = collect(gm, wanted, local, local_noise)
         for name in members:
             bar.set_postfix_str(names[name])
-            sites = {s.arg: SiteQuantizer(s, inputs[(name, s.arg)], row_groups, plan.groups, alphas)
+            sites = {s.arg: SiteQuantizer(s, inputs[(name, s.arg)], row_groups, plan.groups, alphas, shard)
                      for s in plan.of(name)}
             grad = grads.get(name)
             if name in plan.matmuls:
-                layer: Any = _MatmulLayer(list(sites.values()), outputs[name], grad)
+                layer: Any = _MatmulLayer(list(sites.values()), outputs[name], grad, shard)
             else:
                 layer = _WeightedLayer(nodes[name], gm, annotations[name].weights, sites.get(0),
-                                       inputs[(name, 0)], outputs[name], grad, alphas)
+                                       inputs[(name, 0)], outputs[name], grad, alphas, shard)
             for _ in range(spec.rounds):
                 layer.search_round()
             if name not in plan.matmuls:
@@ -458,5 +537,5 @@ def _batch(flat: list[Any]) -> int:
     return next(v.shape[0] for v in flat if isinstance(v, Tensor) and v.dim() > 0)
 
 
-__all__ = ["SiteQuantizer", "WeightQuantizer", "candidate_alphas", "check_search_inputs", "collect",
+__all__ = ["Shard", "SiteQuantizer", "WeightQuantizer", "candidate_alphas", "check_search_inputs", "collect",
            "search_scales"]

@@ -23,6 +23,11 @@ image data; without noise, the teacher's output takes its place (``output_weight
 
 Optimiser: AdamW, ``lr`` (with ``weight_decay``) on latent weights and biases, ``scale_lr`` (no
 decay) on scales, both decayed to 0 by a cosine schedule. Everything else in the model is frozen.
+
+Over several processes (``ditq_compiler.distributed``) every rank draws the same minibatch each step
+and computes its rows [r m / N, (r + 1) m / N); its loss is those rows' part of the minibatch's (sums
+divided by the minibatch's counts), the gradients are summed over the ranks and every rank takes the
+same step. Evaluations split the rows and sum the ranks' parts.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from tqdm.auto import tqdm
 
 from ditq_compiler.calibration.params import QuantParams
+from ditq_compiler.distributed import SINGLE, Distributed
 from ditq_compiler.meta import LayerAnnotation
 from ditq_compiler.graph import block_outputs, unit_of
 from ditq_compiler.recipe import DistillationSpec
@@ -118,6 +124,14 @@ def salience_residual(fp: Tensor, q: Tensor, leniency: float) -> Tensor:
     return fp.abs() * error
 
 
+def _mean(values: Tensor, rows: int | None) -> Tensor:
+    """The mean of ``values`` (batch-first), or with ``rows`` (the minibatch's row count, of which ``values``
+    holds some) these rows' part of the minibatch's mean."""
+    if rows is None:
+        return values.mean()
+    return values.sum() / (values.numel() // values.shape[0] * rows)
+
+
 @dataclass(frozen=True)
 class Connection:
     """BiDM+'s TES in the student: where, how, and what rebuilds a row's neighbouring (noisier) sampler step."""
@@ -135,9 +149,11 @@ class Distiller:
     def __init__(self, gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                  act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
                  sample_dependent: set[str], with_blocks: bool, noise: list[Tensor] | None = None,
-                 connection: Connection | None = None, max_batch: int | None = None):
+                 connection: Connection | None = None, max_batch: int | None = None,
+                 dist: Distributed = SINGLE):
         if not inputs:
             raise ValueError("distillation needs calibration inputs; the calibration set is empty")
+        self.dist = dist
         self.inputs, self.size = stack_inputs(inputs)
         self.noise = None if noise is None else torch.cat(noise)     # the eps of each row, for L_DM
         self.connection = connection
@@ -185,9 +201,12 @@ class Distiller:
             self._outputs = [torch.cat(parts) for parts in zip(*chunks, strict=True)]
         return self._outputs
 
-    def loss(self, index: Tensor, spec: DistillationSpec) -> tuple[Tensor, Tensor, Tensor]:
+    def loss(self, index: Tensor, spec: DistillationSpec,
+             minibatch: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(total, output term, block term) on the calibration inputs ``index``; the output term is the MSE to the
-        teacher's output and, with ``dm_weight``, the diffusion loss ``mean (eps - eps_q)^2`` (BiDM+'s L_DM)."""
+        teacher's output and, with ``dm_weight``, the diffusion loss ``mean (eps - eps_q)^2`` (BiDM+'s L_DM).
+        With ``minibatch``, ``index`` is part of a minibatch of that many rows and the loss is its part of the
+        minibatch's."""
         rows = select_rows(self.inputs, self.size, index)
         mimic = spec.block_weight > 0 and self.student_taps
         if mimic:
@@ -197,27 +216,30 @@ class Distiller:
         else:
             target = [t[index] for t in self._targets()]
         out = _float_outputs(self._student(rows, index))
-        mse = sum((o - t).square().mean() for o, t in zip(out, target, strict=True)) / len(out)
+        mse = sum(_mean((o - t).square(), minibatch) for o, t in zip(out, target, strict=True)) / len(out)
         if spec.dm_weight > 0:
             eps = self.noise[index]
-            mse = spec.output_weight * mse + spec.dm_weight * (out[0][:, :eps.shape[1]] - eps).square().mean()
+            mse = spec.output_weight * mse + spec.dm_weight * _mean((out[0][:, :eps.shape[1]] - eps).square(),
+                                                                    minibatch)
         else:
             mse = spec.output_weight * mse
         block = torch.zeros(())
         if mimic:
-            block = sum(salience_residual(t, tap.value, spec.leniency).square().mean()
+            block = sum(_mean(salience_residual(t, tap.value, spec.leniency).square(), minibatch)
                         for t, tap in zip(target_blocks, self.student_taps, strict=True)) / len(self.student_taps)
         return mse + spec.block_weight * block, mse, block
 
     def evaluate(self, spec: DistillationSpec, rows: int | None = None) -> float:
-        """Mean loss over the first ``rows`` calibration inputs (all by default), no gradients."""
+        """Mean loss over the first ``rows`` calibration inputs (all by default), no gradients (each rank
+        its share of the rows)."""
         count = self.size if rows is None else min(rows, self.size)
+        mine = self.dist.shard(count)
         total = 0.0
         with torch.no_grad():
-            for start in range(0, count, self.chunk):
-                index = torch.arange(start, min(count, start + self.chunk))
+            for start in range(mine.start, mine.stop, self.chunk):
+                index = torch.arange(start, min(mine.stop, start + self.chunk))
                 total += float(self.loss(index, spec)[0]) * len(index)
-        return total / count
+        return float(self.dist.total(torch.tensor(total, dtype=torch.float64))) / count
 
     def train(self, spec: DistillationSpec, iterations: int, progress: bool = True, desc: str = "distill") -> None:
         if iterations == 0:
@@ -233,13 +255,22 @@ class Distiller:
         optimizer = torch.optim.AdamW(groups)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=0.0)
         generator = torch.Generator().manual_seed(spec.seed)
+        learned = [p for group in groups for p in group["params"]]
+        m = min(spec.batch_size, self.size)
+        mine, minibatch = slice(None), None        # this rank's rows of each minibatch (module doc)
+        if self.dist.active:
+            if m < self.dist.world_size:
+                raise ValueError(f"distillation minibatches of {m} rows cannot be split over "
+                                 f"{self.dist.world_size} processes: raise batch_size, or use fewer processes")
+            mine, minibatch = self.dist.split(m), m
         bar = tqdm(range(iterations), desc=desc, unit="it", disable=not progress)
         average = None
         for step in bar:
-            index = torch.randint(0, self.size, (min(spec.batch_size, self.size),), generator=generator)
-            loss, mse, block = self.loss(index, spec)
+            index = torch.randint(0, self.size, (m,), generator=generator)[mine]
+            loss, mse, block = self.loss(index, spec, minibatch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self.dist.sum_gradients(learned)
             optimizer.step()
             schedule.step()
             value = float(loss.detach())
@@ -250,6 +281,7 @@ class Distiller:
         for group in groups:
             for p in group["params"]:
                 p.requires_grad_(False)
+        self.dist.broadcast_tensors(learned)   # equal already (the same steps from the same sums): to be sure
 
     def result(self) -> QuantParams:
         """Every layer's trained codes, biases and activation parameters, and TES's coefficients per site."""
@@ -298,11 +330,12 @@ def distill(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
             act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
             spec: DistillationSpec, sample_dependent: set[str], progress: bool = True,
             noise: list[Tensor] | None = None, connection: Connection | None = None,
-            max_batch: int | None = None) -> QuantParams:
+            max_batch: int | None = None, dist: Distributed = SINGLE) -> QuantParams:
     """Distil the quantized version of ``gm`` (not modified) into trained codes, scales and biases; the loss
-    before and after is in ``trace["distill"]``. ``noise``: the eps of each calibration call (for ``dm_weight``)."""
+    before and after is in ``trace["distill"]``. ``noise``: the eps of each calibration call (for ``dm_weight``);
+    ``dist``: the ranks split each minibatch (module doc)."""
     distiller = Distiller(gm, annotations, act_qparams, inputs, sample_dependent, with_blocks=spec.block_weight > 0,
-                          noise=noise, connection=connection, max_batch=max_batch)
+                          noise=noise, connection=connection, max_batch=max_batch, dist=dist)
     before = distiller.evaluate(spec)
     distiller.train(spec, spec.iterations, progress)
     result = distiller.result()

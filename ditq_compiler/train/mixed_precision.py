@@ -41,6 +41,7 @@ from torch import Tensor, fx
 from tqdm.auto import tqdm
 
 from ditq_compiler.annotate import LayerAnnotation
+from ditq_compiler.distributed import SINGLE, Distributed
 from ditq_compiler.pipeline import fetch_attr
 from ditq_compiler.recipe import DistillationSpec, MixedPrecisionSpec, Recipe
 from ditq_compiler.train.distill import Distiller
@@ -124,11 +125,12 @@ def measure_sensitivity(distiller: Distiller, names: list[str], candidates: tupl
 
 def choose_activation_bits(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation],
                            act_qparams: Mapping[str, tuple[Tensor, Tensor]], inputs: list[dict[str, Any]],
-                           recipe: Recipe, sample_dependent: set[str],
-                           progress: bool = True, max_batch: int | None = None
+                           recipe: Recipe, sample_dependent: set[str], progress: bool = True,
+                           max_batch: int | None = None, dist: Distributed = SINGLE
                            ) -> tuple[dict[str, LayerAnnotation], Allocation]:
     """AMPN: measure sensitivities, allocate widths, return the re-annotated layers (``gm`` keeps the new
-    annotations in the nodes' meta records)."""
+    annotations in the nodes' meta records). ``dist``: the ranks split the search's distillation steps and
+    the sensitivity measurements (``distill.py``); rank 0's allocation is every rank's."""
     spec: MixedPrecisionSpec = recipe.mixed_precision
     names = [n for n, a in annotations.items() if a.activations is not None and a.activations.granularity == "token"]
     if not names:
@@ -136,12 +138,12 @@ def choose_activation_bits(gm: fx.GraphModule, annotations: Mapping[str, LayerAn
     distillation = recipe.distillation or _OUTPUT_ONLY
     distiller = Distiller(gm, annotations, act_qparams, inputs, sample_dependent,
                           with_blocks=distillation.block_weight > 0 and spec.sensitivity == "distilled",
-                          max_batch=max_batch)
+                          max_batch=max_batch, dist=dist)
     if spec.sensitivity == "distilled":
         distiller.train(distillation, spec.search_iterations, progress, desc="distill (AMPN search)")
     base, sensitivity = measure_sensitivity(distiller, names, spec.candidates, progress)
     cost = {n: layer_cost(gm, n, spec.weighting) for n in names}
-    bits = allocate(sensitivity, cost, spec.budget)
+    bits = dist.broadcast(allocate(sensitivity, cost, spec.budget))   # one allocation, whatever the float sums
     nodes = {n.name: n for n in gm.graph.nodes}
     updated = dict(annotations)
     for name, width in bits.items():

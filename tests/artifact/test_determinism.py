@@ -52,9 +52,9 @@ def test_same_inputs_and_seed_give_bitwise_identical_artifacts_in_any_process(tm
     for name in names:
         if name not in manifest["volatile"]:
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    # the one volatile file holds only when and how long
+    # the one volatile file holds only when, how long and over how many processes
     assert set(json.loads((a / "run.json").read_text())) == {"created", "stage_seconds", "block_seconds",
-                                                             "resumed_from_cache"}
+                                                             "resumed_from_cache", "world_size"}
     # and another seed is another artifact (the check above can fail)
     c = _compile_and_save(tmp_path / "c", seed=8)
     assert (a / "tensors.safetensors").read_bytes() != (c / "tensors.safetensors").read_bytes()
