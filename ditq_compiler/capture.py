@@ -7,8 +7,17 @@ timestep stays a graph input (time-aware quantizers read it at run time). A Pyth
 number passed as the timestep is turned into a tensor of the batch size first;
 otherwise ``torch.export`` would bake it into the graph as a constant.
 
-The batch dimension of every tensor input is exported as ``Dim.AUTO``: dynamic where
-the model allows it, so calibration and inference may use other batch sizes.
+The batch: dim 0 of the sample, and of every tensor input whose dim 0 has the sample's
+size at capture, is exported as ``Dim.AUTO`` (dynamic where the model allows it), so
+calibration and inference may use other batch sizes. Inputs whose dim 0 is something
+else (Flux's ``img_ids`` / ``txt_ids``, one row per token, shared by the batch) keep it
+static. At call time every batched input must have the sample's batch.
+
+Drop-in calls. The captured signature is ``forward``'s, with every tensor input the graph
+takes required and every other argument defaulting to the value it was captured with
+(``return_dict`` is exported at its default). A call may pass any argument ``forward``
+takes: ``return_dict=False`` gives the original's tuple; another non-tensor argument equal
+to its captured value is accepted, a different one is an error naming the argument.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from torch.export import Dim
 
 TIMESTEP_NAMES = ("timestep", "timesteps", "t", "time", "sigma", "sigmas")
 SAMPLE_NAMES = ("hidden_states", "sample", "x", "latents", "latent", "img")
+OUTPUT_OPTIONS = ("return_dict",)    # arguments that choose the output's form, not its values
 
 
 class CaptureError(RuntimeError):
@@ -33,7 +43,7 @@ class CaptureError(RuntimeError):
 
 @dataclass
 class CapturedModel:
-    """The exported graph and what is needed to call it like the original model."""
+    """The exported graph and what is needed to call it like the original model (module docs)."""
 
     graph_module: fx.GraphModule
     signature: inspect.Signature
@@ -41,45 +51,166 @@ class CapturedModel:
     sample_input: str                 # placeholder of the noisy sample / latent
     timestep_input: str | None        # placeholder of the timestep, if the model takes one
     model_class: str
+    constants: dict[str, Any] | None = None   # captured values of the inputs that carry no tensor
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """Map a call of the original model onto the exported inputs, by name, and check their shapes."""
-        inputs = bind_inputs(self.signature, args, kwargs, self.timestep_input,
-                             expected=self.input_names, model_class=self.model_class)
-        check_shapes(self.graph_module, inputs, self.model_class)
+        """Map a call of the original model onto the exported inputs, by name, and check them (module docs)."""
+        plan = self.call_plan
+        inputs = plan.graph_inputs(plan.arguments(args, kwargs))
+        plan.check(inputs)
         return inputs
 
+    @property
+    def call_plan(self) -> CallPlan:
+        """What ``bind`` checks, read once from the signature and the graph (plain values, so that
+        ``torch.compile`` traces a call without touching the graph)."""
+        plan = getattr(self, "_call_plan", None)
+        if plan is None:
+            plan = CallPlan.of(self)
+            object.__setattr__(self, "_call_plan", plan)
+        return plan
 
-def check_shapes(gm: fx.GraphModule, inputs: dict[str, Any], model_class: str) -> None:
-    """Every tensor input has the rank and the static sizes the graph was exported with.
 
-    Dimensions exported as dynamic (the batch) may take any size; the others are fixed by the
-    export (a DiT's pos-embedding fixes its latent size), and a different size is named here
-    rather than failing deep inside the graph.
-    """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    flat = torch.utils._pytree.tree_flatten_with_path(((), inputs))[0]
-    if len(flat) != len(placeholders):    # a call torch.export's own guards will judge
-        return
-    for (path, value), node in zip(flat, placeholders, strict=True):
-        expected = node.meta.get("val")
-        if not isinstance(value, torch.Tensor) or not isinstance(expected, torch.Tensor):
-            continue
-        name = torch.utils._pytree.keystr(path[1:]).strip("[]'\"")
-        shown = "(" + ", ".join(str(d) if isinstance(d, int) else "any" for d in expected.shape) + ")"
-        if value.dim() != expected.dim():
-            raise ValueError(f"{model_class}: input '{name}' has {value.dim()} dims, shape {tuple(value.shape)}; "
-                             f"the model was compiled for shape {shown}")
-        for dim, (got, want) in enumerate(zip(value.shape, expected.shape, strict=True)):
-            if isinstance(want, int) and got != want:
-                raise ValueError(
-                    f"{model_class}: input '{name}' has size {got} in dim {dim} (shape {tuple(value.shape)}); "
-                    f"the model was compiled for shape {shown}, where dim {dim} is fixed at {want}. Compile with "
-                    "example inputs of the size you deploy, or ask for that dim in dynamic_shapes=")
+@dataclass(frozen=True)
+class CallPlan:
+    """How a call of the original ``forward`` becomes the graph's inputs (``CapturedModel.bind``)."""
+
+    model_class: str
+    positional: tuple[str, ...]          # parameters that may be passed by position, in order
+    named: frozenset[str]                # every named parameter
+    var_keyword: bool                    # forward takes **kwargs (flattened into the inputs)
+    input_names: tuple[str, ...]
+    tensors: tuple[str, ...]             # inputs that carry tensors: every call passes them
+    fixed: dict[str, Any]                # the other arguments: their captured (or default) values
+    timestep: str | None
+    sample: str
+    shapes: tuple[tuple[int | None, ...] | None, ...]   # per graph input leaf: its shape, None where dynamic
+    batched: tuple[int, ...]             # leaves whose dim 0 is the batch
+    sample_leaf: int | None
+
+    @classmethod
+    def of(cls, captured: CapturedModel) -> CallPlan:
+        parameters = captured.signature.parameters.values()
+        constants = captured.constants or {}
+        fixed = {p.name: p.default for p in parameters
+                 if p.default is not inspect.Parameter.empty and p.name not in captured.input_names}
+        fixed.update(constants)
+        shapes, batched, sample_leaf = [], [], None
+        for i, node in enumerate(n for n in captured.graph_module.graph.nodes if n.op == "placeholder"):
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                shapes.append(None)
+                continue
+            shapes.append(tuple(d if isinstance(d, int) else None for d in val.shape))
+            if val.dim() > 0 and not isinstance(val.shape[0], int):
+                batched.append(i)
+            if node.name == captured.sample_input:
+                sample_leaf = i
+        return cls(captured.model_class,
+                   tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)),
+                   frozenset(p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)),
+                   any(p.kind is p.VAR_KEYWORD for p in parameters), captured.input_names,
+                   tuple(n for n in captured.input_names if n not in constants), fixed, captured.timestep_input,
+                   captured.sample_input, tuple(shapes), tuple(batched), sample_leaf)
+
+    def arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The call's arguments by name, as ``forward`` would bind them."""
+        cls = self.model_class
+        if len(args) > len(self.positional):
+            raise TypeError(f"{cls}: forward takes {len(self.positional)} positional arguments "
+                            f"({', '.join(self.positional)}), the call gave {len(args)}")
+        values = dict(zip(self.positional, args, strict=False))
+        for name, value in kwargs.items():
+            if name in values:
+                raise TypeError(f"{cls}: argument '{name}' given both by position and by name")
+            if name not in self.named and not self.var_keyword:
+                raise TypeError(f"{cls}: forward has no argument '{name}' (it takes {', '.join(sorted(self.named))})")
+            values[name] = value
+        return values
+
+    def graph_inputs(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The graph's inputs, in export order; every argument that is not one must keep its captured value."""
+        cls = self.model_class
+        missing = [name for name in self.tensors if values.get(name) is None]
+        if missing:
+            raise TypeError(f"{cls}: the call lacks {missing}; the model was compiled with tensor inputs "
+                            f"{list(self.tensors)}, and each call must pass them")
+        for name, value in values.items():
+            if name in self.tensors or name in OUTPUT_OPTIONS:
+                continue
+            if name not in self.fixed:
+                raise TypeError(f"{cls} was compiled for inputs {list(self.input_names)}; this call adds '{name}'")
+            if not _same(value, self.fixed[name]):
+                raise TypeError(f"{cls}: argument '{name}' is {_describe(value)} in this call but was "
+                                f"{_describe(self.fixed[name])} when the model was compiled; a compiled graph keeps "
+                                f"its non-tensor arguments as captured. Pass {name}={_describe(self.fixed[name])} "
+                                f"(or leave it out), or compile again with calls that pass the value you need")
+        inputs = {name: values[name] if name in self.tensors else self.fixed[name] for name in self.input_names}
+        if self.timestep is not None and isinstance(inputs.get(self.timestep), (int, float)) \
+                and not isinstance(inputs.get(self.timestep), bool):
+            inputs[self.timestep] = _timestep_tensor(inputs[self.timestep], _batch_size(inputs, self.sample))
+        return inputs
+
+    def check(self, inputs: dict[str, Any]) -> None:
+        """Every tensor input has the rank and the static sizes it was exported with, and every batched input
+        the sample's batch; a mismatch names the input rather than failing deep inside the graph."""
+        leaves = torch.utils._pytree.tree_leaves(((), inputs))
+        if len(leaves) != len(self.shapes):    # a call torch.export's own guards will judge
+            return
+        for i, (value, want) in enumerate(zip(leaves, self.shapes, strict=True)):
+            if want is not None and isinstance(value, torch.Tensor) and not _fits(value, want):
+                raise ValueError(_shape_message(self.model_class, _leaf_name(inputs, i), value, want))
+        if self.sample_leaf is None or not isinstance(leaves[self.sample_leaf], torch.Tensor):
+            return
+        batch = leaves[self.sample_leaf].shape[0]
+        for i in self.batched:
+            if isinstance(leaves[i], torch.Tensor) and leaves[i].shape[0] != batch:
+                name = _leaf_name(inputs, i)
+                raise ValueError(f"{self.model_class}: input '{name}' has batch {leaves[i].shape[0]} "
+                                 f"(shape {tuple(leaves[i].shape)}) but the sample '{self.sample}' has batch {batch}: "
+                                 f"give '{name}' one row per sample (e.g. expand a single value to {batch} rows)")
+
+
+def _fits(value: torch.Tensor, want: tuple[int | None, ...]) -> bool:
+    """``value`` has ``want``'s rank and its sizes where they are static (None: any size)."""
+    return value.dim() == len(want) and all(w is None or g == w for g, w in zip(value.shape, want, strict=True))
+
+
+def _same(value: Any, captured: Any) -> bool:
+    if isinstance(value, torch.Tensor) or isinstance(captured, torch.Tensor):
+        return value is captured
+    try:
+        return bool(value == captured)
+    except Exception:   # a type whose == does not give a bool
+        return value is captured
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value)
+
+
+def _leaf_name(inputs: dict[str, Any], index: int) -> str:
+    path = torch.utils._pytree.tree_flatten_with_path(((), inputs))[0][index][0]
+    return torch.utils._pytree.keystr(path[1:]).strip("[]'\"").replace("']['", ".")
+
+
+def _shape_message(model_class: str, name: str, value: torch.Tensor, want: tuple[int | None, ...]) -> str:
+    shown = "(" + ", ".join("any" if d is None else str(d) for d in want) + ")"
+    if value.dim() != len(want):
+        return (f"{model_class}: input '{name}' has {value.dim()} dims, shape {tuple(value.shape)}; "
+                f"the model was compiled for shape {shown}")
+    dim = next(i for i, (g, w) in enumerate(zip(value.shape, want, strict=True)) if w is not None and g != w)
+    return (f"{model_class}: input '{name}' has size {value.shape[dim]} in dim {dim} (shape {tuple(value.shape)}); "
+            f"the model was compiled for shape {shown}, where dim {dim} is fixed at {want[dim]}. Compile with "
+            "example inputs of the size you deploy, or ask for that dim in dynamic_shapes=")
 
 
 def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict, timestep_name: str | None,
-                expected: tuple[str, ...] | None = None, model_class: str = "model") -> dict[str, Any]:
+                expected: tuple[str, ...] | None = None, model_class: str = "model",
+                sample_name: str | None = None) -> dict[str, Any]:
+    """``signature.bind`` of a call, ``**kwargs`` flattened, a Python-number timestep made a tensor."""
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as e:
@@ -88,12 +219,9 @@ def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict, timeste
     for name, param in signature.parameters.items():       # **kwargs parameters are flattened
         if param.kind is inspect.Parameter.VAR_KEYWORD and name in inputs:
             inputs.update(inputs.pop(name))
-    if timestep_name and not isinstance(inputs.get(timestep_name), torch.Tensor) \
-            and isinstance(inputs.get(timestep_name), (int, float)):
-        batch = _batch_size(inputs)
-        inputs[timestep_name] = torch.full((batch,), inputs[timestep_name],
-                                           dtype=torch.float32 if isinstance(inputs[timestep_name], float)
-                                           else torch.long)
+    if timestep_name and isinstance(inputs.get(timestep_name), (int, float)) \
+            and not isinstance(inputs.get(timestep_name), bool):
+        inputs[timestep_name] = _timestep_tensor(inputs[timestep_name], _batch_size(inputs, sample_name))
     if expected is not None and tuple(inputs) != expected:
         missing = [n for n in expected if n not in inputs]
         extra = [n for n in inputs if n not in expected]
@@ -103,7 +231,14 @@ def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict, timeste
     return inputs
 
 
-def _batch_size(inputs: dict[str, Any]) -> int:
+def _timestep_tensor(value: int | float, batch: int) -> torch.Tensor:
+    return torch.full((batch,), value, dtype=torch.float32 if isinstance(value, float) else torch.long)
+
+
+def _batch_size(inputs: dict[str, Any], sample_name: str | None = None) -> int:
+    sample = inputs.get(sample_name) if sample_name else None
+    if isinstance(sample, torch.Tensor) and sample.dim() > 0:
+        return sample.shape[0]
     for value in inputs.values():
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
@@ -183,14 +318,19 @@ def capture(model: torch.nn.Module, example_inputs: tuple[tuple, dict] | dict | 
         args, kwargs = example_inputs
     names = [n for n, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     timestep_name = _find_input(names, TIMESTEP_NAMES)
-    inputs = bind_inputs(signature, tuple(args), dict(kwargs), timestep_name, model_class=cls)
+    inputs = bind_inputs(signature, tuple(args), dict(kwargs), None, model_class=cls)
+    for option in OUTPUT_OPTIONS:          # exported at its default: the output object, made a tuple on request
+        inputs.pop(option, None)
     sample_name = _find_input(inputs, SAMPLE_NAMES) or next(
         (n for n, v in inputs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
     if sample_name is None:
         raise CaptureError(f"{cls}: none of the inputs {list(inputs)} is a floating-point sample tensor")
+    if timestep_name and isinstance(inputs.get(timestep_name), (int, float)):
+        inputs[timestep_name] = _timestep_tensor(inputs[timestep_name], _batch_size(inputs, sample_name))
 
     copy_ = copy.deepcopy(model).eval()
-    dynamic = {name: _batch_dims(value) for name, value in inputs.items()}
+    batch = inputs[sample_name].shape[0] if isinstance(inputs[sample_name], torch.Tensor) else None
+    dynamic = {name: _batch_dims(value, batch) for name, value in inputs.items()}
     for name, dims in (dynamic_shapes or {}).items():
         value = inputs.get(name)
         if not isinstance(value, torch.Tensor):
@@ -226,7 +366,17 @@ def capture(model: torch.nn.Module, example_inputs: tuple[tuple, dict] | dict | 
         timestep_input=(timestep_name if timestep_name in placeholders else _placeholder_for(gm, timestep_name))
         if timestep_name in inputs else None,
         model_class=cls,
+        constants=captured_constants(inputs),
     )
+
+
+def captured_constants(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs of a bound call that carry no tensor: the graph holds them as constants."""
+    return {name: value for name, value in inputs.items() if not _has_tensor(value)}
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in torch.utils._pytree.tree_leaves(value))
 
 
 def _constraint_message(cls: str, error: str, requested: dict[str, dict[int, Any]]) -> str:
@@ -241,13 +391,14 @@ def _constraint_message(cls: str, error: str, requested: dict[str, dict[int, Any
             (f"\n  torch suggests: {'; '.join(fixes)}" if fixes else ""))
 
 
-def _batch_dims(value: Any):
+def _batch_dims(value: Any, batch: int | None):
+    """``{0: Dim.AUTO}`` for tensors whose dim 0 has the sample's batch size; other dims stay static."""
     if isinstance(value, torch.Tensor):
-        return {0: Dim.AUTO} if value.dim() > 0 else None
+        return {0: Dim.AUTO} if value.dim() > 0 and value.shape[0] == batch else None
     if isinstance(value, dict):
-        return {k: _batch_dims(v) for k, v in value.items()}
+        return {k: _batch_dims(v, batch) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_batch_dims(v) for v in value)
+        return type(value)(_batch_dims(v, batch) for v in value)
     return None
 
 

@@ -16,6 +16,7 @@ from torch import fx
 
 from ditq_compiler import meta
 from ditq_compiler.artifact.store import read_artifact, write_artifact
+from ditq_compiler.capture import captured_constants
 from ditq_compiler.inspection.summary import Summary
 from ditq_compiler.records import CompileRecord
 from ditq_compiler.report import rotation_table, sites_table, summary_rows
@@ -37,9 +38,21 @@ class CompiledModel(torch.nn.Module):
         super().__init__()
         self.graph_module = record.graph_module    # a submodule: moves with .to(), saved in state_dict()
         self.record = record                       # not a module: the reference graph is not a second copy
+        if record.captured.constants is None and record.provenance is not None \
+                and record.provenance.example_inputs is not None:   # an artifact keeps them in its example call
+            record.captured.constants = captured_constants(record.provenance.example_inputs)
+        _ = record.captured.call_plan              # read the graph once, before any torch.compile traces a call
+        for parameter in self.graph_module.parameters():   # an inference graph: torch.compile traces no backward
+            parameter.requires_grad_(False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.graph_module(**self.captured.bind(args, kwargs))
+        """The original ``forward``'s call: same arguments, same output (``return_dict=False``: its tuple)."""
+        plan = self.captured.call_plan
+        values = plan.arguments(args, kwargs)
+        inputs = plan.graph_inputs(values)
+        plan.check(inputs)
+        out = self.graph_module(**inputs)
+        return out if values.get("return_dict", True) is not False else output_tuple(out)
 
     # ---- what the record holds ---------------------------------------------------------------
     @property
@@ -201,6 +214,13 @@ class CompiledModel(torch.nn.Module):
         """Write an opset-21 Q/DQ ONNX model for ``target`` ("ort" or "tensorrt"); see ``backends/onnx.py``."""
         from ditq_compiler.backends.onnx import export_compiled   # onnx and onnxscript load only when exporting
         return export_compiled(self, path, target, **options)
+
+
+def output_tuple(out: Any) -> tuple:
+    """A diffusers output as its ``to_tuple()``, as ``return_dict=False`` gives it; a tuple as it is."""
+    if hasattr(out, "to_tuple"):
+        return out.to_tuple()
+    return out if isinstance(out, tuple) else (out,)
 
 
 def load(path: str | os.PathLike, progress: bool = False) -> CompiledModel:

@@ -97,7 +97,7 @@ class CompileState:
                              reports=self.reports, stage_seconds=dict(self.stage_seconds),
                              resumed_from_cache=list(self.cache.loaded),
                              provenance=provenance_of(self.model, self.data.source, self.data.calls,
-                                                      self.captured.bind))
+                                                      self.captured.bind, self.captured.call_plan.batched))
 
 
 __all__ = ["CompileOptions", "CompileState"]
