@@ -256,29 +256,61 @@ def auto_example_inputs(model: torch.nn.Module, batch_size: int = 2) -> dict[str
     if cfg is None:
         raise CaptureError(f"{cls}: no example inputs given and the model has no diffusers config to "
                            "build them from. Pass example_inputs=(args, kwargs) or calibration data.")
-    gen = torch.Generator().manual_seed(0)
+    build = _EXAMPLES.get(cls)
+    if build is None:
+        raise CaptureError(f"{cls}: no example inputs given and this model class has no automatic ones "
+                           f"({', '.join(_EXAMPLES)}). Pass example_inputs=(args, kwargs) or calibration data.")
+    return build(cfg, batch_size, torch.Generator().manual_seed(0))
+
+
+def _image(cfg: Any, b: int, gen: torch.Generator) -> torch.Tensor:
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     hw = (size, size) if isinstance(size, int) else size
-    sample = torch.randn(batch_size, cfg.in_channels, *hw, generator=gen)
-    timestep = torch.linspace(1, 999, batch_size).round().long()
-    if cls == "DiTTransformer2DModel":
-        return dict(hidden_states=sample, timestep=timestep,
-                    class_labels=torch.arange(batch_size) % max(cfg.num_embeds_ada_norm or 1, 1))
-    if cls == "PixArtTransformer2DModel":
-        caption = torch.randn(batch_size, 4, cfg.caption_channels, generator=gen)
-        return dict(hidden_states=sample, encoder_hidden_states=caption, timestep=timestep,
-                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
-    if cls == "UNet2DModel":
-        kwargs = dict(sample=sample, timestep=timestep)
-        if cfg.num_class_embeds is not None or cfg.class_embed_type is not None:
-            kwargs["class_labels"] = torch.arange(batch_size) % max(cfg.num_class_embeds or 1, 1)
-        return kwargs
-    if cls == "UNet2DConditionModel":
-        context = torch.randn(batch_size, 4, cfg.cross_attention_dim, generator=gen)
-        return dict(sample=sample, timestep=timestep, encoder_hidden_states=context)
-    raise CaptureError(f"{cls}: no example inputs given and this model class has no automatic ones "
-                       "(DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DModel, UNet2DConditionModel). "
-                       "Pass example_inputs=(args, kwargs) or calibration data.")
+    return torch.randn(b, cfg.in_channels, *hw, generator=gen)
+
+
+def _timesteps(b: int) -> torch.Tensor:
+    return torch.linspace(1, 999, b).round().long()
+
+
+def _text(b: int, width: int, gen: torch.Generator, tokens: int = 4) -> torch.Tensor:
+    return torch.randn(b, tokens, width, generator=gen)
+
+
+def _flux_example(cfg: Any, b: int, gen: torch.Generator) -> dict[str, Any]:
+    """16 packed latent tokens on a 4x4 grid; the position ids have no batch dim (one row per token)."""
+    img_ids = torch.stack([torch.zeros(16), torch.arange(16.0) // 4, torch.arange(16.0) % 4], dim=1)
+    inputs = dict(hidden_states=torch.randn(b, 16, cfg.in_channels, generator=gen),
+                  encoder_hidden_states=_text(b, cfg.joint_attention_dim, gen),
+                  pooled_projections=torch.randn(b, cfg.pooled_projection_dim, generator=gen),
+                  timestep=torch.linspace(0.01, 0.99, b), img_ids=img_ids, txt_ids=torch.zeros(4, 3))
+    if cfg.guidance_embeds:
+        inputs["guidance"] = torch.full((b,), 3.5)
+    return inputs
+
+
+_EXAMPLES = {
+    "DiTTransformer2DModel": lambda cfg, b, gen: dict(
+        hidden_states=_image(cfg, b, gen), timestep=_timesteps(b),
+        class_labels=torch.arange(b) % max(cfg.num_embeds_ada_norm or 1, 1)),
+    "PixArtTransformer2DModel": lambda cfg, b, gen: dict(
+        hidden_states=_image(cfg, b, gen), encoder_hidden_states=_text(b, cfg.caption_channels, gen),
+        timestep=_timesteps(b), added_cond_kwargs={"resolution": None, "aspect_ratio": None}),
+    "SD3Transformer2DModel": lambda cfg, b, gen: dict(
+        hidden_states=_image(cfg, b, gen), encoder_hidden_states=_text(b, cfg.joint_attention_dim, gen),
+        pooled_projections=torch.randn(b, cfg.pooled_projection_dim, generator=gen), timestep=_timesteps(b).float()),
+    "FluxTransformer2DModel": _flux_example,
+    "WanTransformer3DModel": lambda cfg, b, gen: dict(     # 2 latent frames of 8x8
+        hidden_states=torch.randn(b, cfg.in_channels, 2, 8, 8, generator=gen), timestep=_timesteps(b),
+        encoder_hidden_states=_text(b, cfg.text_dim, gen)),
+    "UNet2DModel": lambda cfg, b, gen: dict(
+        sample=_image(cfg, b, gen), timestep=_timesteps(b),
+        **({"class_labels": torch.arange(b) % max(cfg.num_class_embeds or 1, 1)}
+           if cfg.num_class_embeds is not None or cfg.class_embed_type is not None else {})),
+    "UNet2DConditionModel": lambda cfg, b, gen: dict(
+        sample=_image(cfg, b, gen), timestep=_timesteps(b),
+        encoder_hidden_states=_text(b, cfg.cross_attention_dim, gen)),
+}
 
 
 def _source_line(error: BaseException) -> str | None:

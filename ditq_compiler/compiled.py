@@ -180,6 +180,8 @@ class CompiledModel(torch.nn.Module):
         if learned:
             head += (f"\nreconstruction: {len(reports.unit_seconds)} block(s), "
                      f"median {sorted(learned)[len(learned) // 2]:.1f} s per block learned")
+        if reports.float_layers:
+            head += "\n" + float_layers_line(reports.float_layers, self.recipe.quantize_roles)
         if reports.unsupported:
             head += (f"\nleft in float, no quantized lowering ({len(reports.unsupported)}): " +
                      ", ".join(f"{u.name} (aten.{u.op})" for u in reports.unsupported))
@@ -214,6 +216,17 @@ class CompiledModel(torch.nn.Module):
         """Write an opset-21 Q/DQ ONNX model for ``target`` ("ort" or "tensorrt"); see ``backends/onnx.py``."""
         from ditq_compiler.backends.onnx import export_compiled   # onnx and onnxscript load only when exporting
         return export_compiled(self, path, target, **options)
+
+
+def float_layers_line(layers, quantize_roles) -> str:
+    """'left in float by the recipe (N): role adaln (2): a, b; ...' with why: the role, or an override."""
+    by_role: dict[str, list[str]] = {}
+    for layer in layers:
+        by_role.setdefault(layer.role if layer.reason == "role" else "an override", []).append(layer.name)
+    parts = [f"{'role ' if role != 'an override' else 'by '}{role} ({len(names)}): {', '.join(names[:4])}"
+             f"{' ...' if len(names) > 4 else ''}" for role, names in by_role.items()]
+    return (f"left in float by the recipe ({len(layers)}; it quantizes roles {', '.join(quantize_roles)}): "
+            + "; ".join(parts))
 
 
 def output_tuple(out: Any) -> tuple:
