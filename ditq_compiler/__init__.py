@@ -21,7 +21,7 @@ from ditq_compiler.version import __version__
 __all__ = ["ArtifactError", "CalibrationError", "CaptureError", "CompiledModel", "PassError", "Recipe", "RecipeError",
            "UnsupportedLayerError", "__version__", "calibration", "compile", "load"]
 
-_LAZY_SUBMODULES = ("diffusers", "zoo", "inspection", "artifact", "sampling", "quality", "stages")
+_LAZY_SUBMODULES = ("diffusers", "zoo", "inspection", "artifact", "sampling", "quality", "stages", "lora", "families")
 
 
 def __getattr__(name: str):
