@@ -70,11 +70,12 @@ def test_automatic_example_inputs_call_the_model(family):
         assert torch.isfinite(model(**example, return_dict=False)[0]).all()
 
 
-def test_onnx_export_runs_on_integer_kernels_in_onnx_runtime(family, tmp_path):
+def test_onnx_export_runs_on_integer_kernels_in_onnx_runtime(family, tmp_path, capfd):
     from ditq_compiler.backends.ort import OrtModel, profile
 
     spec, model, compiled, (args, kwargs) = family
     path = compiled.export_onnx(tmp_path / f"{spec.key}.onnx")
+    assert "torchvision" not in capfd.readouterr().err          # torch.onnx's registration noise is not shown
     report = profile(path, args, kwargs, threads=1)
     assert set(report.layers) == {layer.name for layer in compiled.layers}
     assert not [name for name, kernel in report.layers.items() if not kernel.integer], report.table()
@@ -104,3 +105,13 @@ def test_quantize_pipeline_on_the_familys_pipeline(key):
     quantized = generate()
     assert quantized.shape == fp.shape and np.isfinite(quantized).all()
     assert np.abs(quantized - fp).mean() < 0.05
+
+
+def test_a_model_without_diffusion_roles_warns_and_the_summary_says_what_stays_in_float():
+    relu = torch.nn.ReLU()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), relu, torch.nn.Linear(16, 16), relu, torch.nn.Linear(16, 8))
+    with pytest.warns(UserWarning, match="no attention, MLP or conditioning layer found"):
+        compiled = dq.compile(model, "w8a8", calibration=[((torch.randn(4, 8),), {})], progress=False)
+    head = compiled.summary().head
+    assert "1 of 3 linear/conv layers quantized" in head and "left in float by the recipe (2;" in head
+    assert "role patch_embed (1): 0" in head and "role final (1): 4" in head and "quantize_roles" in head
