@@ -193,11 +193,15 @@ def test_inspect_is_quiet_on_request_and_explains_packed_tensors(tmp_path, monke
     assert packed_line({"0": 72, "4": 12}).count("bits") == 2
 
 
-def test_progress_bars_are_labelled_and_off_when_stderr_is_not_a_terminal(capsys):
+def test_progress_bars_are_labelled_and_off_when_stderr_is_not_a_terminal(capsys, monkeypatch):
+    import io
+
     from ditq_compiler.sampling import sample
     from ditq_compiler.toy import small_unet
 
-    assert cli_module._quiet(cli_module.click.Context(cli), False)      # pytest's stderr is no terminal
+    monkeypatch.setattr(sys, "stderr", io.StringIO())                   # a log file: no terminal
+    assert cli_module._quiet(cli_module.click.Context(cli), False)
+    monkeypatch.undo()
     sample(small_unet(), __import__("diffusers").DDPMScheduler(num_train_timesteps=10), torch.tensor([1, 2]),
            num_inference_steps=2, desc="FP samples: 2 digits")
     assert "FP samples: 2 digits" in capsys.readouterr().err
