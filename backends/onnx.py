@@ -78,9 +78,11 @@ integer codes through ``QuantizedInput``.
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import importlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -101,6 +103,7 @@ from ditq_compiler.backends.onnx_lowering import (INT4_RANGE, LOWERINGS, ONNX, T
                                                   symmetric_codes, token_activation, weight_matrix, weight_operand)
 from ditq_compiler.capture import CapturedModel, bind_inputs, capture
 from ditq_compiler.trajectory import StateInput, state_inputs
+from ditq_compiler.pipeline import copy_graph
 
 OPSET = 21
 IR_VERSION = 10
@@ -268,10 +271,9 @@ def export_graph(gm: fx.GraphModule, captured: CapturedModel, path: str | os.Pat
     if resolved is not None:
         gm, lowered = lower_graph_with_state(gm, resolved)
         needs_vnni = lowered.needs_vnni
-    inputs = _example_inputs(gm)
-    batch = torch.export.Dim("batch")
-    dynamic = {name: ({0: batch} if value.dim() else None) for name, value in inputs.items()}
-    with warnings.catch_warnings():
+    gm = _without_noop_squeezes(gm if resolved is not None else copy_graph(gm))
+    inputs, dynamic = _example_inputs(gm)
+    with warnings.catch_warnings(), _quiet_registration():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*(training mode|axis name).*")
         program = torch.onnx.export(gm, (), kwargs=inputs, dynamo=True, opset_version=OPSET,
@@ -287,7 +289,7 @@ def export_graph(gm: fx.GraphModule, captured: CapturedModel, path: str | os.Pat
         "ditq.activation_dtype": str(resolved.activation_dtype).removeprefix("torch.") if resolved else "",
         "ditq.needs_vnni": str(needs_vnni).lower(),
         "ditq.parameters": json.dumps(list(captured.signature.parameters)),
-        "ditq.inputs": json.dumps(list(inputs)),
+        "ditq.inputs": json.dumps([name for name, value in inputs.items() if _has_tensor(value)]),
         "ditq.timestep": captured.timestep_input or "",
         "ditq.sample": captured.sample_input,
         "ditq.output": torch.utils._pytree.treespec_dumps(gm._out_spec),
@@ -298,18 +300,68 @@ def export_graph(gm: fx.GraphModule, captured: CapturedModel, path: str | os.Pat
     return write_checked(model, path, external_data, tensorrt=bool(resolved and resolved.symmetric_int8_only))
 
 
-def _example_inputs(gm: fx.GraphModule) -> dict[str, Tensor]:
-    """Concrete inputs from the placeholders' fake values (symbolic dims -> 2; integers -> 0)."""
+def _example_inputs(gm: fx.GraphModule) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Concrete inputs from the placeholders' fake values (symbolic dims -> 2; integers -> 0; a constant as
+    captured), as the keyword arguments of the graph's call, and their dynamic shapes: ``batch`` on dim 0 of
+    the inputs whose dim 0 was captured as the batch (a symbol), nothing on the others (Flux's ``img_ids``)."""
     generator = torch.Generator().manual_seed(0)
-    inputs = {}
+    batch = torch.export.Dim("batch")
+    leaves, dims, names = [], [], []
     for node in gm.graph.nodes:
         if node.op != "placeholder":
             continue
-        val = node.meta["val"]
+        val = node.meta.get("val")
+        names.append(node.name)
+        if not isinstance(val, Tensor):
+            leaves.append(val)
+            dims.append(None)
+            continue
         shape = [d if isinstance(d, int) else 2 for d in val.shape]
-        inputs[node.name] = (torch.randn(shape, generator=generator, dtype=val.dtype) if val.is_floating_point()
-                             else torch.zeros(shape, dtype=val.dtype))
-    return inputs
+        leaves.append(torch.randn(shape, generator=generator, dtype=val.dtype) if val.is_floating_point()
+                      else torch.zeros(shape, dtype=val.dtype))
+        dims.append({0: batch} if val.dim() and not isinstance(val.shape[0], int) else None)
+    spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "in_spec", None)
+    if spec is None:                       # a flat graph: one keyword per placeholder
+        return dict(zip(names, leaves, strict=True)), dict(zip(names, dims, strict=True))
+    (args, inputs), (_, dynamic) = (torch.utils._pytree.tree_unflatten(leaves, spec),
+                                    torch.utils._pytree.tree_unflatten(dims, spec))
+    if args:
+        raise OnnxExportError(f"the graph takes {len(args)} positional inputs; captured graphs take keywords only")
+    return inputs, dynamic
+
+
+def _without_noop_squeezes(gm: fx.GraphModule) -> fx.GraphModule:
+    """``x.squeeze(d)`` where dim ``d`` is statically not 1 is a no-op in torch, but torch.onnx writes it as a
+    Squeeze that the checker refuses (PixArt's ``hidden_states.squeeze(1)`` on (B, tokens, C)): such nodes go."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.squeeze.dim:
+            source, dim = node.args[0], node.args[1]
+            val = source.meta.get("val") if isinstance(source, fx.Node) else None
+            if isinstance(val, Tensor) and val.dim() and isinstance(val.shape[dim], int) and val.shape[dim] != 1:
+                node.replace_all_uses_with(source)
+                gm.graph.erase_node(node)
+                changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
+@contextlib.contextmanager
+def _quiet_registration():
+    """torch.onnx logs a warning per torchvision op it cannot register when torchvision is absent (nms, roi_align,
+    ...): noise for a denoiser, which uses none of them. Those lines are dropped while exporting."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, Tensor) for leaf in torch.utils._pytree.tree_leaves(value))
 
 
 def store_int4_codes(model: Any) -> None:
@@ -452,7 +504,7 @@ class ExportedSignature:
         return_dict = kwargs.pop("return_dict", True) is not False
         bound = bind_inputs(self.signature, args, kwargs, self.timestep, model_class=self.name)
         bound.pop("return_dict", None)
-        extra = [name for name, value in bound.items() if name not in self.inputs and value is not None]
+        extra = [name for name, value in bound.items() if name not in self.inputs and _has_tensor(value)]
         if extra:
             raise TypeError(f"{self.name}: {extra} are not inputs of the exported graph {list(self.inputs)}")
         missing = [name for name in self.inputs if bound.get(name) is None]

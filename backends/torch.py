@@ -32,7 +32,9 @@ an exact rounding tie one activation code may differ by one step; everything els
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 
 import torch
 from torch import Tensor, fx
@@ -43,6 +45,23 @@ from ditq_compiler.pipeline import copy_graph, fetch_attr
 from ditq_compiler import meta
 
 PROBE_TOLERANCE_STEPS = 0.5
+
+# FBGEMM's packed weights, by key: the op below takes the key, since torch.compile cannot trace a call that
+# passes the packed ScriptObject itself. Each Int8Linear registers its own and removes it when collected.
+_PACKED: dict[int, object] = {}
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("ditq::fbgemm_int8_linear", mutates_args=())
+def fbgemm_int8_linear(x: Tensor, a_scale: float, a_zero_point: int, packed: int, out_features: int) -> Tensor:
+    """FBGEMM's u8 x s8 linear with fp32 output on the weights packed under ``packed`` (module docs)."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x.contiguous(), a_scale, a_zero_point,
+                                                                            _PACKED[packed])
+
+
+@fbgemm_int8_linear.register_fake
+def _(x: Tensor, a_scale: float, a_zero_point: int, packed: int, out_features: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 class Int8Linear(torch.nn.Module):
@@ -65,6 +84,16 @@ class Int8Linear(torch.nn.Module):
             weight = torch._make_per_channel_quantized_tensor(
                 w_codes.to(torch.int8), w_scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
             self._packed = torch.ops.quantized.linear_prepack(weight, self.bias)
+        self._register_packed()
+
+    def _register_packed(self) -> None:
+        self._key = next(_KEYS)
+        _PACKED[self._key] = self._packed
+        weakref.finalize(self, _PACKED.pop, self._key, None)
+
+    def __setstate__(self, state: dict) -> None:   # a copy gets its own key
+        super().__setstate__(state)
+        self._register_packed()
 
     def _clamp(self, x: Tensor) -> Tensor:
         """Clamp to the representable range so the kernel's own rounding stays on our grid."""
@@ -76,8 +105,7 @@ class Int8Linear(torch.nn.Module):
         x = self._clamp(x.float())
         if x.is_cuda:
             return self._forward_int_mm(x)
-        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x.contiguous(), self.a_scale, self.a_zero_point + 128, self._packed)
+        return fbgemm_int8_linear(x, self.a_scale, self.a_zero_point + 128, self._key, self.out_features)
 
     def _forward_int_mm(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]

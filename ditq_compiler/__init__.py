@@ -23,7 +23,8 @@ __all__ = ["ArtifactError", "CalibrationError", "CaptureError", "CompiledModel",
            "Recipe", "RecipeError", "RecipeWarning", "UnsupportedLayerError", "__version__", "calibration", "compile",
            "load"]
 
-_LAZY_SUBMODULES = ("diffusers", "zoo", "inspection", "artifact", "sampling", "quality", "stages", "distributed")
+_LAZY_SUBMODULES = ("diffusers", "zoo", "inspection", "artifact", "sampling", "quality", "stages", "distributed",
+                    "lora", "families")
 
 
 def __getattr__(name: str):

@@ -7,11 +7,28 @@ timestep stays a graph input (time-aware quantizers read it at run time). A Pyth
 number passed as the timestep is turned into a tensor of the batch size first;
 otherwise ``torch.export`` would bake it into the graph as a constant.
 
-The batch dimension of every tensor input is exported as ``Dim.AUTO``: dynamic where
-the model allows it, so calibration and inference may use other batch sizes. Where the model's
-code bounds it (diffusers' ``Upsample2D`` branches on ``batch >= 64``, so a U-Net exports for
-batches 2..63), the bound is kept as ``max_batch``, and larger calls run in chunks of at most
-that many rows (``split_rows`` / ``cat_rows``) instead of failing torch's guard.
+The batch: dim 0 of the sample, and of every tensor input whose dim 0 has the sample's
+size at capture, is exported as ``Dim.AUTO`` (dynamic where the model allows it), so
+calibration and inference may use other batch sizes. Inputs whose dim 0 is something
+else (Flux's ``img_ids`` / ``txt_ids``, one row per token, shared by the batch) keep it
+static. At call time every batched input must have the sample's batch.
+
+Drop-in calls. The captured signature is ``forward``'s, with every tensor input the graph
+takes required and every other argument defaulting to the value it was captured with
+(``return_dict`` is exported at its default). A call may pass any argument ``forward``
+takes: ``return_dict=False`` gives the original's tuple; another non-tensor argument equal
+to its captured value is accepted, a different one is an error naming the argument.
+
+Where the model's code bounds the batch (diffusers' ``Upsample2D`` branches on ``batch >= 64``,
+so a U-Net exported on a small batch takes 2..63), the bound is kept as ``max_batch``, and larger
+calls run in chunks of at most that many rows (``split_rows`` / ``cat_rows``) instead of failing
+torch's guard.
+
+Bad inputs are named before the graph runs (``CallPlan.check``): rank and static sizes as exported,
+at least one sample, the exported dtype (a float64, float16 or integer latent would fail in the
+first matmul; an integer input of another width is converted, losslessly for the values an embedding
+takes), and class labels within the rows of the embedding table they index. The plan reads the graph
+once, so a call reads none and ``torch.compile(fullgraph=True)`` traces it.
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ from torch.export import Dim
 
 TIMESTEP_NAMES = ("timestep", "timesteps", "t", "time", "sigma", "sigmas")
 SAMPLE_NAMES = ("hidden_states", "sample", "x", "latents", "latent", "img")
+OUTPUT_OPTIONS = ("return_dict",)    # arguments that choose the output's form, not its values
 
 
 class CaptureError(RuntimeError):
@@ -36,7 +54,7 @@ class CaptureError(RuntimeError):
 
 @dataclass
 class CapturedModel:
-    """The exported graph and what is needed to call it like the original model."""
+    """The exported graph and what is needed to call it like the original model (module docs)."""
 
     graph_module: fx.GraphModule
     signature: inspect.Signature
@@ -45,74 +63,39 @@ class CapturedModel:
     timestep_input: str | None        # placeholder of the timestep, if the model takes one
     model_class: str
     max_batch: int | None = None      # the largest batch the graph accepts; None: unbounded
+    constants: dict[str, Any] | None = None   # captured values of the inputs that carry no tensor
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """Map a call of the original model onto the exported inputs, by name, and check them (``check_inputs``)."""
-        inputs = bind_inputs(self.signature, args, kwargs, self.timestep_input,
-                             expected=self.input_names, model_class=self.model_class)
-        return check_inputs(self.graph_module, inputs, self.model_class)
+        """Map a call of the original model onto the exported inputs, by name, and check them (module docs)."""
+        return self.graph_inputs(self.call_plan.arguments(args, kwargs))
 
+    def graph_inputs(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The graph's inputs for a call's arguments by name (``CallPlan.arguments``), checked."""
+        plan = self.call_plan
+        return plan.check(plan.graph_inputs(values))
 
-def check_inputs(gm: fx.GraphModule, inputs: dict[str, Any], model_class: str) -> dict[str, Any]:
-    """Every tensor input is one the graph can take; each problem is named here, not deep inside the graph.
-
-    * rank and static sizes as exported: dimensions exported as dynamic (the batch) may take any size,
-      the others are fixed by the export (a DiT's pos-embedding fixes its latent size);
-    * at least one sample: a batch of 0 would fail in the first reshape;
-    * the dtype exported: a float64, float16 or integer latent would fail in the first matmul. An
-      integer input of another width (int32 class labels) is converted, losslessly for the values an
-      embedding takes;
-    * the rows of the embedding tables integer inputs index (class labels: 0..classes-1).
-
-    Returns ``inputs``, integer inputs converted to the exported width.
-    """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    flat = torch.utils._pytree.tree_flatten_with_path(((), inputs))[0]
-    if len(flat) != len(placeholders):    # a call torch.export's own guards will judge
-        return inputs
-    checked = dict(inputs)
-    for (path, value), node in zip(flat, placeholders, strict=True):
-        expected = node.meta.get("val")
-        if not isinstance(value, torch.Tensor) or not isinstance(expected, torch.Tensor):
-            continue
-        name = torch.utils._pytree.keystr(path[1:]).strip("[]'\"")
-        _check_size(name, value, expected, model_class)
-        value = _check_dtype(name, value, expected, model_class, top_level=len(path) == 2)
-        if len(path) == 2:
-            checked[name] = value
-        for embedding, rows in _embedding_tables(node):
-            _check_indices(name, value, embedding, rows, model_class)
-    return checked
-
-
-def _check_size(name: str, value: torch.Tensor, expected: torch.Tensor, model_class: str) -> None:
-    shown = "(" + ", ".join(str(d) if isinstance(d, int) else "any" for d in expected.shape) + ")"
-    if value.dim() != expected.dim():
-        raise ValueError(f"{model_class}: input '{name}' has {value.dim()} dims, shape {tuple(value.shape)}; "
-                         f"the model was compiled for shape {shown}")
-    if value.dim() and value.shape[0] == 0:
-        raise ValueError(f"{model_class}: input '{name}' has batch size 0 (shape {tuple(value.shape)}); call the "
-                         "model with at least one sample")
-    for dim, (got, want) in enumerate(zip(value.shape, expected.shape, strict=True)):
-        if isinstance(want, int) and got != want:
-            raise ValueError(
-                f"{model_class}: input '{name}' has size {got} in dim {dim} (shape {tuple(value.shape)}); "
-                f"the model was compiled for shape {shown}, where dim {dim} is fixed at {want}. Compile with "
-                "example inputs of the size you deploy, or ask for that dim in dynamic_shapes=")
-
+    @property
+    def call_plan(self) -> CallPlan:
+        """What ``bind`` checks, read once from the signature and the graph (plain values, so that
+        ``torch.compile`` traces a call without touching the graph)."""
+        plan = getattr(self, "_call_plan", None)
+        if plan is None:
+            plan = CallPlan.of(self)
+            object.__setattr__(self, "_call_plan", plan)
+        return plan
 
 def _is_integer(dtype: torch.dtype) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
-def _check_dtype(name: str, value: torch.Tensor, expected: torch.Tensor, model_class: str,
+def _check_dtype(name: str, value: torch.Tensor, expected: torch.dtype, model_class: str,
                  top_level: bool) -> torch.Tensor:
-    if value.dtype == expected.dtype:
+    if value.dtype == expected:
         return value
-    if _is_integer(value.dtype) and _is_integer(expected.dtype) and top_level:
-        return value.to(expected.dtype)
-    wanted = str(expected.dtype).removeprefix("torch.")
-    raise ValueError(f"{model_class}: input '{name}' is {value.dtype}; the model was compiled for {expected.dtype} "
+    if _is_integer(value.dtype) and _is_integer(expected) and top_level:
+        return value.to(expected)
+    wanted = str(expected).removeprefix("torch.")
+    raise ValueError(f"{model_class}: input '{name}' is {value.dtype}; the model was compiled for {expected} "
                      f"(pass {name}.to(torch.{wanted}))")
 
 
@@ -143,12 +126,14 @@ def _embedding_tables(placeholder: fx.Node) -> list[tuple[fx.Node, int]]:
     return found
 
 
-def _check_indices(name: str, value: torch.Tensor, embedding: fx.Node, rows: int, model_class: str) -> None:
+def _check_indices(name: str, value: torch.Tensor, embedding: str, rows: int, model_class: str) -> None:
+    if torch.compiler.is_compiling():    # a value check would be data-dependent control flow in the traced graph
+        return
     bad = (value < 0) | (value >= rows)
     if value.numel() and bool(bad.any()):
         where = bad.reshape(-1).nonzero()[0].item()
         raise ValueError(f"{model_class}: input '{name}' holds {value.reshape(-1)[where].item()} (element {where}); "
-                         f"the model's embedding table (node '{embedding.name}') has {rows} rows, so it takes "
+                         f"the model's embedding table (node '{embedding}') has {rows} rows, so it takes "
                          f"0..{rows - 1}")
 
 
@@ -175,8 +160,169 @@ def cat_rows(outputs: list[Any]) -> Any:
     return torch.utils._pytree.tree_unflatten(joined, flats[0][1])
 
 
+@dataclass(frozen=True)
+class CallPlan:
+    """How a call of the original ``forward`` becomes the graph's inputs (``CapturedModel.bind``)."""
+
+    model_class: str
+    positional: tuple[str, ...]          # parameters that may be passed by position, in order
+    named: frozenset[str]                # every named parameter
+    var_keyword: bool                    # forward takes **kwargs (flattened into the inputs)
+    input_names: tuple[str, ...]
+    tensors: tuple[str, ...]             # inputs that carry tensors: every call passes them
+    fixed: dict[str, Any]                # the other arguments: their captured (or default) values
+    timestep: str | None
+    sample: str
+    shapes: tuple[tuple[int | None, ...] | None, ...]   # per graph input leaf: its shape, None where dynamic
+    batched: tuple[int, ...]             # leaves whose dim 0 is the batch
+    sample_leaf: int | None
+    dtypes: tuple[torch.dtype | None, ...] = ()              # per graph input leaf: its exported dtype
+    tables: tuple[tuple[tuple[str, int], ...], ...] = ()     # per leaf: (embedding node, rows) it indexes
+
+    @classmethod
+    def of(cls, captured: CapturedModel) -> CallPlan:
+        parameters = captured.signature.parameters.values()
+        constants = captured.constants or {}
+        fixed = {p.name: p.default for p in parameters
+                 if p.default is not inspect.Parameter.empty and p.name not in captured.input_names}
+        fixed.update(constants)
+        shapes, batched, sample_leaf, dtypes, tables = [], [], None, [], []
+        for i, node in enumerate(n for n in captured.graph_module.graph.nodes if n.op == "placeholder"):
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                shapes.append(None)
+                dtypes.append(None)
+                tables.append(())
+                continue
+            shapes.append(tuple(d if isinstance(d, int) else None for d in val.shape))
+            dtypes.append(val.dtype)
+            tables.append(tuple((e.name, rows) for e, rows in _embedding_tables(node)))
+            if val.dim() > 0 and not isinstance(val.shape[0], int):
+                batched.append(i)
+            if node.name == captured.sample_input:
+                sample_leaf = i
+        return cls(captured.model_class,
+                   tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)),
+                   frozenset(p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)),
+                   any(p.kind is p.VAR_KEYWORD for p in parameters), captured.input_names,
+                   tuple(n for n in captured.input_names if n not in constants), fixed, captured.timestep_input,
+                   captured.sample_input, tuple(shapes), tuple(batched), sample_leaf, tuple(dtypes), tuple(tables))
+
+    def arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The call's arguments by name, as ``forward`` would bind them."""
+        cls = self.model_class
+        if len(args) > len(self.positional):
+            raise TypeError(f"{cls}: forward takes {len(self.positional)} positional arguments "
+                            f"({', '.join(self.positional)}), the call gave {len(args)}")
+        values = dict(zip(self.positional, args, strict=False))
+        for name, value in kwargs.items():
+            if name in values:
+                raise TypeError(f"{cls}: argument '{name}' given both by position and by name")
+            if name not in self.named and not self.var_keyword:
+                raise TypeError(f"{cls}: forward has no argument '{name}' (it takes {', '.join(sorted(self.named))})")
+            values[name] = value
+        return values
+
+    def graph_inputs(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The graph's inputs, in export order; every argument that is not one must keep its captured value."""
+        cls = self.model_class
+        missing = [name for name in self.tensors if values.get(name) is None]
+        if missing:
+            raise TypeError(f"{cls}: the call lacks {missing}; the model was compiled with tensor inputs "
+                            f"{list(self.tensors)}, and each call must pass them")
+        for name, value in values.items():
+            if name in self.tensors or name in OUTPUT_OPTIONS:
+                continue
+            if name not in self.fixed:
+                raise TypeError(f"{cls} was compiled for inputs {list(self.input_names)}; this call adds '{name}'")
+            if not _same(value, self.fixed[name]):
+                raise TypeError(f"{cls}: argument '{name}' is {_describe(value)} in this call but was "
+                                f"{_describe(self.fixed[name])} when the model was compiled; a compiled graph keeps "
+                                f"its non-tensor arguments as captured. Pass {name}={_describe(self.fixed[name])} "
+                                f"(or leave it out), or compile again with calls that pass the value you need")
+        inputs = {name: values[name] if name in self.tensors else self.fixed[name] for name in self.input_names}
+        if self.timestep is not None and isinstance(inputs.get(self.timestep), (int, float)) \
+                and not isinstance(inputs.get(self.timestep), bool):
+            inputs[self.timestep] = _timestep_tensor(inputs[self.timestep], _batch_size(inputs, self.sample))
+        return inputs
+
+    def check(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Every tensor input has the rank, static sizes and dtype it was exported with (an integer input of
+        another width is converted), at least one row, indices within the embedding tables it feeds, and every
+        batched input the sample's batch; a mismatch names the input rather than failing deep inside the
+        graph. Returns ``inputs``, converted."""
+        flat = torch.utils._pytree.tree_flatten_with_path(((), inputs))[0]
+        if len(flat) != len(self.shapes):    # a call torch.export's own guards will judge
+            return inputs
+        checked = dict(inputs)
+        for i, ((path, value), want) in enumerate(zip(flat, self.shapes, strict=True)):
+            if want is None or not isinstance(value, torch.Tensor):
+                continue
+            name = _leaf_name(inputs, i)
+            if not _fits(value, want):
+                raise ValueError(_shape_message(self.model_class, name, value, want))
+            if value.dim() and value.shape[0] == 0:
+                raise ValueError(f"{self.model_class}: input '{name}' has batch size 0 (shape "
+                                 f"{tuple(value.shape)}); call the model with at least one sample")
+            if self.dtypes:
+                value = _check_dtype(name, value, self.dtypes[i], self.model_class, top_level=len(path) == 2)
+                if len(path) == 2:
+                    checked[name] = value
+                for embedding, rows in self.tables[i]:
+                    _check_indices(name, value, embedding, rows, self.model_class)
+        leaves = [value for _, value in flat]
+        if self.sample_leaf is None or not isinstance(leaves[self.sample_leaf], torch.Tensor):
+            return checked
+        batch = leaves[self.sample_leaf].shape[0]
+        for i in self.batched:
+            if isinstance(leaves[i], torch.Tensor) and leaves[i].shape[0] != batch:
+                name = _leaf_name(inputs, i)
+                raise ValueError(f"{self.model_class}: input '{name}' has batch {leaves[i].shape[0]} "
+                                 f"(shape {tuple(leaves[i].shape)}) but the sample '{self.sample}' has batch {batch}: "
+                                 f"give '{name}' one row per sample (e.g. expand a single value to {batch} rows)")
+        return checked
+
+
+def _fits(value: torch.Tensor, want: tuple[int | None, ...]) -> bool:
+    """``value`` has ``want``'s rank and its sizes where they are static (None: any size)."""
+    return value.dim() == len(want) and all(w is None or g == w for g, w in zip(value.shape, want, strict=True))
+
+
+def _same(value: Any, captured: Any) -> bool:
+    if isinstance(value, torch.Tensor) or isinstance(captured, torch.Tensor):
+        return value is captured
+    try:
+        return bool(value == captured)
+    except Exception:   # a type whose == does not give a bool
+        return value is captured
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value)
+
+
+def _leaf_name(inputs: dict[str, Any], index: int) -> str:
+    path = torch.utils._pytree.tree_flatten_with_path(((), inputs))[0][index][0]
+    return torch.utils._pytree.keystr(path[1:]).strip("[]'\"").replace("']['", ".")
+
+
+def _shape_message(model_class: str, name: str, value: torch.Tensor, want: tuple[int | None, ...]) -> str:
+    shown = "(" + ", ".join("any" if d is None else str(d) for d in want) + ")"
+    if value.dim() != len(want):
+        return (f"{model_class}: input '{name}' has {value.dim()} dims, shape {tuple(value.shape)}; "
+                f"the model was compiled for shape {shown}")
+    dim = next(i for i, (g, w) in enumerate(zip(value.shape, want, strict=True)) if w is not None and g != w)
+    return (f"{model_class}: input '{name}' has size {value.shape[dim]} in dim {dim} (shape {tuple(value.shape)}); "
+            f"the model was compiled for shape {shown}, where dim {dim} is fixed at {want[dim]}. Compile with "
+            "example inputs of the size you deploy, or ask for that dim in dynamic_shapes=")
+
+
 def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict, timestep_name: str | None,
-                expected: tuple[str, ...] | None = None, model_class: str = "model") -> dict[str, Any]:
+                expected: tuple[str, ...] | None = None, model_class: str = "model",
+                sample_name: str | None = None) -> dict[str, Any]:
+    """``signature.bind`` of a call, ``**kwargs`` flattened, a Python-number timestep made a tensor."""
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as e:
@@ -185,12 +331,9 @@ def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict, timeste
     for name, param in signature.parameters.items():       # **kwargs parameters are flattened
         if param.kind is inspect.Parameter.VAR_KEYWORD and name in inputs:
             inputs.update(inputs.pop(name))
-    if timestep_name and not isinstance(inputs.get(timestep_name), torch.Tensor) \
-            and isinstance(inputs.get(timestep_name), (int, float)):
-        batch = _batch_size(inputs)
-        inputs[timestep_name] = torch.full((batch,), inputs[timestep_name],
-                                           dtype=torch.float32 if isinstance(inputs[timestep_name], float)
-                                           else torch.long)
+    if timestep_name and isinstance(inputs.get(timestep_name), (int, float)) \
+            and not isinstance(inputs.get(timestep_name), bool):
+        inputs[timestep_name] = _timestep_tensor(inputs[timestep_name], _batch_size(inputs, sample_name))
     if expected is not None and tuple(inputs) != expected:
         missing = [n for n in expected if n not in inputs]
         extra = [n for n in inputs if n not in expected]
@@ -200,7 +343,14 @@ def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict, timeste
     return inputs
 
 
-def _batch_size(inputs: dict[str, Any]) -> int:
+def _timestep_tensor(value: int | float, batch: int) -> torch.Tensor:
+    return torch.full((batch,), value, dtype=torch.float32 if isinstance(value, float) else torch.long)
+
+
+def _batch_size(inputs: dict[str, Any], sample_name: str | None = None) -> int:
+    sample = inputs.get(sample_name) if sample_name else None
+    if isinstance(sample, torch.Tensor) and sample.dim() > 0:
+        return sample.shape[0]
     for value in inputs.values():
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
@@ -218,29 +368,61 @@ def auto_example_inputs(model: torch.nn.Module, batch_size: int = 2) -> dict[str
     if cfg is None:
         raise CaptureError(f"{cls}: no example inputs given and the model has no diffusers config to "
                            "build them from. Pass example_inputs=(args, kwargs) or calibration data.")
-    gen = torch.Generator().manual_seed(0)
+    build = _EXAMPLES.get(cls)
+    if build is None:
+        raise CaptureError(f"{cls}: no example inputs given and this model class has no automatic ones "
+                           f"({', '.join(_EXAMPLES)}). Pass example_inputs=(args, kwargs) or calibration data.")
+    return build(cfg, batch_size, torch.Generator().manual_seed(0))
+
+
+def _image(cfg: Any, b: int, gen: torch.Generator) -> torch.Tensor:
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     hw = (size, size) if isinstance(size, int) else size
-    sample = torch.randn(batch_size, cfg.in_channels, *hw, generator=gen)
-    timestep = torch.linspace(1, 999, batch_size).round().long()
-    if cls == "DiTTransformer2DModel":
-        return dict(hidden_states=sample, timestep=timestep,
-                    class_labels=torch.arange(batch_size) % max(cfg.num_embeds_ada_norm or 1, 1))
-    if cls == "PixArtTransformer2DModel":
-        caption = torch.randn(batch_size, 4, cfg.caption_channels, generator=gen)
-        return dict(hidden_states=sample, encoder_hidden_states=caption, timestep=timestep,
-                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
-    if cls == "UNet2DModel":
-        kwargs = dict(sample=sample, timestep=timestep)
-        if cfg.num_class_embeds is not None or cfg.class_embed_type is not None:
-            kwargs["class_labels"] = torch.arange(batch_size) % max(cfg.num_class_embeds or 1, 1)
-        return kwargs
-    if cls == "UNet2DConditionModel":
-        context = torch.randn(batch_size, 4, cfg.cross_attention_dim, generator=gen)
-        return dict(sample=sample, timestep=timestep, encoder_hidden_states=context)
-    raise CaptureError(f"{cls}: no example inputs given and this model class has no automatic ones "
-                       "(DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DModel, UNet2DConditionModel). "
-                       "Pass example_inputs=(args, kwargs) or calibration data.")
+    return torch.randn(b, cfg.in_channels, *hw, generator=gen)
+
+
+def _timesteps(b: int) -> torch.Tensor:
+    return torch.linspace(1, 999, b).round().long()
+
+
+def _text(b: int, width: int, gen: torch.Generator, tokens: int = 4) -> torch.Tensor:
+    return torch.randn(b, tokens, width, generator=gen)
+
+
+def _flux_example(cfg: Any, b: int, gen: torch.Generator) -> dict[str, Any]:
+    """16 packed latent tokens on a 4x4 grid; the position ids have no batch dim (one row per token)."""
+    img_ids = torch.stack([torch.zeros(16), torch.arange(16.0) // 4, torch.arange(16.0) % 4], dim=1)
+    inputs = dict(hidden_states=torch.randn(b, 16, cfg.in_channels, generator=gen),
+                  encoder_hidden_states=_text(b, cfg.joint_attention_dim, gen),
+                  pooled_projections=torch.randn(b, cfg.pooled_projection_dim, generator=gen),
+                  timestep=torch.linspace(0.01, 0.99, b), img_ids=img_ids, txt_ids=torch.zeros(4, 3))
+    if cfg.guidance_embeds:
+        inputs["guidance"] = torch.full((b,), 3.5)
+    return inputs
+
+
+_EXAMPLES = {
+    "DiTTransformer2DModel": lambda cfg, b, gen: dict(
+        hidden_states=_image(cfg, b, gen), timestep=_timesteps(b),
+        class_labels=torch.arange(b) % max(cfg.num_embeds_ada_norm or 1, 1)),
+    "PixArtTransformer2DModel": lambda cfg, b, gen: dict(
+        hidden_states=_image(cfg, b, gen), encoder_hidden_states=_text(b, cfg.caption_channels, gen),
+        timestep=_timesteps(b), added_cond_kwargs={"resolution": None, "aspect_ratio": None}),
+    "SD3Transformer2DModel": lambda cfg, b, gen: dict(
+        hidden_states=_image(cfg, b, gen), encoder_hidden_states=_text(b, cfg.joint_attention_dim, gen),
+        pooled_projections=torch.randn(b, cfg.pooled_projection_dim, generator=gen), timestep=_timesteps(b).float()),
+    "FluxTransformer2DModel": _flux_example,
+    "WanTransformer3DModel": lambda cfg, b, gen: dict(     # 2 latent frames of 8x8
+        hidden_states=torch.randn(b, cfg.in_channels, 2, 8, 8, generator=gen), timestep=_timesteps(b),
+        encoder_hidden_states=_text(b, cfg.text_dim, gen)),
+    "UNet2DModel": lambda cfg, b, gen: dict(
+        sample=_image(cfg, b, gen), timestep=_timesteps(b),
+        **({"class_labels": torch.arange(b) % max(cfg.num_class_embeds or 1, 1)}
+           if cfg.num_class_embeds is not None or cfg.class_embed_type is not None else {})),
+    "UNet2DConditionModel": lambda cfg, b, gen: dict(
+        sample=_image(cfg, b, gen), timestep=_timesteps(b),
+        encoder_hidden_states=_text(b, cfg.cross_attention_dim, gen)),
+}
 
 
 def _source_line(error: BaseException) -> str | None:
@@ -280,14 +462,19 @@ def capture(model: torch.nn.Module, example_inputs: tuple[tuple, dict] | dict | 
         args, kwargs = example_inputs
     names = [n for n, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     timestep_name = _find_input(names, TIMESTEP_NAMES)
-    inputs = bind_inputs(signature, tuple(args), dict(kwargs), timestep_name, model_class=cls)
+    inputs = bind_inputs(signature, tuple(args), dict(kwargs), None, model_class=cls)
+    for option in OUTPUT_OPTIONS:          # exported at its default: the output object, made a tuple on request
+        inputs.pop(option, None)
     sample_name = _find_input(inputs, SAMPLE_NAMES) or next(
         (n for n, v in inputs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
     if sample_name is None:
         raise CaptureError(f"{cls}: none of the inputs {list(inputs)} is a floating-point sample tensor")
+    if timestep_name and isinstance(inputs.get(timestep_name), (int, float)):
+        inputs[timestep_name] = _timestep_tensor(inputs[timestep_name], _batch_size(inputs, sample_name))
 
     copy_ = copy.deepcopy(model).eval()
-    dynamic = {name: _batch_dims(value) for name, value in inputs.items()}
+    batch = inputs[sample_name].shape[0] if isinstance(inputs[sample_name], torch.Tensor) else None
+    dynamic = {name: _batch_dims(value, batch) for name, value in inputs.items()}
     for name, dims in (dynamic_shapes or {}).items():
         value = inputs.get(name)
         if not isinstance(value, torch.Tensor):
@@ -325,7 +512,17 @@ def capture(model: torch.nn.Module, example_inputs: tuple[tuple, dict] | dict | 
         if timestep_name in inputs else None,
         model_class=cls,
         max_batch=_batch_limit(program, gm, sample),
+        constants=captured_constants(inputs),
     )
+
+
+def captured_constants(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs of a bound call that carry no tensor: the graph holds them as constants."""
+    return {name: value for name, value in inputs.items() if not _has_tensor(value)}
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in torch.utils._pytree.tree_leaves(value))
 
 
 def _batch_limit(program: torch.export.ExportedProgram, gm: fx.GraphModule, sample_name: str) -> int | None:
@@ -354,13 +551,14 @@ def _constraint_message(cls: str, error: str, requested: dict[str, dict[int, Any
             (f"\n  torch suggests: {'; '.join(fixes)}" if fixes else ""))
 
 
-def _batch_dims(value: Any):
+def _batch_dims(value: Any, batch: int | None):
+    """``{0: Dim.AUTO}`` for tensors whose dim 0 has the sample's batch size; other dims stay static."""
     if isinstance(value, torch.Tensor):
-        return {0: Dim.AUTO} if value.dim() > 0 else None
+        return {0: Dim.AUTO} if value.dim() > 0 and value.shape[0] == batch else None
     if isinstance(value, dict):
-        return {k: _batch_dims(v) for k, v in value.items()}
+        return {k: _batch_dims(v, batch) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_batch_dims(v) for v in value)
+        return type(value)(_batch_dims(v, batch) for v in value)
     return None
 
 

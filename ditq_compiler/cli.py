@@ -3,12 +3,16 @@
     ditq compile MODEL --recipe R --out DIR     quantize and save an artifact
     ditq export DIR --target ort|tensorrt       lower a saved artifact to ONNX
     ditq inspect DIR [--html FILE] [--plot DIR] what was done to every layer
-    ditq bench quality|speed [ARGS]...          run a benchmark script from bench/
+    ditq bench BENCHMARK [ARGS]...              run a benchmark script from bench/ (`ditq bench` lists them)
     ditq demo                                   quantize dit-digits, sample, compare with FP
     ditq recipes                                list the preset recipes
+    ditq --version
 
-Exit codes: 0 success, 1 failure, 2 bad usage. Errors print as one line on stderr (``--debug``
-for the traceback). ``--quiet`` (before or after the command) turns progress bars off.
+Exit codes: 0 success; 2 bad input, caught before any work: an unknown command, option, recipe or
+model, a bad recipe file (with a "did you mean" where a name is close); 1 a failure while working.
+Errors print as one line on stderr (``--debug`` for the traceback). ``--quiet`` / ``-q`` (before or
+after the command) turns progress bars off; they are off by themselves when stderr is not a
+terminal (a log file gets no bar redraws).
 
 Under ``torchrun --nproc-per-node N -m ditq_compiler.cli compile ...`` the N processes compile together
 (``ditq_compiler.distributed``): rank 0 draws the calibration set and sends it to the others, shows the
@@ -17,6 +21,8 @@ progress and the summary and writes the artifact; every rank's error line starts
 
 from __future__ import annotations
 
+import ast
+import difflib
 import os
 import subprocess
 import sys
@@ -24,14 +30,31 @@ from pathlib import Path
 
 import click
 
-from ditq_compiler.recipe import Recipe
+from ditq_compiler.recipe import Recipe, RecipeError
+from ditq_compiler.version import __version__
 
-BENCHMARKS = ("quality", "speed")
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 EXPORT_TARGETS = ("ort", "tensorrt")
 
 
 def _quiet(ctx: click.Context, quiet: bool) -> bool:
-    return quiet or bool(ctx.find_root().obj and ctx.find_root().obj.get("quiet"))
+    """No progress bars: asked for, or stderr is not a terminal (bars would be redrawn into a log)."""
+    return quiet or bool(ctx.find_root().obj and ctx.find_root().obj.get("quiet")) or not sys.stderr.isatty()
+
+
+def did_you_mean(name: str, known) -> str:
+    """' (did you mean 'w8a8'?)' when ``name`` is close to one of ``known``, else ''."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def load_recipe(text: str) -> Recipe:
+    """``Recipe.load``, its errors as bad usage (exit 2) with a suggestion for a mistyped preset name."""
+    try:
+        return Recipe.load(text)
+    except RecipeError as e:
+        hint = did_you_mean(text, Recipe.presets()) if not Path(text).exists() else ""
+        raise click.BadParameter(f"{e}{hint}", param_hint="--recipe") from None
 
 
 def quiet_option(command):
@@ -65,6 +88,8 @@ def size_line(manifest: dict) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="ditq",
+                      message="%(prog)s (ditq-compiler) %(version)s")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars, for every command.")
 @click.pass_context
@@ -100,12 +125,14 @@ def compile_command(ctx, model, recipe, out, backend, calibration, scheduler, st
     from ditq_compiler.distributed import SINGLE, init_from_environment, launched_by_torchrun
     from ditq_compiler.model_source import ModelSourceError, calibration_for, resolve_model
 
-    recipe = Recipe.load(recipe)                        # bad recipes fail before any work
+    recipe = load_recipe(recipe)                        # bad recipes fail before any work
     dq.artifact.check_destination(out)                  # so does a destination the save would refuse
     try:
         source = resolve_model(model, scheduler)
     except ModelSourceError as e:
-        raise click.BadParameter(str(e), param_hint="MODEL") from None
+        from ditq_compiler.zoo.specs import MODELS
+
+        raise click.BadParameter(f"{e}{did_you_mean(model, MODELS)}", param_hint="MODEL") from None
     group = init_from_environment(_device(source.model)) if launched_by_torchrun() else SINGLE
     quiet = _quiet(ctx, quiet) or not group.is_main      # one progress bar and one summary: rank 0's
     drawn, failure = None, None
@@ -161,19 +188,28 @@ def export_command(ctx, artifact, target, out, quiet):
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Write the interactive HTML view here.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False),
-              help="Write activation-range PNGs (per layer, before/after the transformations) here.")
-def inspect_command(artifact, html_file, plot_dir):
+              help="Write activation-range PNGs (per layer, before/after the transformations) here; needs "
+                   "matplotlib: pip install -e '.[plot]'.")
+@quiet_option
+@click.pass_context
+def inspect_command(ctx, artifact, html_file, plot_dir, quiet):
     """Show what was done to every layer of a saved artifact."""
     import ditq_compiler as dq
 
-    compiled = dq.load(artifact)
+    if plot_dir:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--plot needs matplotlib, an optional extra: pip install -e '.[plot]' "
+                                   "(or pip install matplotlib)") from None
+    compiled = dq.load(artifact, progress=not _quiet(ctx, quiet))
     manifest = compiled.manifest
     console = _console()
     versions = manifest["library_versions"]
     calibration = manifest.get("calibration", {})
     console.print(f"artifact {artifact}: format {manifest['format_version']}, written {manifest['created']} by "
                   f"ditq-compiler {versions.get('ditq-compiler')} (torch {versions.get('torch')})")
-    console.print(f"size: {size_line(manifest)}; packed integer tensors by bits: {manifest.get('packed_bits')}")
+    console.print(f"size: {size_line(manifest)}; {packed_line(manifest.get('packed_bits') or {})}")
     console.print(f"calibration: {calibration.get('source')}"
                   + (f", seed {calibration['seed']}" if "seed" in calibration else ""))
     print_summary(console, compiled.summary())
@@ -186,25 +222,55 @@ def inspect_command(artifact, html_file, plot_dir):
         console.print(f"{len(paths)} plots in {plot_dir}")
 
 
-@cli.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("benchmark", type=click.Choice(BENCHMARKS))
+def packed_line(counts: dict[str, int]) -> str:
+    """The manifest's packed-tensor counts in words: 0 bits is a constant tensor (all values equal)."""
+    if not counts:
+        return "no bit-packed tensors"
+    parts = [f"{n} constant (every value equal, stored as one number: zero points, mostly)" if bits == "0"
+             else f"{n} at {bits} bits" for bits, n in counts.items()]
+    return "integer tensors stored at the bits their values need: " + ", ".join(parts) + \
+        " (8-bit codes are stored as int8 as they are)"
+
+
+def benchmarks() -> dict[str, str]:
+    """bench/*.py in this checkout, with the first line of each script's docstring."""
+    found = {}
+    for script in sorted(BENCH_DIR.glob("*.py")):
+        try:
+            doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+        except SyntaxError:
+            doc = ""
+        found[script.stem] = doc.strip().splitlines()[0] if doc.strip() else ""
+    return found
+
+
+@cli.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                        "help_option_names": []}, add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_command(benchmark, args):
-    """Run bench/BENCHMARK.py with ARGS (see `ditq bench BENCHMARK --help`)."""
-    root = Path(__file__).resolve().parents[1]
-    script = root / "bench" / f"{benchmark}.py"
-    if not script.is_file():
-        raise RuntimeError(f"no benchmark script {script}: benchmarks ship with the source repository "
-                           f"(bench/{benchmark}.py), not with an installed package, and this checkout has none")
-    code = subprocess.call([sys.executable, str(script), *args], cwd=root)
+def bench_command(args):
+    """Run bench/BENCHMARK.py with ARGS: `ditq bench BENCHMARK --help` is the script's own help;
+    `ditq bench` lists the benchmarks."""
+    found = benchmarks()
+    if not args or args[0] in ("-h", "--help"):
+        width = max(map(len, found), default=0)
+        click.echo("Usage: ditq bench BENCHMARK [ARGS]...  (ARGS, --help included, go to bench/BENCHMARK.py)\n\n"
+                   "Benchmarks:\n" + "\n".join(f"  {name.ljust(width)}  {doc}" for name, doc in found.items()))
+        if not found:
+            click.echo("  (none: benchmarks ship with the source repository, not with an installed package)")
+        return
+    name, rest = args[0], [a for a in args[1:] if a != "--"] if args[1:2] == ("--",) else list(args[1:])
+    if name not in found:
+        raise click.BadParameter(f"no benchmark {name!r} in {BENCH_DIR}{did_you_mean(name, found)}; "
+                                 f"benchmarks: {', '.join(found)}", param_hint="BENCHMARK")
+    code = subprocess.call([sys.executable, str(BENCH_DIR / f"{name}.py"), *rest], cwd=BENCH_DIR.parent)
     sys.exit(code)
 
 
 @cli.command()
 @click.option("--recipe", default="w8a8", show_default=True, help="Preset name or recipe file.")
 @click.option("--backend", type=click.Choice(["torch", "torch-int8"]), default="torch", show_default=True)
-@click.option("--samples", default=100, show_default=True, help="Digits sampled per model.")
-@click.option("--steps", default=100, show_default=True, help="DDPM steps.")
+@click.option("--samples", default=50, show_default=True, help="Digits sampled per model.")
+@click.option("--steps", default=50, show_default=True, help="DDPM steps.")
 @click.option("--grid", default="ditq-demo.png", show_default=True, help="Where to write the sample grid.")
 @quiet_option
 @click.pass_context
@@ -212,6 +278,7 @@ def demo(ctx, recipe: str, backend: str, samples: int, steps: int, grid: str, qu
     """Quantize the bundled dit-digits model and compare its samples with FP."""
     from ditq_compiler.demo import run_demo
 
+    load_recipe(recipe)                                 # a bad name is bad usage, before any work
     result = run_demo(recipe, backend, samples=samples, steps=steps, grid=grid, progress=not _quiet(ctx, quiet))
     console = _console()
     print_summary(console, result.compiled.summary())

@@ -16,7 +16,7 @@ from torch import fx
 
 from ditq_compiler import meta
 from ditq_compiler.artifact.store import read_artifact, write_artifact
-from ditq_compiler.capture import cat_rows, split_rows
+from ditq_compiler.capture import captured_constants, cat_rows, split_rows
 from ditq_compiler.inspection.summary import Summary
 from ditq_compiler.records import CompileRecord
 from ditq_compiler.report import rotation_table, sites_table, summary_rows
@@ -41,19 +41,30 @@ class CompiledModel(torch.nn.Module):
         self.record = record                       # not a module: the reference graph is not a second copy
         self.state_inputs = state_inputs(record.graph_module)   # BiDM+'s TES: state across sampler steps
         self.trajectory = Trajectory()
+        if record.captured.constants is None and record.provenance is not None \
+                and record.provenance.example_inputs is not None:   # an artifact keeps them in its example call
+            record.captured.constants = captured_constants(record.provenance.example_inputs)
+        _ = record.captured.call_plan              # read the graph once, before any torch.compile traces a call
+        for parameter in self.graph_module.parameters():   # an inference graph: torch.compile traces no backward
+            parameter.requires_grad_(False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        inputs = self.captured.bind(args, kwargs)
+        """The original ``forward``'s call: same arguments, same output (``return_dict=False``: its tuple)."""
+        values = self.captured.call_plan.arguments(args, kwargs)
+        inputs = self.captured.graph_inputs(values)
         if not self.state_inputs:
-            return self._run(inputs)
-        timesteps = inputs[self.captured.timestep_input]
-        state = self.trajectory.inputs(self.state_inputs, timesteps, inputs[self.captured.sample_input])
-        output, states = self._run({**inputs, **state})
-        self.trajectory.advance(states, timesteps)
-        return output
+            out = self._run(inputs)
+        else:
+            timesteps = inputs[self.captured.timestep_input]
+            state = self.trajectory.inputs(self.state_inputs, timesteps, inputs[self.captured.sample_input])
+            out, states = self._run({**inputs, **state})
+            self.trajectory.advance(states, timesteps)
+        return out if values.get("return_dict", True) is not False else output_tuple(out)
 
     def _run(self, inputs: dict[str, Any]) -> Any:
         """The graph on ``inputs``, in chunks of rows where the model bounds its batch (``capture.max_batch``)."""
+        if self.captured.max_batch is None:
+            return self.graph_module(**inputs)
         return cat_rows([self.graph_module(**chunk) for chunk in split_rows(inputs, self.captured.max_batch)])
 
     @property
@@ -198,6 +209,8 @@ class CompiledModel(torch.nn.Module):
         if learned:
             head += (f"\nreconstruction: {len(reports.unit_seconds)} block(s), "
                      f"median {sorted(learned)[len(learned) // 2]:.1f} s per block learned")
+        if reports.float_layers:
+            head += "\n" + float_layers_line(reports.float_layers, self.recipe.quantize_roles)
         if reports.unsupported:
             head += (f"\nleft in float, no quantized lowering ({len(reports.unsupported)}): " +
                      ", ".join(f"{u.name} (aten.{u.op})" for u in reports.unsupported))
@@ -236,6 +249,24 @@ class CompiledModel(torch.nn.Module):
         """Write an opset-21 Q/DQ ONNX model for ``target`` ("ort" or "tensorrt"); see ``backends/onnx.py``."""
         from ditq_compiler.backends.onnx import export_compiled   # onnx and onnxscript load only when exporting
         return export_compiled(self, path, target, **options)
+
+
+def float_layers_line(layers, quantize_roles) -> str:
+    """'left in float by the recipe (N): role adaln (2): a, b; ...' with why: the role, or an override."""
+    by_role: dict[str, list[str]] = {}
+    for layer in layers:
+        by_role.setdefault(layer.role if layer.reason == "role" else "an override", []).append(layer.name)
+    parts = [f"{'role ' if role != 'an override' else 'by '}{role} ({len(names)}): {', '.join(names[:4])}"
+             f"{' ...' if len(names) > 4 else ''}" for role, names in by_role.items()]
+    return (f"left in float by the recipe ({len(layers)}; it quantizes roles {', '.join(quantize_roles)}): "
+            + "; ".join(parts))
+
+
+def output_tuple(out: Any) -> tuple:
+    """A diffusers output as its ``to_tuple()``, as ``return_dict=False`` gives it; a tuple as it is."""
+    if hasattr(out, "to_tuple"):
+        return out.to_tuple()
+    return out if isinstance(out, tuple) else (out,)
 
 
 def load(path: str | os.PathLike, progress: bool = False, verify_key: bytes | str | None = None) -> CompiledModel:

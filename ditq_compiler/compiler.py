@@ -8,6 +8,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ditq_compiler import lora as lora_module
 from ditq_compiler.backends.registry import get_backend
 from ditq_compiler.calibration.data import CalibrationData
 from ditq_compiler.compiled import CompiledModel
@@ -22,7 +23,8 @@ STAGES = CLOCKS   # the summary's time columns (``CompiledModel.stage_seconds`` 
 def compile(model: torch.nn.Module, recipe: Recipe | str | Path, calibration: Iterable[Any] | None = None, *,
             example_inputs: Any = None, backend: str = "torch", debug: bool = False, progress: bool = True,
             cache_dir: str | Path | bool | None = None, dynamic_shapes: dict | None = None, strict: bool = False,
-            stages: Sequence[Stage] = DEFAULT_STAGES, distributed: bool | Distributed | None = None) -> CompiledModel:
+            stages: Sequence[Stage] = DEFAULT_STAGES, distributed: bool | Distributed | None = None,
+            lora: Any = None, lora_mode: str = "fuse", lora_scale: float = 1.0) -> CompiledModel:
     """Quantize ``model`` as ``recipe`` says; ``model`` itself is never modified.
 
     ``calibration``: calls of the model, ``(args, kwargs)`` pairs (``dq.calibration.from_sampler`` makes
@@ -39,8 +41,19 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path, calibration: It
     starts them): True (the group is initialised from torchrun's environment if it is not yet), None (when
     a group of several processes is initialised) or False (this process alone). Every rank returns the
     same model; save it from every rank (rank 0 writes, the others wait for it).
+    ``lora``: a LoRA adapter (a safetensors file, a state dict or ``dq.lora.load(...)``), ``lora_mode``
+    ``"fuse"`` (into the weights, then quantized) or ``"branch"`` (a float ``B (A x)`` beside each quantized
+    linear, swappable with ``dq.lora.swap`` without recalibrating); see ``ditq_compiler.lora``.
     """
     get_backend(backend)                                     # an unknown name fails before any work
+    adapter = None
+    if lora is not None:
+        if lora_mode not in lora_module.MODES:
+            raise ValueError(f"lora_mode={lora_mode!r}: expected one of {lora_module.MODES}")
+        adapter = lora_module.load(lora, lora_scale)
+        lora_module.check(model, adapter)
+        if lora_mode == "fuse":
+            model = lora_module.fuse(model, adapter)
     group = resolve(distributed, model_device(model))
     state = CompileState(model, recipe if isinstance(recipe, Recipe) else Recipe.load(recipe),
                          CalibrationData.of(calibration),
@@ -57,7 +70,14 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path, calibration: It
     finally:
         if group is not distributed:        # a group this compile opened (not one the caller passed)
             group.close()
-    return CompiledModel(state.record())
+    if adapter is not None:
+        state.note("lora", f"adapter '{adapter.name}' on {len(adapter.layers)} linear(s), "
+                           + ("fused into the weights before quantization" if lora_mode == "fuse"
+                              else "a float branch beside the quantized layers (dq.lora.swap replaces it)"))
+    compiled = CompiledModel(state.record())
+    if adapter is not None and lora_mode == "branch":
+        lora_module.swap(compiled, adapter)
+    return compiled
 
 
 __all__ = ["STAGES", "CompiledModel", "compile"]

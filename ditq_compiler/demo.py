@@ -30,7 +30,7 @@ class DemoResult:
     grid: Path
 
 
-def run_demo(recipe: str = "w8a8", backend: str = "torch", samples: int = 100, steps: int = 100,
+def run_demo(recipe: str = "w8a8", backend: str = "torch", samples: int = 50, steps: int = 50,
              guidance: float = 2.0, grid: str | Path = "ditq-demo.png", progress: bool = True) -> DemoResult:
     get_backend(backend)   # bad input fails before minutes of calibration
     recipe = Recipe.load(recipe)
@@ -42,7 +42,7 @@ def run_demo(recipe: str = "w8a8", backend: str = "torch", samples: int = 100, s
     rows, images = [], []
     for name, denoiser in (("fp", model), (recipe.name, compiled)):
         x = sample(denoiser, scheduler, labels, num_inference_steps=steps, guidance_scale=guidance, seed=0,
-                   progress=progress)
+                   progress=progress, desc=f"{name} samples: {samples} digits")
         images.append(x[:20])
         rows.append([name, f"{quality.fd_digits(x):.2f}", f"{100 * quality.class_accuracy(x, labels):.1f}%"])
     table = format_table(rows, ["model", f"FD-digits ({samples} samples)", "class accuracy"])

@@ -30,6 +30,7 @@ is not modified.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import json
@@ -77,6 +78,10 @@ class CompiledDenoiser(torch.nn.Module):
     def device(self) -> torch.device:
         tensor = self._first_tensor()
         return torch.device("cpu") if tensor is None else tensor.device
+
+    def cache_context(self, name: str, **kwargs: Any):
+        """diffusers' cache hook (``CacheMixin``), which pipelines enter around each call: nothing to cache here."""
+        return contextlib.nullcontext()
 
     def __getattr__(self, name: str) -> Any:
         try:

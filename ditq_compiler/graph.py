@@ -6,8 +6,11 @@ UNet2D and UNet2DCondition graphs. Rules, applied in this order to each weighted
 (``aten.linear`` / ``aten.conv2d``):
 
 1. ``qkv`` / ``attn_out``: its output reaches a q, k or v operand of attention (SDPA, or
-   the decomposed ``matmul -> softmax -> matmul``) through view-like ops and q/k norms;
-   ``attn_out`` takes the attention output through view-like ops.
+   the decomposed ``matmul -> softmax -> matmul``) through view-like ops, q/k norms, the
+   rotary embedding (``x cos + rot(x) sin``, or an ``empty_like(x)`` buffer written in place)
+   and the concatenation with another stream (SD3's and Flux's joint attention: every
+   operand of the ``cat`` is followed); ``attn_out`` takes the attention output through
+   view-like ops or a concatenation (Flux's single blocks: ``proj_out(cat(attn, mlp))``).
 2. ``patch_embed``: its input is the sample input, through view-like ops only, and it
    patchifies (a conv with stride == kernel > 1, or a linear on the raw sample tokens).
 3. ``embed`` / ``adaln``: its input does not depend on the sample (it sees only timestep,
@@ -17,7 +20,8 @@ UNet2D and UNet2DCondition graphs. Rules, applied in this order to each weighted
    projection added to the feature map).
 4. ``fc2``: its input comes from a GELU (or a GEGLU product ``h * gelu(g)``) through
    view-like ops; that GELU / product is the ``post_gelu`` activation site, and the linear
-   that feeds the GELU is ``fc1``.
+   that feeds the GELU is ``fc1`` (also where the GELU's output is concatenated rather than
+   read by one fc2, as in Flux's single blocks).
 5. ``final``: the graph output is reachable from it without passing another weighted layer.
 6. otherwise ``conv`` for convolutions and ``linear`` for linears.
 
@@ -50,6 +54,10 @@ VIEW_OPS = {
 NORM_OPS = {"layer_norm", "native_layer_norm", "rms_norm", "group_norm"}
 ELEMENTWISE_OPS = {"mul", "add", "sub", "div", "addcmul"}
 MATMUL_OPS = {"matmul", "bmm", "baddbmm", "mm", "einsum"}
+CONCAT_OPS = {"cat", "concat", "stack"}
+# between a q/k/v projection and attention: views, q/k norms, the rotary embedding (x cos + rot(x) sin,
+# or an empty_like(x) buffer written in place), concatenation with the other stream (joint attention)
+PROJECTION_PATH_OPS = VIEW_OPS | NORM_OPS | CONCAT_OPS | {"mul", "div", "add", "sub", "neg", "empty_like", "unbind"}
 
 
 def op_name(node: fx.Node) -> str:
@@ -170,6 +178,20 @@ def _trace_back(node: fx.Node, passthrough: set[str]) -> fx.Node:
             break
         node = prev
     return node
+
+
+def _tensor_sources(node: fx.Node) -> list[fx.Node]:
+    """The producers a role follows back from ``node``: every operand of a concatenation, else the first."""
+    if op_name(node) in CONCAT_OPS and isinstance(node.args[0], (list, tuple)):
+        return [a for a in node.args[0] if isinstance(a, fx.Node)]
+    first = _first_tensor_arg(node)
+    return [first] if first is not None else []
+
+
+def _projections(operand: fx.Node) -> list[fx.Node]:
+    """The weighted layers that produce an attention operand through ``PROJECTION_PATH_OPS``."""
+    reached = _walk([operand], _tensor_sources, lambda n: op_name(n) not in PROJECTION_PATH_OPS)
+    return [n for n in reached if is_weighted(n)]
 
 
 def _walk(start: Iterable[fx.Node], neighbours: Callable[[fx.Node], Iterable[fx.Node]],
@@ -305,11 +327,10 @@ def analyse(gm: fx.GraphModule, sample_input: str, timestep_input: str | None = 
     operands, attn_outputs, softmax_sites = _attention_operands(graph)
     sites.update(softmax_sites)
     for operand in operands:
-        src = _trace_back(operand, VIEW_OPS | NORM_OPS | {"mul", "div"})
-        if is_weighted(src):
+        for src in _projections(operand):
             roles.setdefault(src.name, "qkv")
     for out in attn_outputs:
-        for user in _reach_forward(out, VIEW_OPS):
+        for user in _reach_forward(out, VIEW_OPS | CONCAT_OPS):
             if is_weighted(user) and user.args[0] is not None:
                 roles.setdefault(user.name, "attn_out")
 
@@ -334,6 +355,10 @@ def analyse(gm: fx.GraphModule, sample_input: str, timestep_input: str | None = 
             sites[site.name] = "post_gelu"
             for fc1 in _fc1_of(site):
                 roles.setdefault(fc1.name, "fc1")
+    for n in weighted:
+        if n.name not in roles and n.name in sample_dep and any(
+                op_name(u) == "gelu" for u in _reach_forward(n, VIEW_OPS)):
+            roles[n.name] = "fc1"
 
     # 5. final layer: the output is reachable without crossing another weighted layer
     output = next(n for n in graph.nodes if n.op == "output")

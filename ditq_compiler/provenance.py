@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 EXAMPLE_ROWS = 2
 
@@ -70,20 +70,23 @@ def calibration_info(calibration: Any, batches: list) -> dict[str, Any]:
     return {"source": "batches", "batches": len(batches)}
 
 
-def example_call(inputs: dict[str, Any]) -> dict[str, Any]:
-    batch = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+def example_call(inputs: dict[str, Any], batched: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """``inputs`` cut to ``EXAMPLE_ROWS`` rows: the leaves at ``batched`` (by flattened position), or
+    every tensor whose dim 0 is the first tensor's when that is not known."""
+    leaves, spec = tree_flatten(inputs)
+    if batched is None:
+        batch = next((v.shape[0] for v in leaves if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        batched = tuple(i for i, v in enumerate(leaves)
+                        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch)
+    return tree_unflatten([v[:EXAMPLE_ROWS].detach().clone() if i in batched else v for i, v in enumerate(leaves)],
+                          spec)
 
-    def cut(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-            return value[:EXAMPLE_ROWS].detach().clone()
-        return value
-    return tree_map(cut, inputs)
 
-
-def provenance_of(model: torch.nn.Module, calibration: Any, batches: list, bind) -> Provenance:
+def provenance_of(model: torch.nn.Module, calibration: Any, batches: list, bind,
+                  batched: tuple[int, ...] | None = None) -> Provenance:
     return Provenance(fp_checkpoint_bytes=state_dict_bytes(model), model_config=model_config(model),
                       calibration=calibration_info(calibration, batches),
-                      example_inputs=example_call(bind(*batches[0])) if batches else None)
+                      example_inputs=example_call(bind(*batches[0]), batched) if batches else None)
 
 
 __all__ = ["Provenance", "provenance_of", "state_dict_bytes"]

@@ -10,6 +10,7 @@ and the artifact's ``report.json`` show lives here:
     Rotation          one RobuQ Hadamard rotation and where it runs
     Allocation        AMPN's per-layer activation bits and the sensitivities behind them
     UnsupportedLayer  a weight-carrying op left in float because it has no quantized lowering
+    FloatLayer        a linear or conv the recipe leaves in float (its role, or an override)
     StageNote         a line a stage (built in or added by a user) adds to the summary
 """
 
@@ -105,6 +106,15 @@ class UnsupportedLayer:
 
 
 @dataclass(frozen=True)
+class FloatLayer:
+    """A linear or conv the recipe leaves in full precision, and why."""
+
+    name: str
+    role: str
+    reason: str          # 'role' (not in the recipe's quantize_roles) or 'override' (an override keeps it)
+
+
+@dataclass(frozen=True)
 class StageNote:
     """A line of the summary's head from one stage, e.g. ``StageNote("smooth", "12 layers smoothed")``."""
 
@@ -123,6 +133,7 @@ class Reports:
     rotations: list[Rotation] = field(default_factory=list)       # RobuQ
     allocation: Allocation | None = None                          # AMPN
     unsupported: list[UnsupportedLayer] = field(default_factory=list)
+    float_layers: list[FloatLayer] = field(default_factory=list)  # left in float by the recipe
     notes: list[StageNote] = field(default_factory=list)
     unit_seconds: dict[str, dict[str, float]] = field(default_factory=dict)   # phase:block -> {"total", "learning"}
     activation_stats: dict[str, Any] = field(default_factory=dict)   # layer -> inspection.activations stats
@@ -132,6 +143,7 @@ class Reports:
         return {"sites": [dataclasses.asdict(site) for site in self.sites], "time_groups": list(self.time_groups),
                 "rotations": [dataclasses.asdict(rotation) for rotation in self.rotations],
                 "unsupported": [dataclasses.asdict(layer) for layer in self.unsupported],
+                "float_layers": [dataclasses.asdict(layer) for layer in self.float_layers],
                 "allocation": None if self.allocation is None else dataclasses.asdict(self.allocation),
                 "notes": [dataclasses.asdict(note) for note in self.notes]}
 
@@ -141,6 +153,7 @@ class Reports:
         self.time_groups = list(report.get("time_groups", []))
         self.rotations = [Rotation(**rotation) for rotation in report.get("rotations", [])]
         self.unsupported = [UnsupportedLayer(**layer) for layer in report.get("unsupported", [])]
+        self.float_layers = [FloatLayer(**layer) for layer in report.get("float_layers", [])]
         allocation = report.get("allocation")
         self.allocation = None if allocation is None else Allocation.from_json(allocation)
         self.notes = [StageNote(**note) for note in report.get("notes", [])]
@@ -163,5 +176,5 @@ class CompileRecord:
     manifest: dict[str, Any] | None = None        # a loaded artifact's manifest (``ditq inspect`` shows it)
 
 
-__all__ = ["Allocation", "CompileRecord", "LayerReport", "Reports", "Rotation", "SiteReport", "StageNote",
+__all__ = ["Allocation", "CompileRecord", "FloatLayer", "LayerReport", "Reports", "Rotation", "SiteReport", "StageNote",
            "UnsupportedLayer"]

@@ -66,7 +66,8 @@ def _new_trajectory(denoiser: Any) -> None:
 def sample(denoiser: Callable[..., Any], scheduler: Any, class_labels: Tensor, *, num_inference_steps: int = 100,
            method: str = "ddpm", guidance_scale: float = 1.0, null_class: int = 10,
            shape: tuple[int, ...] = (1, 8, 8), generator: torch.Generator | None = None, seed: int | None = None,
-           batch_size: int | None = None, record: Recorder | None = None, progress: bool = True) -> Tensor:
+           batch_size: int | None = None, record: Recorder | None = None, progress: bool = True,
+           desc: str | None = None) -> Tensor:
     """Generate one sample per entry of ``class_labels``; returns ``x0`` of shape ``(N, *shape)`` in [-1, 1].
 
     ``record(step_index, timesteps, x_model_input, class_labels, model_output)``, if given, is called at
@@ -76,7 +77,8 @@ def sample(denoiser: Callable[..., Any], scheduler: Any, class_labels: Tensor, *
 
     Noise comes from ``generator``, or from ``torch.Generator().manual_seed(seed)``; with neither, seed 0.
     ``batch_size`` splits ``class_labels`` into chunks of that many samples, sampled one after the other
-    (a guided chunk is one denoiser call of twice that batch).
+    (a guided chunk is one denoiser call of twice that batch). ``desc`` labels the progress bar (default: what is
+    sampled and how many, e.g. ``sample ddpm: 100 samples``).
     """
     labels = _check_labels(class_labels)
     _check_options(method, num_inference_steps, guidance_scale, null_class, shape, batch_size)
@@ -96,7 +98,8 @@ def sample(denoiser: Callable[..., Any], scheduler: Any, class_labels: Tensor, *
     chunk = batch_size or len(labels)
     starts = range(0, len(labels), chunk)
 
-    bar = tqdm(total=len(starts) * num_inference_steps, desc=f"sample {method}", unit="step", disable=not progress)
+    bar = tqdm(total=len(starts) * num_inference_steps, desc=desc or f"sample {method}: {len(labels)} samples",
+               unit="step", disable=not progress)
     samples = []
     with torch.no_grad(), bar:
         for start in starts:

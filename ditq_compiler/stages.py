@@ -29,6 +29,7 @@ runs a list with an added stage, without editing this module.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -63,6 +64,7 @@ from ditq_compiler.passes.smooth_through_modulation import SmoothThroughModulati
 from ditq_compiler.passes.update_migration_factors import UpdateMigrationFactors
 from ditq_compiler.pipeline import copy_graph_sharing_tensors
 from ditq_compiler.recipe import Recipe
+from ditq_compiler.records import FloatLayer
 from ditq_compiler.recipe_rules import RuleContext, check_rules, smoothing_metric
 from ditq_compiler.report import layer_reports, measure, site_reports
 from ditq_compiler.state import CompileState
@@ -131,8 +133,23 @@ def analyse_graph(state: CompileState) -> None:
     state.reports.unsupported = unsupported
 
 
+# roles only a diffusion model's structure gives: without any, the role defaults that keep layers in float
+# (patch_embed, final) are guesses about a model they were not made for
+DIFFUSION_ROLES = ("qkv", "attn_out", "fc1", "fc2", "adaln", "embed")
+
+
 def annotate_layers(state: CompileState) -> None:
     state.annotations = annotate(state.gm, state.analysis, state.recipe, strict=state.options.strict)
+    state.reports.float_layers = [
+        FloatLayer(info.name, info.role, "role" if info.role not in state.recipe.quantize_roles else "override")
+        for node, info in state.analysis.layers.items() if node not in state.annotations]
+    roles = sorted({info.role for info in state.analysis.layers.values()})
+    if not set(roles) & set(DIFFUSION_ROLES):
+        text = (f"no attention, MLP or conditioning layer found (roles: {', '.join(roles)}): this does not look like a "
+                "diffusion denoiser, and the roles kept in float by default (patch_embed, final) may not mean what "
+                "they do in one; list the roles to quantize in the recipe's quantize_roles")
+        warnings.warn(f"{state.captured.model_class}: {text}", stacklevel=2)
+        state.note("analyse", text)
     state.plan = plan_sites(state.gm, state.analysis, state.annotations, state.recipe)
     check_rules(RuleContext(state.recipe, plan=state.plan, gm=state.gm, timestep_input=state.captured.timestep_input,
                             model_class=state.captured.model_class), "graph")

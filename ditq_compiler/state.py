@@ -99,7 +99,8 @@ class CompileState:
     def record(self) -> CompileRecord:
         """The finished compile, as the record a ``CompiledModel`` is built from."""
         lowered = self.lowered if self.lowered is not None else self.quantized
-        provenance = provenance_of(self.model, self.data.source, self.data.calls, self.captured.bind)
+        provenance = provenance_of(self.model, self.data.source, self.data.calls, self.captured.bind,
+                                   self.captured.call_plan.batched)
         states = state_inputs(self.quantized)
         if states and provenance.example_inputs is not None:   # the saved example call fills the state inputs too
             batch = len(provenance.example_inputs[self.captured.timestep_input])

@@ -29,12 +29,13 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "ditq_compiler.cli", *args], capture_output=True, text=True)
 
 
-def test_exit_codes_bad_usage_and_failure():
+def test_exit_codes_bad_usage_and_failure(tmp_path):
     assert run("no-such-command").returncode == 2
-    failed = run("demo", "--quiet", "--recipe", "w9a9")
-    assert failed.returncode == 1
-    assert failed.stderr.startswith("error: RecipeError: unknown recipe 'w9a9'")
-    assert "Traceback" not in failed.stderr
+    bad = run("demo", "--quiet", "--recipe", "w9a9")         # bad input, caught before any work: 2
+    assert bad.returncode == 2
+    assert "unknown recipe 'w9a9'" in bad.stderr and "Traceback" not in bad.stderr
+    failed = run("export", str(tmp_path), "--target", "ort")  # a failure while working: 1
+    assert failed.returncode == 1 and failed.stderr.startswith("error: ") and "Traceback" not in failed.stderr
 
 
 # ---- compile / export / inspect / bench ------------------------------------------------------------
@@ -125,11 +126,9 @@ def test_bad_usage_exits_2_with_one_message(project, monkeypatch, capsys):
 
 def test_bench_wraps_the_scripts_and_says_when_one_is_missing(tmp_path, monkeypatch, capsys):
     assert run("bench", "speed", "--help").returncode == 0 and run("bench", "quality", "--help").returncode == 0
-    installed = tmp_path / "site-packages" / "ditq_compiler" / "cli.py"   # an installed package has no bench/
-    installed.parent.mkdir(parents=True)
-    monkeypatch.setattr(cli_module, "__file__", str(installed))
+    monkeypatch.setattr(cli_module, "BENCH_DIR", tmp_path / "site-packages" / "bench")  # an installed package has none
     code, _, err = run_main(["bench", "speed", "--threads", "1"], monkeypatch, capsys)
-    assert code == 1 and "no benchmark script" in err and "bench/speed.py" in err
+    assert code == 2 and "no benchmark 'speed'" in err
 
 
 @pytest.mark.parametrize("command", [[], ["compile"], ["export"], ["inspect"], ["bench"], ["demo"], ["recipes"]])
@@ -157,3 +156,51 @@ def test_compile_a_diffusers_pipeline_folder_uses_its_scheduler(tmp_path, dit):
     assert bad.exit_code == 2 and "_class_name 'DDPMScheduler' is not a diffusers model class" in bad.output
     bad = CliRunner().invoke(cli, ["compile", str(folder / "scheduler"), "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "not a diffusers model folder (no config.json)" in bad.output
+
+
+# ---- frictions a new user met ------------------------------------------------------------------------
+def test_version_did_you_mean_and_one_exit_code_for_bad_input():
+    from ditq_compiler.version import __version__
+
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+    typo = run("demo", "--quiet", "--recipe", "w8a9")
+    assert typo.returncode == 2 and "did you mean 'w8a8'?" in typo.stderr
+    model = run("compile", "dit-digit", "--out", "nowhere")
+    assert model.returncode == 2 and "did you mean 'dit-digits'?" in model.stderr
+
+
+def test_bench_lists_every_benchmark_and_passes_help_to_the_script():
+    from ditq_compiler.cli import benchmarks
+
+    listing = CliRunner().invoke(cli, ["bench"])
+    assert listing.exit_code == 0 and all(name in listing.output for name in benchmarks())
+    assert {"quality", "speed", "lora_digits"} <= set(benchmarks())
+    for args in (["bench", "presets", "--help"], ["bench", "presets", "--", "--help"]):
+        shown = run(*args)
+        assert shown.returncode == 0 and "usage: presets.py" in shown.stdout, shown.stderr
+    assert run("bench", "qualty").returncode == 2
+
+
+def test_inspect_is_quiet_on_request_and_explains_packed_tensors(tmp_path, monkeypatch, capsys):
+    from ditq_compiler.cli import packed_line
+    from ditq_compiler.toy import random_dit_batches, small_dit
+
+    path = dq.compile(small_dit(), "w8a8", calibration=random_dit_batches(2), progress=False).save(tmp_path / "a")
+    code, out, err = run_main(["inspect", str(path), "-q"], monkeypatch, capsys)
+    assert code == 0 and "constant (every value equal" in out and "{'0'" not in out
+    assert packed_line({"0": 72, "4": 12}).count("bits") == 2
+
+
+def test_progress_bars_are_labelled_and_off_when_stderr_is_not_a_terminal(capsys, monkeypatch):
+    import io
+
+    from ditq_compiler.sampling import sample
+    from ditq_compiler.toy import small_unet
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())                   # a log file: no terminal
+    assert cli_module._quiet(cli_module.click.Context(cli), False)
+    monkeypatch.undo()
+    sample(small_unet(), __import__("diffusers").DDPMScheduler(num_train_timesteps=10), torch.tensor([1, 2]),
+           num_inference_steps=2, desc="FP samples: 2 digits")
+    assert "FP samples: 2 digits" in capsys.readouterr().err

@@ -143,7 +143,7 @@ class CalibrationSet:
 
 def from_sampler(model: Any, scheduler: Any, *, num_inference_steps: int = 100, method: str = "ddpm",
                  class_labels: Tensor | Sequence[int] | None = None, num_trajectories: int = 32,
-                 guidance_scale: float = 1.0, null_class: int = 10, selection: str = "uniform",
+                 guidance_scale: float | None = None, null_class: int | None = None, selection: str = "uniform",
                  steps: int = 25, samples_per_step: int = 10, groups: int = 10, samples_per_group: int = 32,
                  batch_size: int = 32, shape: tuple[int, ...] | None = None, seed: int = 0,
                  progress: bool = True) -> CalibrationSet:
@@ -152,7 +152,22 @@ def from_sampler(model: Any, scheduler: Any, *, num_inference_steps: int = 100, 
     One trajectory per class label; ``class_labels`` defaults to ``arange(num_trajectories) % 10`` and,
     when given, decides the number of trajectories. ``shape`` defaults to the model config's
     ``(in_channels, sample_size, sample_size)``. ``batch_size`` is the calibration batch size.
+
+    ``guidance_scale`` must be the scale the model will be sampled with (1.0: none): with guidance the
+    sampler's doubled batch holds null-class calls, which the quantized model sees too, so a set drawn
+    without them does not calibrate for them; it has no default, since a wrong guess silently leaves
+    them out. ``null_class`` defaults to the model config's: a DiT's ``num_embeds_ada_norm`` (the class
+    past the last, 1000 for ImageNet DiTs), a class-conditional UNet2D's ``num_class_embeds - 1``. Both
+    are recorded in the set's ``selection``.
     """
+    if guidance_scale is None:
+        raise ValueError("from_sampler: pass guidance_scale=, the classifier-free guidance scale the model will be "
+                         "sampled with (1.0 for none; the demo and the benchmarks sample dit-digits with 2.0): with "
+                         "guidance, the calibration set must hold the null-class calls the sampler makes")
+    null_class = config_null_class(model) if null_class is None else null_class
+    if guidance_scale != 1.0 and null_class is None:
+        raise ValueError(f"from_sampler: guidance_scale={guidance_scale} needs the null class, and "
+                         f"{type(model).__name__}'s config does not give one: pass null_class=")
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
     for name, value in (("num_trajectories", num_trajectories), ("steps", steps), ("groups", groups),
@@ -172,7 +187,7 @@ def from_sampler(model: Any, scheduler: Any, *, num_inference_steps: int = 100, 
     wanted = _uniform_steps(num_steps, steps) if selection == "uniform" else list(range(num_steps))
     recorded = _record_inputs(model, scheduler, labels, set(wanted), num_inference_steps=num_steps, method=method,
                               guidance_scale=guidance_scale, null_class=null_class, shape=shape, seed=seed,
-                              progress=progress)
+                              progress=progress, desc=f"calibration: FP sampler, {len(labels)} trajectories")
     noise = _diffusion_noise(scheduler, recorded)
     draws, shortfalls = torch.Generator().manual_seed(seed + 1), []
     if selection == "uniform":
@@ -192,6 +207,16 @@ def from_sampler(model: Any, scheduler: Any, *, num_inference_steps: int = 100, 
                           noise=None if noise is None else noise[rows],
                           alphas_cumprod=None if abar is None else torch.as_tensor(abar, dtype=torch.float32),
                           **{name: recorded[name][rows] for name in TENSOR_NAMES})
+
+
+def config_null_class(model: Any) -> int | None:
+    """The class index a model's config reserves for 'no class' (classifier-free guidance), if it has one."""
+    config = getattr(model, "config", None)
+    classes = getattr(config, "num_embeds_ada_norm", None)
+    if classes:                                   # DiT: the label embedding has one row past the classes
+        return int(classes)
+    embeds = getattr(config, "num_class_embeds", None)
+    return int(embeds) - 1 if embeds else None    # UNet2D: the last row of its class embedding
 
 
 def _record_inputs(model: Any, scheduler: Any, labels: Tensor, wanted_steps: set[int], **sampling: Any

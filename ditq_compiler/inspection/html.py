@@ -131,7 +131,8 @@ def view_data(compiled, manifest: dict[str, Any] | None = None) -> dict[str, Any
             continue
         block = block_of(name)
         if not cards or cards[-1]["block"] != block:
-            title = block if block not in first_card else f"{block} (called again)"
+            # a block the graph comes back to (a DiT's final layer reads block 0's timestep embedding)
+            title = block if block not in first_card or not cards else f"{block} (again, after {cards[-1]['block']})"
             cards.append({"block": block, "name": title, "items": [], "other_ops": 0})
             first_card.setdefault(block, cards[-1])
         item = {"id": node.name, "kind": kind, "name": name, "label": name[len(block):].lstrip(".") or name}

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 import ditq_compiler as dq
 from ditq_compiler.calibration import CalibrationSet, from_sampler
+from ditq_compiler.calibration.sampler import config_null_class
 from ditq_compiler.sampling import make_scheduler, sample
 
 STEPS = 10          # sampler steps
@@ -23,7 +24,7 @@ def scheduler():
 
 def _uniform(model, scheduler, **overrides):
     args = dict(num_inference_steps=STEPS, num_trajectories=TRAJECTORIES, steps=5, samples_per_step=3,
-                batch_size=4, progress=False) | overrides
+                batch_size=4, guidance_scale=1.0, progress=False) | overrides
     return from_sampler(model, scheduler, **args)
 
 
@@ -70,7 +71,8 @@ def test_records_exactly_what_the_sampler_feeds_the_model(dit, scheduler):
 
 def test_time_groups_are_contiguous_and_inside_their_ranges(dit, scheduler):
     cal = from_sampler(dit, scheduler, num_inference_steps=STEPS, num_trajectories=TRAJECTORIES,
-                       selection="time_groups", groups=3, samples_per_group=5, batch_size=4, progress=False)
+                       selection="time_groups", groups=3, samples_per_group=5, batch_size=4, guidance_scale=1.0,
+                       progress=False)
     assert cal.num_samples == 3 * 5
     for rows, (first, last) in zip(cal.step_index.split(5), [(0, 3), (4, 6), (7, 9)], strict=True):
         assert rows.min() >= first and rows.max() <= last
@@ -83,7 +85,8 @@ def test_guided_records_include_the_null_class(dit, scheduler):
                        guidance_scale=4.0, selection="time_groups", groups=2, samples_per_group=20, progress=False)
     assert (cal.class_labels == NULL).any() and (cal.class_labels != NULL).any()
     unguided = from_sampler(dit, scheduler, num_inference_steps=STEPS, num_trajectories=TRAJECTORIES,
-                            selection="time_groups", groups=2, samples_per_group=20, progress=False)
+                            selection="time_groups", groups=2, samples_per_group=20, guidance_scale=1.0,
+                            progress=False)
     assert not (unguided.class_labels == NULL).any()
 
 
@@ -104,7 +107,7 @@ def test_too_few_recorded_samples_warns_and_takes_all(dit, scheduler):
 
 def test_explicit_labels_and_unet_defaults(unet, scheduler):
     cal = from_sampler(unet, scheduler, num_inference_steps=4, class_labels=[3, 3, 7], steps=2, samples_per_step=3,
-                       progress=False)
+                       guidance_scale=1.0, progress=False)
     assert cal.sample_name == "sample" and cal.inputs.shape == (6, 1, 8, 8)
     assert sorted(cal.class_labels.tolist()) == [3, 3, 3, 3, 7, 7]
 
@@ -161,9 +164,9 @@ def test_shape_is_required_without_a_config(scheduler):
             return torch.zeros_like(x)
 
     with pytest.raises(ValueError, match="pass shape"):
-        from_sampler(Bare(), scheduler, num_inference_steps=2, steps=2, progress=False)
+        from_sampler(Bare(), scheduler, num_inference_steps=2, steps=2, guidance_scale=1.0, progress=False)
     cal = from_sampler(Bare(), scheduler, num_inference_steps=2, num_trajectories=2, steps=2, samples_per_step=2,
-                       shape=(2, 4, 4), progress=False)
+                       shape=(2, 4, 4), guidance_scale=1.0, progress=False)
     assert cal.sample_name == "x" and cal.inputs.shape == (4, 2, 4, 4)
 
 
@@ -197,3 +200,17 @@ def test_noise_round_trips_and_files_without_it_still_load(uniform_set, tmp_path
     assert loaded.noise is None and loaded.noise_batches() is None
     with pytest.raises(ValueError, match="noise must be a tensor of the inputs' shape"):
         CalibrationSet(**_tensors(uniform_set), sample_name="x", noise=uniform_set.noise[:3])
+
+
+def test_guidance_is_not_guessed_and_the_null_class_comes_from_the_config(dit, unet, scheduler):
+    with pytest.raises(ValueError, match="pass guidance_scale="):
+        from_sampler(dit, scheduler, num_inference_steps=2, steps=2, progress=False)
+    from diffusers import DiTTransformer2DModel
+
+    imagenet_like = DiTTransformer2DModel(num_attention_heads=1, attention_head_dim=8, in_channels=1, num_layers=1,
+                                          sample_size=4, patch_size=2, num_embeds_ada_norm=1000)
+    cal = from_sampler(imagenet_like, scheduler, num_inference_steps=2, num_trajectories=2, steps=2,
+                       samples_per_step=4, guidance_scale=2.0, progress=False)
+    assert cal.selection["null_class"] == 1000 and cal.selection["guidance_scale"] == 2.0
+    assert set(cal.class_labels.tolist()) == {0, 1, 1000}
+    assert config_null_class(unet) == 10            # num_class_embeds=11: the last row
