@@ -290,6 +290,8 @@ def export_graph(gm: fx.GraphModule, captured: CapturedModel, path: str | os.Pat
         "ditq.needs_vnni": str(needs_vnni).lower(),
         "ditq.parameters": json.dumps(list(captured.signature.parameters)),
         "ditq.inputs": json.dumps([name for name, value in inputs.items() if _has_tensor(value)]),
+        "ditq.constants": json.dumps({name: value for name, value in inputs.items() if not _has_tensor(value)},
+                                     default=repr, sort_keys=True),
         "ditq.timestep": captured.timestep_input or "",
         "ditq.sample": captured.sample_input,
         "ditq.output": torch.utils._pytree.treespec_dumps(gm._out_spec),
@@ -480,13 +482,14 @@ class ExportedSignature:
     """
 
     def __init__(self, parameters: list[str], inputs: list[str], timestep: str | None, out_spec: Any, name: str,
-                 states: list[StateInput] | None = None):
+                 states: list[StateInput] | None = None, constants: dict[str, Any] | None = None):
         self.signature = inspect.Signature([inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
                                             for p in parameters])
         self.states = list(states or [])          # BiDM+'s TES: inputs the caller's trajectory fills
         state_names = {s.name for s in self.states}
         self.inputs = tuple(i for i in inputs if i not in state_names)
         self.timestep, self.name = timestep, name
+        self.constants = dict(constants or {})    # non-tensor arguments as captured (JSON, reprs for the rest)
         self.out_spec = out_spec.children()[0] if self.states and out_spec is not None else out_spec
 
     @classmethod
@@ -496,7 +499,8 @@ class ExportedSignature:
         states = [StateInput(s["name"], s["index"], tuple(s["shape"]))
                   for s in json.loads(meta.get("ditq.states", "[]"))]
         return cls(json.loads(meta["ditq.parameters"]), json.loads(meta["ditq.inputs"]),
-                   meta.get("ditq.timestep") or None, _load_treespec(meta["ditq.output"]), name, states)
+                   meta.get("ditq.timestep") or None, _load_treespec(meta["ditq.output"]), name, states,
+                   json.loads(meta.get("ditq.constants", "{}")))
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[dict[str, Any], bool]:
         """(graph input name -> value, return_dict) for a call of the original model."""
@@ -504,9 +508,11 @@ class ExportedSignature:
         return_dict = kwargs.pop("return_dict", True) is not False
         bound = bind_inputs(self.signature, args, kwargs, self.timestep, model_class=self.name)
         bound.pop("return_dict", None)
-        extra = [name for name, value in bound.items() if name not in self.inputs and _has_tensor(value)]
+        extra = [name for name, value in bound.items() if name not in self.inputs and value is not None
+                 and (_has_tensor(value) or json.loads(json.dumps(value, default=repr)) != self.constants.get(name))]
         if extra:
-            raise TypeError(f"{self.name}: {extra} are not inputs of the exported graph {list(self.inputs)}")
+            raise TypeError(f"{self.name}: {extra} are not inputs of the exported graph {list(self.inputs)} (its "
+                            f"other arguments keep their captured values {self.constants})")
         missing = [name for name in self.inputs if bound.get(name) is None]
         if missing:
             raise TypeError(f"{self.name}: missing input(s) {missing}")

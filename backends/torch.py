@@ -52,7 +52,7 @@ _PACKED: dict[int, object] = {}
 _KEYS = itertools.count()
 
 
-@torch.library.custom_op("ditq::fbgemm_int8_linear", mutates_args=())
+@torch.library.custom_op("ditq_kernels::fbgemm_int8_linear", mutates_args=())
 def fbgemm_int8_linear(x: Tensor, a_scale: float, a_zero_point: int, packed: int, out_features: int) -> Tensor:
     """FBGEMM's u8 x s8 linear with fp32 output on the weights packed under ``packed`` (module docs)."""
     return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x.contiguous(), a_scale, a_zero_point,

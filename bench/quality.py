@@ -17,6 +17,7 @@ against FP along the FP trajectory. Writes
     python bench/quality.py --model dit-digits --tq-ablation --fp-seeds 1  # TQ-DiT Table III layout
     python bench/quality.py --model dit-digits --robuq --fp-seeds 1        # RobuQ recipes + AMPN table
     python bench/quality.py --model dit-digits --composed --seeds 2        # ditq-* presets vs each paper's
+    python bench/quality.py --model unet-digits --bidm --fp-seeds 1        # BiDM+ ablation (FPB / TES / SBM)
 
 ``--robuq`` measures the RobuQ recipes and the AMPN variants (``ampn-a<B>``: robuq-w1.58a3 with an
 average budget of B activation bits; ``-ptq``: sensitivities measured before distillation), written
@@ -27,6 +28,10 @@ to quality-<model>-robuq.*; distillation draws its inputs from a larger calibrat
 (``COMPOSED``), each calibrated as its baseline is: the default set (25 steps x 10), TQ-DiT's time-grouped
 set, or RobuQ's (every step x 16), written to quality-<model>-composed.*; with ``--seeds K`` the gaps are
 paired per seed.
+
+``--bidm`` measures the W1A1 presets in the layout of BiDM+'s ablation (FPB / TES / SBM ticks over the XNOR
+baseline, ReAct's learnable threshold as an extra row), calibrated as RobuQ's distillation is (every step x 16,
+with the noise for L_DM and the schedule for TES), written to quality-<model>-bidm.*.
 
 ``--tq-ablation`` calibrates every recipe on a TQ-DiT calibration set (``selection="time_groups"``,
 10 groups x 32 samples, the paper's) and writes quality-<model>-tq-ablation.*.
@@ -69,6 +74,10 @@ COMPOSED = {"ditq-w8a8": ("w8a8", "default"), "ditq-w6a6": ("tq-dit-w6a6", "time
             "ditq-w4a8": ("taq-dit-w4a8", "default"), "ditq-w4a4": ("w4a4-minmax", "robuq")}
 COMPOSED_FD_RATIO = {"ditq-w8a8": 1.0}   # FD to FP samples at most this times the baseline's (others: half)
 COMPOSED_EXTRA = {"robuq-w4a4": "robuq"}          # measured too: RobuQ's own W4A4 next to ditq-w4a4
+# BiDM+'s ablation on our models: (FPB, TES, SBM) per recipe; w1a1-react is ReActNet's threshold, no BiDM+ part
+BIDM = {"w1a1-xnor": (False, False, False), "bidm-w1a1-fpb": (True, False, False),
+        "bidm-w1a1-fpb-tes": (True, True, False), "bidm-w1a1": (True, True, True)}
+BIDM_EXTRA = ["w1a1-react"]
 AMPN = re.compile(r"ampn-a(\d+(?:\.\d+)?)(-ptq)?")
 # a TQ-DiT preset with time groups at the post-softmax sites only, as the paper does (the presets use every site)
 TGQ_SOFTMAX = re.compile(r"(tq-dit-w\da\d)-tgq-softmax")
@@ -232,6 +241,33 @@ def robuq_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
+def bidm_markdown(rows: list[dict]) -> list[str]:
+    """BiDM+'s ablation table (FPB / TES / SBM), the extra rows, compile times and the targets."""
+    lines = ["", "BiDM+ ablation (the layout of the paper's ablation table; W1A1, first and last layers in float):",
+             ""] + _ablation_rows(rows, BIDM, ["FPB", "TES", "SBM"])
+    by_name = {r["config"]: r for r in rows}
+    for name in BIDM_EXTRA:
+        if name in by_name:
+            r = by_name[name]
+            lines.append(f"| {name} (ReAct threshold) | | | {r['fd_digits']:.2f} | "
+                         f"{r['fd_digits'] - rows[0]['fd_digits']:+.2f} | {r.get('fd_to_fp', float('nan')):.2f} | "
+                         f"{100 * r['class_accuracy']:.1f}% | {r['noise_sqnr_median_db']:.1f} |")
+    timed = [r for r in rows if "compile_seconds" in r]
+    if timed:
+        lines += ["", "| config | compile s (CPU s) |", "|---|---|"] + [
+            f"| {r['config']} | {r['compile_seconds']:.0f} ({r['compile_cpu_seconds']:.0f}) |" for r in timed]
+    if "bidm-w1a1" in by_name and "w1a1-xnor" in by_name:
+        ours, base = (paired_gap(by_name[n], rows[0]) for n in ("bidm-w1a1", "w1a1-xnor"))
+        lines += ["", f"FD-digits gap: bidm-w1a1 {ours:+.2f} vs w1a1-xnor {base:+.2f} (|ratio| "
+                      f"{abs(ours) / abs(base):.2f}); class accuracy {100 * by_name['bidm-w1a1']['class_accuracy']:.1f}%."]
+    order = [n for n in BIDM if n in by_name]
+    steps = [f"{b} -> {a}: FD to FP {by_name[b].get('fd_to_fp', float('nan')):.2f} -> "
+             f"{by_name[a].get('fd_to_fp', float('nan')):.2f}" for b, a in zip(order, order[1:])]
+    if steps:
+        lines += ["", "Each component against the row before it: " + "; ".join(steps) + "."]
+    return lines
+
+
 def composed_markdown(rows: list[dict]) -> list[str]:
     """Each composed preset next to the preset of the same bits it must beat: paired FD gap, FD to FP samples
     (mean over the seeds), accuracy, noise SQNR, compile time, and what the composed preset must reach."""
@@ -313,6 +349,8 @@ def markdown(rows: list[dict], fp_gap: float, floor: float, floor_images: int, w
         lines += robuq_markdown(rows)
     if any(r["config"] in COMPOSED for r in rows):
         lines += composed_markdown(rows)
+    if any(r["config"] in BIDM for r in rows):
+        lines += bidm_markdown(rows)
     lines.append("")
     seed_gap = "" if math.isnan(fp_gap) else f"FP seed-to-seed FD difference (noise floor of the gap): {fp_gap:.2f}. "
     lines.append(f"{seed_gap}Real-vs-real FD floor ({floor_images} training digits vs the held-out set): {floor:.2f}.")
@@ -376,6 +414,8 @@ def main() -> None:
     parser.add_argument("--composed", action="store_true",
                         help=f"composed presets and their baselines ({' '.join(composed_recipes())}), written to "
                              "quality-<model>-composed.*")
+    parser.add_argument("--bidm", action="store_true",
+                        help=f"BiDM+ ablation ({' '.join([*BIDM, *BIDM_EXTRA])}), written to quality-<model>-bidm.*")
     parser.add_argument("--fp-seeds", type=int, default=2, choices=[1, 2], help="FP runs (2 shows the noise floor)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="noise seeds 0..K-1 for every configuration, FP included; the gaps are paired by seed "
@@ -406,17 +446,19 @@ def main() -> None:
                         help="keep the rows already in the results file and add (or replace) these recipes; "
                              "FP is sampled again and must reproduce the stored FP row")
     args = parser.parse_args()
-    if args.ablation + args.tq_ablation + args.robuq + args.composed > 1:
-        parser.error("--ablation, --tq-ablation, --robuq and --composed are separate runs")
+    if args.ablation + args.tq_ablation + args.robuq + args.composed + args.bidm > 1:
+        parser.error("--ablation, --tq-ablation, --robuq, --composed and --bidm are separate runs")
     if args.recipes is None:  # `--recipes` with nothing after it measures FP only
         args.recipes = list(ROBUQ if args.robuq else ABLATION if args.ablation else TQ_ABLATION if args.tq_ablation
-                            else composed_recipes() if args.composed else DEFAULT_RECIPES)
+                            else composed_recipes() if args.composed else [*BIDM, *BIDM_EXTRA] if args.bidm
+                            else DEFAULT_RECIPES)
     args.stem = f"quality-{args.model}" + ("-taq-ablation" if args.ablation else "-tq-ablation" if args.tq_ablation
-                                           else "-robuq" if args.robuq else "-composed" if args.composed else "")
+                                           else "-robuq" if args.robuq else "-composed" if args.composed
+                                           else "-bidm" if args.bidm else "")
     if args.calibration_steps is None:
-        args.calibration_steps = args.steps if args.robuq else min(25, args.steps)
+        args.calibration_steps = args.steps if args.robuq or args.bidm else min(25, args.steps)
     if args.samples_per_step is None:
-        args.samples_per_step = 16 if args.robuq else 10
+        args.samples_per_step = 16 if args.robuq or args.bidm else 10
     # row name -> recipe (from a preset, a variant name, or a recipe file such as bench/recipes/*.yaml, whose
     # row takes the file's `name:`); a typo fails now, not after an hour of FP sampling
     recipes = {r.name: r for r in (recipe_for(arg, args.distillation_iterations) for arg in args.recipes)}

@@ -127,8 +127,8 @@ def _embedding_tables(placeholder: fx.Node) -> list[tuple[fx.Node, int]]:
 
 
 def _check_indices(name: str, value: torch.Tensor, embedding: str, rows: int, model_class: str) -> None:
-    if torch.compiler.is_compiling():    # a value check would be data-dependent control flow in the traced graph
-        return
+    if torch.compiler.is_compiling() or value.device.type == "meta":   # traced (a value check would be data-
+        return                                                           # dependent control flow), or no values
     bad = (value < 0) | (value >= rows)
     if value.numel() and bool(bad.any()):
         where = bad.reshape(-1).nonzero()[0].item()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -14,7 +13,7 @@ from ditq_compiler.calibration.data import CalibrationData
 from ditq_compiler.compiled import CompiledModel
 from ditq_compiler.distributed import Distributed, model_device, resolve
 from ditq_compiler.recipe import Recipe
-from ditq_compiler.stages import CLOCKS, DEFAULT_STAGES, Stage
+from ditq_compiler.stages import CLOCKS, DEFAULT_STAGES, Stage, run_stages
 from ditq_compiler.state import CompileOptions, CompileState
 
 STAGES = CLOCKS   # the summary's time columns (``CompiledModel.stage_seconds`` keys), in compile order
@@ -46,38 +45,19 @@ def compile(model: torch.nn.Module, recipe: Recipe | str | Path, calibration: It
     linear, swappable with ``dq.lora.swap`` without recalibrating); see ``ditq_compiler.lora``.
     """
     get_backend(backend)                                     # an unknown name fails before any work
-    adapter = None
-    if lora is not None:
-        if lora_mode not in lora_module.MODES:
-            raise ValueError(f"lora_mode={lora_mode!r}: expected one of {lora_module.MODES}")
-        adapter = lora_module.load(lora, lora_scale)
-        lora_module.check(model, adapter)
-        if lora_mode == "fuse":
-            model = lora_module.fuse(model, adapter)
+    plan = lora_module.LoraPlan.of(lora, lora_mode, lora_scale, model)
+    model = plan.model_to_compile(model)                     # fused into a copy, or the model as given
     group = resolve(distributed, model_device(model))
     state = CompileState(model, recipe if isinstance(recipe, Recipe) else Recipe.load(recipe),
                          CalibrationData.of(calibration),
                          CompileOptions(backend, example_inputs, debug, progress, cache_dir, dynamic_shapes, strict,
                                         group))
     try:
-        for stage in stages:
-            if stage.enabled(state.recipe):
-                started = time.perf_counter()
-                with group.failure_named(stage.name):
-                    stage.run(state)
-                clock = stage.column
-                state.stage_seconds[clock] = state.stage_seconds.get(clock, 0.0) + time.perf_counter() - started
+        run_stages(state, stages)
     finally:
         if group is not distributed:        # a group this compile opened (not one the caller passed)
             group.close()
-    if adapter is not None:
-        state.note("lora", f"adapter '{adapter.name}' on {len(adapter.layers)} linear(s), "
-                           + ("fused into the weights before quantization" if lora_mode == "fuse"
-                              else "a float branch beside the quantized layers (dq.lora.swap replaces it)"))
-    compiled = CompiledModel(state.record())
-    if adapter is not None and lora_mode == "branch":
-        lora_module.swap(compiled, adapter)
-    return compiled
+    return plan.finish(state)
 
 
 __all__ = ["STAGES", "CompiledModel", "compile"]

@@ -93,7 +93,12 @@ class CompiledDenoiser(torch.nn.Module):
             raise
 
     def forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
-        out = self.compiled(*args, **essential_kwargs(kwargs))
+        kwargs = essential_kwargs(kwargs)
+        if self.compiled.stateful:     # a pipeline cannot start a run (TES): a call that does not continue one does
+            timesteps = self.compiled.captured.bind(args, kwargs)[self.compiled.captured.timestep_input]
+            if not self.compiled.trajectory.continues(timesteps):
+                self.compiled.reset_trajectory()
+        out = self.compiled(*args, **kwargs)
         if return_dict:
             return out
         if hasattr(out, "to_tuple"):

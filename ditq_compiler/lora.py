@@ -116,6 +116,41 @@ def load(source: str | os.PathLike | Mapping[str, Tensor] | LoraAdapter, scale: 
     return LoraAdapter(layers, name)
 
 
+@dataclass(frozen=True)
+class LoraPlan:
+    """What ``compile(..., lora=, lora_mode=, lora_scale=)`` does with an adapter: fuse it into a copy of the model
+    before the stages run, or attach it as float branches to the compiled model after them."""
+
+    adapter: LoraAdapter | None
+    mode: str
+
+    @classmethod
+    def of(cls, lora: Any, mode: str, scale: float, model: torch.nn.Module) -> LoraPlan:
+        if lora is None:
+            return cls(None, mode)
+        if mode not in MODES:
+            raise ValueError(f"lora_mode={mode!r}: expected one of {MODES}")
+        adapter = load(lora, scale)
+        check(model, adapter)
+        return cls(adapter, mode)
+
+    def model_to_compile(self, model: torch.nn.Module) -> torch.nn.Module:
+        return fuse(model, self.adapter) if self.adapter is not None and self.mode == "fuse" else model
+
+    def finish(self, state: Any) -> Any:
+        """The ``CompiledModel`` of a finished ``CompileState``, with the adapter noted (and attached, as a branch)."""
+        from ditq_compiler.compiled import CompiledModel
+
+        if self.adapter is not None:
+            state.note("lora", f"adapter '{self.adapter.name}' on {len(self.adapter.layers)} linear(s), "
+                               + ("fused into the weights before quantization" if self.mode == "fuse"
+                                  else "a float branch beside the quantized layers (dq.lora.swap replaces it)"))
+        compiled = CompiledModel(state.record())
+        if self.adapter is not None and self.mode == "branch":
+            swap(compiled, self.adapter)
+        return compiled
+
+
 def _strip(key: str) -> str:
     for prefix in PREFIXES:
         if key.startswith(prefix):
@@ -242,4 +277,4 @@ def swap(compiled: Any, adapter: Any, scale: float = 1.0) -> Any:
     return compiled
 
 
-__all__ = ["MODES", "LoraAdapter", "LoraError", "LoraLayer", "attach", "check", "fuse", "load", "swap"]
+__all__ = ["MODES", "LoraAdapter", "LoraError", "LoraLayer", "LoraPlan", "attach", "check", "fuse", "load", "swap"]

@@ -77,6 +77,9 @@ def noise_sqnr_by_step(fp_model, quantized, scheduler, class_labels: Tensor, *, 
     from ditq_compiler.sampling import model_output_tensor, sample
 
     timesteps, sqnrs = [], []
+    reset = getattr(quantized, "reset_trajectory", None)
+    if reset is not None:               # a timestep-connected model: this FP trajectory is a new run
+        reset()
 
     def record(step: int, t: Tensor, x: Tensor, y: Tensor, fp_out: Tensor) -> None:
         with torch.no_grad():

@@ -86,6 +86,15 @@ class Trajectory:
         out.update({s.name: torch.ones(batch, device=timesteps.device) for s in inputs if s.index < 0})
         return out
 
+    def continues(self, timesteps: Tensor) -> bool:
+        """Whether a call at ``timesteps`` would continue this trajectory (one in progress, the same rows, every
+        row's timestep below its previous one)."""
+        if self.states is None:
+            return False
+        timesteps = _per_row(timesteps)
+        return timesteps.shape[0] == self.timesteps.shape[0] and \
+            bool((timesteps < self.timesteps.to(timesteps.device)).all())
+
     def advance(self, states: Any, timesteps: Tensor) -> None:
         self.states = [s.detach() if isinstance(s, Tensor) else torch.as_tensor(s) for s in states]
         self.timesteps = _per_row(timesteps).detach().clone()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from ditq_compiler.toy import random_dit_batches, random_unet_batches, small_dit, small_unet
+import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):     # pytest-xdist runs one worker per core: one torch thread each
+    torch.set_num_threads(1)
+
+from ditq_compiler.toy import random_dit_batches, random_unet_batches, small_dit, small_unet  # noqa: E402
 
 
 @pytest.fixture(scope="session")

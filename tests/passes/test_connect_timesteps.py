@@ -121,3 +121,17 @@ def test_onnx_runtime_threads_the_state_and_a_loaded_artifact_samples_the_same(b
     compiled.save(tmp_path / "art")
     loaded = dq.load(tmp_path / "art")
     assert loaded.stateful and torch.equal(sample(loaded, scheduler, torch.arange(4), **settings), reference)
+
+
+def test_in_a_pipeline_a_call_that_does_not_continue_the_run_starts_a_new_one(bidm):
+    """A diffusers pipeline cannot reset the trajectory: its denoiser wrapper starts a new one when a call does not
+    continue the one in progress (the next run's first, high timestep), so a second run equals the first."""
+    from ditq_compiler.diffusers import CompiledDenoiser
+
+    compiled, _, calibration = bidm
+    denoiser = CompiledDenoiser(compiled)
+    x, labels = calibration.inputs[:2], torch.tensor([1, 2])
+    runs = [[denoiser(x, torch.tensor([t, t]), labels).sample for t in (500, 400, 300)] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    compiled.reset_trajectory()
+    assert not torch.equal(runs[0][1], compiled(x, torch.tensor([400, 400]), labels).sample)   # state was used
