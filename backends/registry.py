@@ -28,6 +28,7 @@ Lowering = Callable[[fx.GraphModule], "tuple[fx.GraphModule, dict[str, str]]"]
 
 # name -> module that registers it
 BUILT_IN = {"torch": "ditq_compiler.backends.torch", "torch-int8": "ditq_compiler.backends.torch",
+            "cpu-binary": "ditq_compiler.backends.cpu_binary",
             "cuda": "ditq_compiler.backends.cuda", "cuda-fp8": "ditq_compiler.backends.cuda"}
 
 

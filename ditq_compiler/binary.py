@@ -87,6 +87,14 @@ def clip_channels(x: Tensor, mu_min: Tensor, mu_max: Tensor) -> Tensor:
     return torch.minimum(torch.maximum(x, lo), hi)
 
 
+def conv_activation_scale(x: Tensor, k: Tensor, mode: int, mu_min: Tensor | None, mu_max: Tensor | None,
+                          stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    """A conv's scale map ``conv2d(A(x), k)``, ``(B, 1, OH, OW)``: the mean activation magnitude under each output
+    pixel's window, weighted by ``k`` (zero padding counts 0). Shared by the reference and ``cpu-binary``."""
+    return F.conv2d(activation_scale(x, mode, mu_min, mu_max), k.reshape(1, 1, *k.shape).to(x.dtype), None,
+                    stride, padding, dilation)
+
+
 def binary_linear_reference(x: Tensor, w_bits: Tensor, w_scale: Tensor, tau: Optional[Tensor],
                             mu_min: Optional[Tensor], mu_max: Optional[Tensor], mode: int,
                             bias: Optional[Tensor]) -> Tensor:
@@ -99,8 +107,7 @@ def binary_conv2d_reference(x: Tensor, w_bits: Tensor, w_scale: Tensor, k: Tenso
                             mu_min: Optional[Tensor], mu_max: Optional[Tensor], mode: int, bias: Optional[Tensor],
                             stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:
     acc = F.conv2d(signs(x, tau), weight_signs(w_bits).to(x.dtype), None, stride, padding, dilation, groups)
-    scale = F.conv2d(activation_scale(x, mode, mu_min, mu_max), k.reshape(1, 1, *k.shape).to(x.dtype), None,
-                     stride, padding, dilation)
+    scale = conv_activation_scale(x, k, mode, mu_min, mu_max, stride, padding, dilation)
     y = acc * scale * w_scale.reshape(1, -1, 1, 1)
     return y + bias.reshape(1, -1, 1, 1) if bias is not None else y
 
@@ -130,4 +137,5 @@ def _(x, w_bits, w_scale, k, tau, mu_min, mu_max, mode, bias, stride, padding, d
 
 
 __all__ = ["BINARIZERS", "SCALE_MODES", "activation_scale", "binary_conv2d", "binary_conv2d_reference",
-           "binary_linear", "binary_linear_reference", "clip_channels", "signs", "weight_signs"]
+           "binary_linear", "binary_linear_reference", "clip_channels", "conv_activation_scale", "signs",
+           "weight_signs"]

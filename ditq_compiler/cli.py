@@ -102,7 +102,8 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.argument("model")
 @click.option("--recipe", "-r", default="w8a8", show_default=True, help="Preset name or recipe file.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
-@click.option("--backend", type=click.Choice(["torch", "torch-int8"]), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(["torch", "torch-int8", "cpu-binary"]), default="torch",
+              show_default=True)
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
               help="A saved CalibrationSet (.safetensors) instead of sampling.")
 @click.option("--scheduler", help="Scheduler folder (scheduler_config.json) or module:factory, where MODEL has none.")
