@@ -34,8 +34,7 @@ def _scale(ctx: LoweringContext, x: fx.Node, mode: int, mu_min: Tensor | None, m
         return None
     channel = 1 if conv else -1
     if mode == SCALE_MODES["clipped"]:
-        rank = ctx.node.args[0].meta["val"].dim()
-        dims = [2, 3] if conv else list(range(1, rank - 1))
+        dims = [2, 3] if conv else list(range(1, _rank(ctx) - 1))
         if not dims:
             raise LoweringError("a clipped activation scale needs a token or pixel dim")
         shape = (1, -1, 1, 1) if conv else (-1,)
@@ -45,6 +44,16 @@ def _scale(ctx: LoweringContext, x: fx.Node, mode: int, mu_min: Tensor | None, m
                       ctx.constant("mu_max", mu_max.float().reshape(shape)))
         x = ctx.call(aten.minimum.default, ctx.call(aten.maximum.default, x, lo), hi)
     return ctx.call(aten.mean.dim, ctx.call(aten.abs.default, x), [channel], True)
+
+
+def _rank(ctx: LoweringContext) -> int:
+    """The rank of a binary linear's input (its output has the same), from the shapes propagated on the graph."""
+    for node in (ctx.node.args[0], ctx.node):
+        value = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if isinstance(value, Tensor):
+            return value.dim()
+    raise LoweringError(f"node '{ctx.node.name}': the rank of the binary linear's input is unknown (no shape was "
+                        "propagated on the graph)")
 
 
 @register_lowering(torch.ops.ditq.binary_linear.default)

@@ -202,3 +202,16 @@ def test_a_layer_called_off_the_cpu_is_an_error_naming_it():
                                            r"kernels, got x on meta"):
         xnor_linear(torch.empty(2, 64, device="meta"), torch.zeros(4, 1, dtype=torch.int64), 64, torch.ones(4),
                     None, None, None, 1, None, "blocks.0.ff")
+
+
+@pytest.mark.parametrize("model", ["dit", "unet"])
+def test_a_loaded_w1a1_artifact_exports_to_onnx_runtime(compiled, model, tmp_path):
+    """A loaded artifact's graph carries only the shapes its loader propagated: the ONNX lowering of its binary
+    layers must not need more (a U-Net's binary convs once asked for the input's rank and failed)."""
+    from ditq_compiler.backends.ort import OrtModel
+    from ditq_compiler.quant import sqnr_db
+
+    loaded = dq.load(compiled(model, "bidm-w1a1-fpb", "torch").save(tmp_path / "artifact"))
+    ort = OrtModel(loaded.export_onnx(tmp_path / "model.onnx"), threads=1)
+    inputs = held_out(model)
+    assert sqnr_db(run(loaded, model), ort(**inputs).sample) >= 35
