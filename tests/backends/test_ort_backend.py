@@ -24,7 +24,7 @@ from ditq_compiler.backends.onnx import OnnxExportError, check_tensorrt_qdq
 from ditq_compiler.backends.ort import OrtModel, profile
 from ditq_compiler.quant import sqnr_db
 
-W8A8 = ("w8a8", "w8a8-minmax", "tq-dit-w8a8")
+W8A8 = ("w8a8", "w8a8-minmax", "tq-dit-w8a8", "ditq-w8a8")
 
 
 class _Energy:
