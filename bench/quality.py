@@ -258,11 +258,12 @@ def bidm_markdown(rows: list[dict]) -> list[str]:
             f"| {r['config']} | {r['compile_seconds']:.0f} ({r['compile_cpu_seconds']:.0f}) |" for r in timed]
     if "bidm-w1a1" in by_name and "w1a1-xnor" in by_name:
         ours, base = (paired_gap(by_name[n], rows[0]) for n in ("bidm-w1a1", "w1a1-xnor"))
+        accuracy = 100 * by_name["bidm-w1a1"]["class_accuracy"]
         lines += ["", f"FD-digits gap: bidm-w1a1 {ours:+.2f} vs w1a1-xnor {base:+.2f} (|ratio| "
-                      f"{abs(ours) / abs(base):.2f}); class accuracy {100 * by_name['bidm-w1a1']['class_accuracy']:.1f}%."]
+                      f"{abs(ours) / abs(base):.2f}); class accuracy {accuracy:.1f}%."]
     order = [n for n in BIDM if n in by_name]
     steps = [f"{b} -> {a}: FD to FP {by_name[b].get('fd_to_fp', float('nan')):.2f} -> "
-             f"{by_name[a].get('fd_to_fp', float('nan')):.2f}" for b, a in zip(order, order[1:])]
+             f"{by_name[a].get('fd_to_fp', float('nan')):.2f}" for b, a in zip(order, order[1:], strict=False)]
     if steps:
         lines += ["", "Each component against the row before it: " + "; ".join(steps) + "."]
     return lines

@@ -132,9 +132,9 @@ def test_an_override_that_matches_no_layer_warns_with_the_model_s_roles_and_name
     for override, selector in (({"name": "fc3", "activations": False}, r"name 'fc3'"),
                                ({"role": "qkv", "quantize": False}, r"role 'qkv'")):
         recipe = dq.Recipe.from_dict({**ALL.to_dict(), "overrides": [override]})
-        with pytest.warns(dq.RecipeWarning, match=rf"overrides\[0\] \({selector}\) matches no layer of the model, so "
-                                                  r"it changes nothing. The model's roles: \['fc2', 'patch_embed'\]; its "
-                                                  r"layers: fc1, fc2"):
+        with pytest.warns(dq.RecipeWarning, match=rf"overrides\[0\] \({selector}\) matches no layer of the model, "
+                                                  r"so it changes nothing. The model's roles: "
+                                                  r"\['fc2', 'patch_embed'\]; its layers: fc1, fc2"):
             dq.compile(TimedMLP(), recipe, calibration=_batches(), progress=False, cache_dir=False)
         with pytest.raises(dq.RecipeError, match=rf"overrides\[0\] \({selector}\) matches no layer"):
             dq.compile(TimedMLP(), recipe, calibration=_batches(), progress=False, cache_dir=False, strict=True)

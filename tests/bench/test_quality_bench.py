@@ -96,7 +96,8 @@ def test_tq_ablation_table_has_the_papers_table_iii_layout():
 def test_the_ablations_are_separate_runs(tmp_path):
     done = subprocess.run([sys.executable, "bench/quality.py", "--ablation", "--tq-ablation", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "--ablation, --tq-ablation, --robuq, --composed and --bidm are separate runs" in done.stderr
+    assert done.returncode != 0
+    assert "--ablation, --tq-ablation, --robuq, --composed and --bidm are separate runs" in done.stderr
 
 
 def test_robuq_set_names_presets_and_ampn_variants():
