@@ -78,7 +78,6 @@ integer codes through ``QuantizedInput``.
 from __future__ import annotations
 
 import dataclasses
-import contextlib
 import importlib
 import inspect
 import json
@@ -101,6 +100,7 @@ from ditq_compiler.backends.onnx_lowering import (INT4_RANGE, LOWERINGS, ONNX, T
                                                   fits, kernel_weight_codes, lower_graph, lower_graph_with_state,
                                                   make_target, register_lowering, signed_range, static_activation,
                                                   symmetric_codes, token_activation, weight_matrix, weight_operand)
+from ditq_compiler.logs import quiet_logger
 from ditq_compiler.capture import CapturedModel, bind_inputs, capture
 from ditq_compiler.trajectory import StateInput, state_inputs
 from ditq_compiler.pipeline import copy_graph
@@ -273,7 +273,9 @@ def export_graph(gm: fx.GraphModule, captured: CapturedModel, path: str | os.Pat
         needs_vnni = lowered.needs_vnni
     gm = _without_noop_squeezes(gm if resolved is not None else copy_graph(gm))
     inputs, dynamic = _example_inputs(gm)
-    with warnings.catch_warnings(), _quiet_registration():
+    # torch.onnx logs a warning per torchvision op it cannot register when torchvision is absent (nms,
+    # roi_align, ...): noise for a denoiser, which uses none of them
+    with warnings.catch_warnings(), quiet_logger("torch.onnx._internal.exporter._registration", logging.ERROR):
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*(training mode|axis name).*")
         program = torch.onnx.export(gm, (), kwargs=inputs, dynamo=True, opset_version=OPSET,
@@ -347,19 +349,6 @@ def _without_noop_squeezes(gm: fx.GraphModule) -> fx.GraphModule:
     if changed:
         gm.recompile()
     return gm
-
-
-@contextlib.contextmanager
-def _quiet_registration():
-    """torch.onnx logs a warning per torchvision op it cannot register when torchvision is absent (nms, roi_align,
-    ...): noise for a denoiser, which uses none of them. Those lines are dropped while exporting."""
-    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _has_tensor(value: Any) -> bool:

@@ -229,12 +229,18 @@ def _activation_quantizer(call: OpCall, per_token: bool) -> None:
         call.positive("a_scale", scale)
 
 
-def quant_linear_contract(call: OpCall) -> None:
+def _linear_weight(call: OpCall, name: str) -> torch.Tensor:
+    """A linear op's stored (out, in) integer weight, checked to take x's last dim."""
     x = call.tensor("x", floating=True)
-    codes = call.stored("w_codes", floating=False, dims=(2,))
-    if x.dim() == 0 or x.shape[-1] != codes.shape[1]:
-        call.fail(f"{call.where('w_codes')} has shape {tuple(codes.shape)}: it takes {codes.shape[1]} input "
+    weight = call.stored(name, floating=False, dims=(2,))
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        call.fail(f"{call.where(name)} has shape {tuple(weight.shape)}: it takes {weight.shape[1]} input "
                   f"features, x has shape {tuple(x.shape)}")
+    return weight
+
+
+def quant_linear_contract(call: OpCall) -> None:
+    codes = _linear_weight(call, "w_codes")
     _weight_quantizer(call, codes)
     _bias(call, codes.shape[0])
     _activation_quantizer(call, call.literal("a_per_token", bool, 0, 1))
@@ -293,11 +299,7 @@ def _binary_operands(call: OpCall, bits: torch.Tensor, in_channels: int) -> None
 
 
 def binary_linear_contract(call: OpCall) -> None:
-    x = call.tensor("x", floating=True)
-    bits = call.stored("w_bits", floating=False, dims=(2,))
-    if x.dim() == 0 or x.shape[-1] != bits.shape[1]:
-        call.fail(f"{call.where('w_bits')} has shape {tuple(bits.shape)}: it takes {bits.shape[1]} input "
-                  f"features, x has shape {tuple(x.shape)}")
+    bits = _linear_weight(call, "w_bits")
     _binary_operands(call, bits, bits.shape[1])
 
 
@@ -323,8 +325,7 @@ def hadamard_contract(call: OpCall) -> None:
             continue
         if factor.shape[0] != factor.shape[1] or factor.shape[0] == 0:
             call.fail(f"{call.where(name)} must be a square matrix, got shape {tuple(factor.shape)}")
-        if not bool(torch.isfinite(factor).all()):
-            call.fail(f"{call.where(name)} holds NaN or Inf")
+        _finite(call, name, factor)
         sizes.append(factor.shape[0])
     fits = width % math.prod(sizes) == 0 if len(sizes) < 2 else width == math.prod(sizes)
     if not fits:

@@ -24,10 +24,8 @@ the example's (it grows with the batch as the model's own would).
 
 from __future__ import annotations
 
-import logging
 import math
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import fx
@@ -36,6 +34,7 @@ from torch.utils._pytree import tree_leaves
 from ditq_compiler.artifact import allowed_ops
 from ditq_compiler.artifact.bitpack import MAX_PACKED_BITS, PackedInfo, packed_size
 from ditq_compiler.artifact.errors import ArtifactError
+from ditq_compiler.logs import quiet_logger
 
 MAX_ELEMENTS = 1 << 31          # per tensor: stored, example input, or any node's output at the example's batch
 MAX_FILL_ELEMENTS = 1 << 24     # a packed tensor of zero bits (one value repeated) holds no bytes to bound it
@@ -151,7 +150,7 @@ def check_graph(gm: fx.GraphModule, inputs: list[Any]) -> None:
         raise ArtifactError(f"the example call has {len(inputs)} inputs, the graph takes {len(placeholders)}")
     propagation = Checked(gm, FakeTensorMode(allow_non_fake_inputs=True))
     propagation.extra_traceback = False      # our errors name the node already
-    with _quiet(_FAKE_TENSOR_LOGGER):
+    with quiet_logger(_FAKE_TENSOR_LOGGER):   # it prints tracebacks before our one-line error
         try:
             propagation.propagate(*inputs)
         except ArtifactError:
@@ -161,18 +160,6 @@ def check_graph(gm: fx.GraphModule, inputs: list[Any]) -> None:
 
 
 _FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"   # logs a traceback for every op that refuses its operands
-
-
-@contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """Silence a logger while the verifier turns what it would report into one ``ArtifactError``."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 __all__ = ["FLOAT_DTYPES", "INTEGER_DTYPES", "MAX_ELEMENTS", "MAX_FILL_ELEMENTS", "check_graph", "check_tensor",

@@ -463,15 +463,15 @@ def search_scales(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation]
     alphas = candidate_alphas(spec)
     result = QuantParams()
     mine = dist.shard(len(batches))
-    shard = Shard(mine.start, tuple(_batch(batches[i]) for i in mine), len(batches), dist)
+    shard = Shard(mine.start, tuple(batch_rows(batches[i]) for i in mine), len(batches), dist)
     row_groups = None
     if any(s.time_grouped for s in plan.sites):
         if timestep_index is None:
             raise CalibrationError("time_groups needs the model's timestep input, and this model has none")
-        timesteps = torch.cat([torch.as_tensor(f[timestep_index]).reshape(-1).expand(_batch(f))
+        timesteps = torch.cat([torch.as_tensor(f[timestep_index]).reshape(-1).expand(batch_rows(f))
                                for f in batches])
         result.boundaries = group_boundaries(timesteps, plan.groups)
-        first = sum(_batch(f) for f in batches[:mine.start])
+        first = sum(batch_rows(f) for f in batches[:mine.start])
         row_groups = group_index(timesteps, result.boundaries)[first:first + sum(shard.sizes)]
     names = {name: a.name for name, a in annotations.items()} | {n: m.name for n, m in plan.matmuls.items()}
     units: dict[str, list[str]] = {}
@@ -479,7 +479,7 @@ def search_scales(gm: fx.GraphModule, annotations: Mapping[str, LayerAnnotation]
         if node.name in names:
             units.setdefault(unit_of(names[node.name]), []).append(node.name)
     nodes = {n.name: n for n in gm.graph.nodes}
-    rows = max(sum(_batch(batches[i]) for i in dist.shard_of(r, len(batches))) for r in range(dist.world_size))
+    rows = max(sum(batch_rows(batches[i]) for i in dist.shard_of(r, len(batches))) for r in range(dist.world_size))
     local = [batches[i] for i in mine]
     local_noise = None if noise is None or spec.metric != "hessian" else [noise[i] for i in mine]
     bar = tqdm(total=len(names), desc=f"scale search ({spec.metric})", unit="layer", disable=not progress)
@@ -521,21 +521,29 @@ def _passes(units: Mapping[str, list[str]], nodes: Mapping[str, fx.Node], plan: 
         values = [node.meta.get("val")] * 2 + [node.args[i].meta.get("val") for i in args]
         return sum(4 * rows * math.prod(int(d) for d in v.shape[1:]) for v in values if isinstance(v, Tensor))
 
-    passes: list[list[str]] = []
+    return [[name for members in group for name in members]
+            for group in pack_by_budget(list(units.values()), lambda members: sum(map(size, members)), budget)]
+
+
+def pack_by_budget(items: Sequence[Any], cost: Callable[[Any], int], budget: int) -> list[list[Any]]:
+    """``items`` in order, grouped greedily so each group's summed ``cost`` stays within ``budget`` (an item
+    costlier than the budget gets a group alone): the forward passes a recording calibrator runs."""
+    groups: list[list[Any]] = []
     used = budget
-    for members in units.values():
-        cost = sum(size(name) for name in members)
-        if used + cost > budget:
-            passes.append([])
+    for item in items:
+        price = cost(item)
+        if used + price > budget:
+            groups.append([])
             used = 0
-        passes[-1].extend(members)
-        used += cost
-    return passes
+        groups[-1].append(item)
+        used += price
+    return groups
 
 
-def _batch(flat: list[Any]) -> int:
+def batch_rows(flat: list[Any]) -> int:
+    """Rows of one flat calibration call: the first dim of its first tensor input with one."""
     return next(v.shape[0] for v in flat if isinstance(v, Tensor) and v.dim() > 0)
 
 
-__all__ = ["Shard", "SiteQuantizer", "WeightQuantizer", "candidate_alphas", "check_search_inputs", "collect",
-           "search_scales"]
+__all__ = ["Shard", "SiteQuantizer", "WeightQuantizer", "batch_rows", "candidate_alphas", "check_search_inputs",
+           "collect", "pack_by_budget", "search_scales"]

@@ -35,13 +35,12 @@ from tqdm.auto import tqdm
 
 from ditq_compiler.calibration.batches import CalibrationError
 from ditq_compiler.calibration.params import QuantParams
-from ditq_compiler.calibration.scale_search import collect
+from ditq_compiler.calibration.scale_search import RECORD_BUDGET_BYTES, batch_rows, collect, pack_by_budget
 from ditq_compiler.meta import LayerAnnotation
 from ditq_compiler.passes.smooth_through_modulation import SmoothingSite
 from ditq_compiler.pipeline import fetch_attr, layer_parameters
 from ditq_compiler.quant import fake_quantize, fake_quantize_per_token, make_observer, weight_qparams
 
-RECORD_BUDGET_BYTES = 2**30
 TINY = 1e-8
 
 
@@ -149,7 +148,7 @@ def choose_smoothing(gm: fx.GraphModule, sites: Sequence[SmoothingSite], annotat
                                "use metric: mse")
     timesteps = None
     if timestep_index is not None:
-        timesteps = torch.cat([torch.as_tensor(f[timestep_index]).reshape(-1).expand(_batch(f)) for f in batches])
+        timesteps = torch.cat([torch.as_tensor(f[timestep_index]).reshape(-1).expand(batch_rows(f)) for f in batches])
     alphas = [None, *coarse_alphas(spec.grid)] if spec.alpha == "search" else [float(spec.alpha)]
     result = QuantParams()
     bar = tqdm(total=len(sites), desc="smoothing", unit="site", disable=not progress)
@@ -196,10 +195,6 @@ def _choose_site(gm: fx.GraphModule, site: SmoothingSite, data: _SiteData,
     return s, {"alpha": -1.0 if alpha is None else alpha, "error_unsmoothed": unsmoothed, "error": error}
 
 
-def _batch(flat: list[Any]) -> int:
-    return next(v.shape[0] for v in flat if isinstance(v, Tensor) and v.dim() > 0)
-
-
 def _tokens(x: Tensor, conv: bool) -> int:
     """Rows of one sample: tokens of a linear's input, pixels of a conv's."""
     return math.prod(x.shape[2:]) if conv else math.prod(x.shape[1:-1])
@@ -207,19 +202,13 @@ def _tokens(x: Tensor, conv: bool) -> int:
 
 def _groups(sites: Sequence[SmoothingSite], batches: list[list[Any]]) -> list[list[SmoothingSite]]:
     """Sites grouped into forward passes whose recorded tensors stay within ``RECORD_BUDGET_BYTES``."""
-    rows = sum(_batch(f) for f in batches)
-    groups: list[list[SmoothingSite]] = []
-    used = RECORD_BUDGET_BYTES
-    for site in sites:
+    rows = sum(batch_rows(f) for f in batches)
+
+    def cost(site: SmoothingSite) -> int:
         per_row = sum(math.prod(int(d) for d in c.meta["val"].shape[1:]) * 2 for c in site.consumers)
         per_row += math.prod(int(d) for d in site.consumers[0].args[0].meta["val"].shape[1:])
-        cost = 4 * rows * per_row
-        if used + cost > RECORD_BUDGET_BYTES:
-            groups.append([])
-            used = 0
-        groups[-1].append(site)
-        used += cost
-    return groups
+        return 4 * rows * per_row
+    return pack_by_budget(sites, cost, RECORD_BUDGET_BYTES)
 
 
 __all__ = ["choose_smoothing", "coarse_alphas", "fine_alphas", "smoothing_factor", "x_range"]
